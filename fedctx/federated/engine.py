@@ -1,0 +1,56 @@
+"""The one place that calls Flower's simulation engine (Ray backend).
+
+Flower 1.41 marks ``flwr.simulation.run_simulation`` deprecated in favour of ``flwr run``; every
+fedctx entry point goes through :func:`run_on_ray`, so a move to the new API is one change here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+
+def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
+    """Arguments for ``ray.init`` of a local instance sized to ``num_cpus`` (0: all cores)."""
+    return {
+        "num_cpus": num_cpus or os.cpu_count() or 1,
+        "include_dashboard": False,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+        "configure_logging": True,
+    }
+
+
+def run_on_ray(server_app: ServerApp, client_app: ClientApp, *, num_clients: int,
+               cpus_per_client: float, gpus_per_client: float, num_cpus: int = 0,
+               ray_address: str = "", verbose: bool = False) -> None:
+    """Run ``server_app`` with ``num_clients`` simulated clients on Ray.
+
+    With ``ray_address``, join that Ray cluster (``ray.init(address=...)``) and let Flower place
+    clients on any of its nodes; otherwise start a local Ray instance with ``num_cpus`` CPUs.
+    """
+    import ray
+    from flwr.simulation import run_simulation
+
+    if not verbose:
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    backend_config: dict[str, object] = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+    }
+    if ray_address:
+        if not ray.is_initialized():
+            ray.init(address=ray_address, logging_level=logging.WARNING,
+                     log_to_driver=verbose)
+    else:
+        backend_config["init_args"] = ray_init_args(num_cpus, verbose)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=num_clients, backend_name="ray",
+                       backend_config=backend_config, verbose_logging=verbose)

@@ -1,0 +1,130 @@
+"""Norm policies: what the server does with normalization tensors.
+
+The shared (non-norm) weights are aggregated by a Flower strategy; a norm policy decides, around
+it, which normalization tensors travel and how they are merged:
+
+* ``average`` (FedAvg): normalization averaged over all clients like everything else.
+* ``local`` (FedBN, Li et al. 2021): normalization never leaves the client; it persists across
+  rounds in the client's state and the client evaluates with its own.
+* ``stats-local`` (SiloBN, Andreux et al. 2020): affine parameters averaged over all clients,
+  running statistics kept local.
+* ``per-context``: the server keeps a bank with one entry per context; each client receives its
+  context's entry; after a round, entry *k* is the example-weighted average over the clients of
+  context *k* only; a context with no client this round keeps its entry; a client of a context
+  never seen before starts from the average of the known entries and creates its entry.
+
+Averages are example-weighted; integer tensors keep the maximum (see
+:func:`fedctx.federated.params.weighted_average`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from fedctx.federated.params import StateSplit, weighted_average
+
+Tensors = dict[str, torch.Tensor]
+
+
+class NormPolicy(StrEnum):
+    AVERAGE = "average"
+    LOCAL = "local"
+    STATS_LOCAL = "stats-local"
+    PER_CONTEXT = "per-context"
+
+    @property
+    def evaluates_on_server(self) -> bool:
+        """Whether the server holds complete norm state to evaluate the global model."""
+        return self in (NormPolicy.AVERAGE, NormPolicy.PER_CONTEXT)
+
+    @property
+    def client_keeps(self) -> str:
+        """Which norm tensors the client keeps locally: ``"none"``, ``"all"`` or ``"stats"``."""
+        return {NormPolicy.LOCAL: "all", NormPolicy.STATS_LOCAL: "stats"}.get(self, "none")
+
+
+@dataclass
+class NormUpdate:
+    """The norm tensors one client sent back, with its context and example count."""
+
+    context: int
+    num_examples: int
+    tensors: Tensors
+
+
+class ServerNormState:
+    """Server-side normalization state under one :class:`NormPolicy`."""
+
+    def __init__(self, policy: NormPolicy, split: StateSplit, initial: Tensors) -> None:
+        self.policy = policy
+        self.split = split
+        self.initial = {k: initial[k].clone() for k in split.norm}
+        self.global_norm: Tensors = dict(self.initial)  # average / stats-local (affine part)
+        self.bank: dict[int, Tensors] = {}  # per-context
+
+    def _bank_mean(self) -> Tensors:
+        if not self.bank:
+            return dict(self.initial)
+        entries = list(self.bank.values())
+        return weighted_average(entries, [1.0] * len(entries))
+
+    def outgoing(self, context: int) -> Tensors:
+        """Norm tensors sent to a client of ``context`` (it may replace some with its own)."""
+        if self.policy is NormPolicy.PER_CONTEXT:
+            return self.bank[context] if context in self.bank else self._bank_mean()
+        return self.global_norm
+
+    def expected_reply_keys(self) -> tuple[str, ...]:
+        """Norm keys a client must send back."""
+        return {"none": self.split.norm, "stats": self.split.norm_affine,
+                "all": ()}[self.policy.client_keeps]
+
+    def update(self, updates: list[NormUpdate]) -> None:
+        """Merge the round's norm tensors as the policy says."""
+        if not updates or self.policy is NormPolicy.LOCAL:
+            return
+        if self.policy is NormPolicy.PER_CONTEXT:
+            for k in sorted({u.context for u in updates}):
+                group = [u for u in updates if u.context == k]
+                self.bank[k] = weighted_average([u.tensors for u in group],
+                                                [u.num_examples for u in group])
+            return
+        merged = weighted_average([u.tensors for u in updates],
+                                  [u.num_examples for u in updates])
+        self.global_norm = {**self.global_norm, **merged}
+
+    def for_evaluation(self, context: int) -> Tensors | None:
+        """Norm tensors to evaluate the global model on ``context``; ``None`` if only clients
+        hold them (``local``, ``stats-local``: evaluation runs on the clients)."""
+        return self.outgoing(context) if self.policy.evaluates_on_server else None
+
+    def state_dict(self) -> dict[str, object]:
+        return {"global_norm": self.global_norm, "bank": self.bank}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.global_norm = dict(state["global_norm"])  # type: ignore[arg-type]
+        self.bank = {int(k): dict(v) for k, v in state["bank"].items()}  # type: ignore[union-attr]
+
+
+def merge_client_norm(policy: NormPolicy, split: StateSplit, received: Tensors,
+                      kept: Tensors | None) -> Tensors:
+    """The norm tensors a client trains with: what it received, with what it keeps locally
+    (if it has any yet) taking precedence."""
+    if kept is None or policy.client_keeps == "none":
+        return received
+    keep = split.norm if policy.client_keeps == "all" else split.norm_stats
+    return {**received, **{k: kept[k] for k in keep}}
+
+
+def client_split_reply(policy: NormPolicy, split: StateSplit, norm: Tensors
+                       ) -> tuple[Tensors, Tensors]:
+    """Split a client's trained norm tensors into (sent to the server, kept locally)."""
+    mode = policy.client_keeps
+    if mode == "none":
+        return norm, {}
+    if mode == "all":
+        return {}, norm
+    return ({k: norm[k] for k in split.norm_affine}, {k: norm[k] for k in split.norm_stats})

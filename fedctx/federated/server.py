@@ -1,0 +1,314 @@
+"""The Flower ``ServerApp``: registry of clients, seeded sampling, a Flower strategy for the
+shared weights with a norm policy around it, screening of bad replies, evaluation per context,
+and an atomic checkpoint after every round (``--resume`` continues from it)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedctx.config import SimConfig
+from fedctx.federated.params import StateSplit
+from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
+from fedctx.federated.runtime import get_runtime
+from fedctx.federated.training import evaluate
+from fedctx.results import RunRecorder, atomic_torch_save
+from strategies import resolve_strategy
+
+log = logging.getLogger("fedctx")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    partition_id: int
+    node_id: int
+    context: int
+    num_examples: int
+
+
+class _SampledNodes:
+    """A view of the grid that offers exactly the nodes fedctx sampled to the Flower strategy."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self._ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+
+def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int,
+                   server_round: int) -> list[int]:
+    """Partition ids trained in ``server_round``: a function of (seed, round) only, so a resumed
+    run samples as the uninterrupted one would."""
+    n = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(i) for i in rng.choice(num_clients, size=n, replace=False))
+
+
+def register_clients(grid: Grid, expected: int) -> dict[int, ClientInfo]:
+    """Ask every node for its partition id, context and size (one ``query`` round)."""
+    node_ids: list[int] = []
+    for _ in range(600):
+        node_ids = list(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            break
+        time.sleep(0.1)
+    messages = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in node_ids]
+    registry: dict[int, ClientInfo] = {}
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            raise RuntimeError(f"client registration failed: {reply.error.reason}")
+        m = reply.content["metrics"]
+        pid = int(m["partition-id"])
+        registry[pid] = ClientInfo(pid, reply.metadata.src_node_id, int(m["context"]),
+                                   int(m["num-examples"]))
+    if len(registry) != expected:
+        raise RuntimeError(f"expected {expected} clients to register, {len(registry)} did")
+    return registry
+
+
+def screen_reply(reply: Message, expected: dict[str, torch.Tensor], norm_keys: Iterable[str],
+                 norm_ref: dict[str, torch.Tensor]) -> str | None:
+    """Why a training reply must be rejected, or ``None`` if it is sound.
+
+    Checks: no error, ``arrays`` and ``metrics`` present, positive ``num-examples``, exactly the
+    expected keys, and for each tensor the expected shape, dtype and finite values.
+    """
+    if reply.has_error():
+        return f"client error: {reply.error.reason}"
+    content = reply.content
+    if "arrays" not in content or "metrics" not in content:
+        return "reply lacks 'arrays' or 'metrics'"
+    n = content["metrics"].get("num-examples")
+    if not isinstance(n, int | float) or n <= 0:
+        return f"bad num-examples {n!r}"
+    groups = [("arrays", content["arrays"], expected)]
+    norm_keys = tuple(norm_keys)
+    if norm_keys:
+        if "norm" not in content:
+            return "reply lacks 'norm'"
+        groups.append(("norm", content["norm"], {k: norm_ref[k] for k in norm_keys}))
+    for name, record, ref in groups:
+        got = set(record.keys())
+        if got != set(ref):
+            extra, missing = sorted(got - set(ref))[:3], sorted(set(ref) - got)[:3]
+            return f"{name}: wrong keys (unexpected {extra}, missing {missing})"
+        for key, tensor in record.to_torch_state_dict().items():
+            want = ref[key]
+            if tuple(tensor.shape) != tuple(want.shape):
+                return f"{name}.{key}: shape {tuple(tensor.shape)} != {tuple(want.shape)}"
+            if tensor.dtype != want.dtype:
+                return f"{name}.{key}: dtype {tensor.dtype} != {want.dtype}"
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                return f"{name}.{key}: non-finite values"
+    return None
+
+
+class Federation:
+    """The server side of one run; ``run(grid)`` executes (or resumes) every round."""
+
+    def __init__(self, config: SimConfig, recorder: RunRecorder) -> None:
+        self.config = config
+        self.recorder = recorder
+        self.out = Path(config.out)
+        self.rt = get_runtime(config)
+        self.split: StateSplit = self.rt.split
+        self.policy = NormPolicy(config.norm_policy)
+        self.strategy = resolve_strategy(config.strategy)(config)
+        init = {k: v.detach().cpu().clone() for k, v in self.rt.model.state_dict().items()}
+        self.reference = init
+        self.shared = {k: init[k] for k in self.split.shared}
+        self.norm = ServerNormState(self.policy, self.split, init)
+        self.start_round = 1
+
+    # ----------------------------------------------------------------- checkpointing
+    def save_checkpoint(self, server_round: int) -> None:
+        try:
+            strategy_state: Any = self.strategy.__dict__.copy()
+            torch.save(strategy_state, self.out / ".strategy_probe.tmp")
+            (self.out / ".strategy_probe.tmp").unlink()
+        except Exception:  # noqa: BLE001 - a strategy with unpicklable state resumes fresh
+            strategy_state = None
+        atomic_torch_save({
+            "round": server_round, "shared": self.shared, "norm": self.norm.state_dict(),
+            "strategy": strategy_state, "history": self.recorder.history,
+            "config": self.config.to_dict(),
+        }, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> list[dict[str, Any]]:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
+        ckpt = torch.load(path, weights_only=False)
+        self.shared = ckpt["shared"]
+        self.norm.load_state_dict(ckpt["norm"])
+        if ckpt["strategy"] is not None:
+            self.strategy.__dict__.update(ckpt["strategy"])
+        self.start_round = int(ckpt["round"]) + 1
+        return list(ckpt["history"])
+
+    # ----------------------------------------------------------------- one round
+    def _train_messages(self, server_round: int, clients: list[ClientInfo]) -> list[Message]:
+        cfg = ConfigRecord({
+            "lr": self.config.lr, "momentum": self.config.momentum,
+            "weight-decay": self.config.weight_decay, "local-epochs": self.config.local_epochs,
+            "batch-size": self.config.batch_size,
+        })
+        base = list(self.strategy.configure_train(
+            server_round, ArrayRecord(self.shared), cfg, _SampledNodes([c.node_id for c in clients])))
+        if not base:
+            return []
+        arrays, config = base[0].content["arrays"], base[0].content["config"]
+        norm_records: dict[int, ArrayRecord] = {}
+        messages = []
+        for c in clients:
+            content = RecordDict({"arrays": arrays, "config": config})
+            if c.context not in norm_records:
+                norm_records[c.context] = ArrayRecord(self.norm.outgoing(c.context))
+            content["norm"] = norm_records[c.context]
+            messages.append(Message(content, message_type=MessageType.TRAIN,
+                                    dst_node_id=c.node_id))
+        return messages
+
+    def _evaluate(self, registry: dict[int, ClientInfo], grid: Grid, server_round: int
+                  ) -> dict[str, float]:
+        names = self.rt.data.context_names
+        if self.policy.evaluates_on_server:
+            accs = {}
+            for k, (x, y) in self.rt.data.test.items():
+                self.rt.model.load_state_dict({**self.shared, **self.norm.for_evaluation(k)})
+                accs[names[k]] = evaluate(self.rt.model, x, y, k, device=self.rt.device)[0]
+            return accs
+        # Norm state lives on the clients: each evaluates the global shared weights with its own
+        # norm on its context's test set (up to 3 clients per context, lowest partition ids).
+        chosen: dict[int, list[ClientInfo]] = {}
+        for c in sorted(registry.values(), key=lambda c: c.partition_id):
+            if len(chosen.setdefault(c.context, [])) < 3:
+                chosen[c.context].append(c)
+        content = RecordDict({"arrays": ArrayRecord(self.shared),
+                              "norm": ArrayRecord(self.norm.outgoing(0)),
+                              "config": ConfigRecord({"server-round": server_round})})
+        messages = [Message(content, message_type=MessageType.EVALUATE, dst_node_id=c.node_id)
+                    for cs in chosen.values() for c in cs]
+        per_ctx: dict[int, list[float]] = {}
+        for reply in grid.send_and_receive(messages):
+            if reply.has_error():
+                log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            per_ctx.setdefault(int(m["context"]), []).append(float(m["accuracy"]))
+        return {names[k]: float(np.mean(v)) for k, v in sorted(per_ctx.items())}
+
+    def _overall(self, accs: dict[str, float]) -> float:
+        sizes = {self.rt.data.context_names[k]: len(y) for k, (_, y) in self.rt.data.test.items()}
+        total = sum(sizes[n] for n in accs)
+        return sum(accs[n] * sizes[n] for n in accs) / max(total, 1)
+
+    def run_round(self, grid: Grid, registry: dict[int, ClientInfo], server_round: int
+                  ) -> dict[str, Any]:
+        t0 = time.time()
+        pids = sample_clients(len(registry), self.config.fraction, self.config.min_clients,
+                              self.config.seed, server_round)
+        clients = [registry[p] for p in pids]
+        by_node = {c.node_id: c for c in clients}
+        replies = list(grid.send_and_receive(self._train_messages(server_round, clients)))
+        accepted, rejected, failures, losses = [], [], 0, []
+        norm_keys = self.norm.expected_reply_keys()
+        for reply in replies:
+            reason = screen_reply(reply, {k: self.reference[k] for k in self.split.shared},
+                                  norm_keys, self.reference)
+            if reason is None:
+                accepted.append(reply)
+                continue
+            node = reply.metadata.src_node_id
+            pid = by_node[node].partition_id if node in by_node else "?"
+            log.warning("round %d: rejected reply of client %s: %s", server_round, pid, reason)
+            if reply.has_error():
+                failures += 1
+            else:
+                rejected.append({"client": pid, "reason": reason})
+        failures += len(clients) - len(replies)
+        train_loss = math.nan
+        if len(accepted) >= self.config.min_clients:
+            updates = []
+            for reply in accepted:
+                m = reply.content["metrics"]
+                losses.append((float(m["train-loss"]), int(m["num-examples"])))
+                if "norm" in reply.content:
+                    updates.append(NormUpdate(int(m["context"]), int(m["num-examples"]),
+                                              reply.content["norm"].to_torch_state_dict()))
+                    del reply.content["norm"]
+            arrays, _ = self.strategy.aggregate_train(server_round, accepted)
+            if arrays is not None:
+                new = arrays.to_torch_state_dict()
+                self.shared = {k: new[k].to(self.reference[k].dtype) for k in self.split.shared}
+            self.norm.update(updates)
+            train_loss = sum(lo * n for lo, n in losses) / sum(n for _, n in losses)
+        else:
+            log.warning("round %d: only %d valid replies (< --min-clients %d); weights kept",
+                        server_round, len(accepted), self.config.min_clients)
+        accs = self._evaluate(registry, grid, server_round)
+        return {
+            "round": server_round, "train_loss": train_loss, "accuracy": self._overall(accs),
+            "accuracy_per_context": accs, "clients_sampled": len(clients),
+            "clients_ok": len(accepted) if len(accepted) >= self.config.min_clients else 0,
+            "rejected": len(rejected), "failures": failures, "rejections": rejected,
+            "seconds": time.time() - t0,
+        }
+
+    def run(self, grid: Grid) -> None:
+        history = self.load_checkpoint() if self.config.resume else []
+        self.recorder.start(self.config.to_dict(), history)
+        if history:
+            self.recorder.say(f"Resuming from round {self.start_round - 1} in {self.out}")
+        registry = register_clients(grid, self.config.clients)
+        for server_round in range(self.start_round, self.config.rounds + 1):
+            record = self.run_round(grid, registry, server_round)
+            self.recorder.round(record)
+            self.save_checkpoint(server_round)
+        self.finish()
+
+    def finish(self) -> None:
+        last = self.recorder.history[-1]
+        model_state = {"shared": self.shared, "norm": self.norm.state_dict(),
+                       "norm_policy": str(self.policy), "context_names":
+                       self.rt.data.context_names, "config": self.config.to_dict()}
+        atomic_torch_save(model_state, self.out / "model.pt")
+        self.recorder.finish({
+            "accuracy": last["accuracy"], "accuracy_per_context": last["accuracy_per_context"],
+            "rounds": last["round"], "final_train_loss": last["train_loss"],
+            "contexts": self.rt.data.context_names, "real_domains": self.rt.data.real_domains,
+            "clients": self.config.clients, "norm": self.config.norm,
+            "norm_policy": self.config.norm_policy, "strategy": self.config.strategy,
+            "seed": self.config.seed, "evaluated_on": "server" if
+            self.policy.evaluates_on_server else "clients",
+            "wall_seconds": time.time() - self.recorder.started,
+        })
+
+
+def make_server_app(config: SimConfig, recorder: RunRecorder) -> ServerApp:
+    """Build the ``ServerApp``; errors are kept on ``recorder.error`` for the caller."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            Federation(config, recorder).run(grid)
+        except BaseException as err:  # reported by fedctx.simulate after the engine stops
+            recorder.error = err
+            raise
+
+    return app

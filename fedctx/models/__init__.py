@@ -1,0 +1,23 @@
+"""Models that take ``norm=`` and ``num_contexts=``; build one by name with :func:`make_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fedctx.models.digits import DigitsCNN
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits-cnn": DigitsCNN,
+}
+
+
+def make_model(name: str, **kwargs: object) -> nn.Module:
+    """Build model ``name`` (one of ``MODELS``) with ``norm=``, ``num_contexts=`` and options."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
+
+
+__all__ = ["MODELS", "DigitsCNN", "make_model"]

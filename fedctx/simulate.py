@@ -1,0 +1,110 @@
+"""``python -m fedctx.simulate``: run a federated experiment with context normalization on Ray.
+
+Example: ``python -m fedctx.simulate --clients 20`` runs the embedded ``digits`` scenario.
+Options: defaults < the scenario's ``configs/<scenario>.toml`` < ``--config FILE`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
+
+
+def parse_config(argv: list[str] | None = None) -> SimConfig:
+    """Resolve the run's configuration from ``argv``; :class:`ConfigError` on bad input."""
+    import simulations
+    import strategies
+    from fedctx import norm
+
+    parser = build_parser("python -m fedctx.simulate", __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    file_values = load_config_file(args.config) if args.config else {}
+    scenario_name = args.scenario or file_values.get("scenario") or SimConfig.scenario
+    try:
+        scenario = simulations.get_scenario(scenario_name)
+    except ValueError as err:
+        raise ConfigError(f"--scenario: {err}") from None
+    base = scenario.defaults()
+    config = resolve(args, base)
+    try:
+        strategies.resolve_strategy(config.strategy)
+        implied = strategies.implied_norm_policy(config.strategy)
+    except ValueError as err:
+        raise ConfigError(f"--strategy: {err}") from None
+    if implied and args.norm_policy is None and "norm_policy" not in file_values:
+        config.norm_policy = implied
+    if config.norm not in norm.available():
+        raise ConfigError(f"--norm: invalid value {config.norm!r}; valid choices: "
+                          f"{', '.join(norm.available())}")
+    if not config.out:
+        config.out = (f"results/{config.scenario}-{config.norm}-{config.norm_policy}-"
+                      f"{config.strategy.replace(':', '.')}-seed{config.seed}")
+    return config
+
+
+def prepare_out(config: SimConfig) -> None:
+    out = Path(config.out)
+    if config.resume:
+        if not (out / "checkpoint.pt").exists():
+            raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume first")
+        return
+    if out.exists():
+        for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt",
+                     "accuracy.png", "config.json"):
+            (out / name).unlink(missing_ok=True)
+        state = out / "client_state"
+        if state.is_dir():
+            for f in state.iterdir():
+                f.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+        prepare_out(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from fedctx.data.sources import MissingDataError
+    from fedctx.federated.client import make_client_app
+    from fedctx.federated.engine import run_on_ray
+    from fedctx.federated.runtime import load_data
+    from fedctx.federated.server import make_server_app
+    from fedctx.results import RunRecorder
+
+    t0 = time.time()
+    try:
+        data = load_data(config)  # fail fast on missing data, before Ray starts
+    except (MissingDataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"fedctx: scenario {config.scenario!r}: {config.clients} clients over "
+          f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
+          f"{config.norm!r}, policy {config.norm_policy!r}, strategy {config.strategy!r}; "
+          f"{config.rounds} rounds, {config.fraction:.0%} of clients per round", flush=True)
+    print("Starting Ray and the Flower simulation engine...", flush=True)
+    recorder = RunRecorder(Path(config.out), config.rounds)
+    try:
+        run_on_ray(make_server_app(config, recorder), make_client_app(config),
+                   num_clients=config.clients, cpus_per_client=config.cpus_per_client,
+                   gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,
+                   ray_address=config.ray_address, verbose=config.verbose)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished rounds are saved: resume with --resume --out "
+              f"{config.out}", file=sys.stderr)
+        return 130
+    if recorder.error is not None or recorder.summary is None:
+        reason = recorder.error or "the simulation engine stopped before the last round"
+        print(f"error: run failed: {reason}\nfinished rounds are saved in {config.out}; "
+              "continue with --resume", file=sys.stderr)
+        return 1
+    print(f"Done in {time.time() - t0:.1f}s.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Aggregation strategies for the shared (non-normalization) weights, found by name.
+
+A strategy is any Flower Message-API strategy (``flwr.serverapp.strategy.Strategy``). fedctx
+calls its ``configure_train`` / ``aggregate_train`` for the shared weights and applies the run's
+norm policy around it. Names resolve, in order, to:
+
+1. the built-ins below (Flower's own classes with fedctx defaults);
+2. plugins registered in the entry-point group ``fedctx.strategies`` (``name = "pkg.mod:obj"``);
+3. ``module:Class`` given directly on the command line.
+
+A plugin object is a ``Strategy`` subclass (built with the keyword arguments of
+:func:`strategy_kwargs`) or a factory ``(config: SimConfig) -> Strategy``. A plugin may set a class
+attribute ``norm_policy`` (e.g. ``"local"``) that is used when the user gives none. See
+``docs/strategies.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from flwr.serverapp import strategy as fl
+
+from fedctx.config import SimConfig
+
+ENTRY_POINT_GROUP = "fedctx.strategies"
+
+
+def strategy_kwargs(config: SimConfig) -> dict[str, Any]:
+    """Keyword arguments every Flower strategy gets: fedctx samples clients itself, so the
+    strategy sees exactly the sampled nodes and must use them all."""
+    return {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
+            "min_evaluate_nodes": 0, "min_available_nodes": 1}
+
+
+def _builtin(cls: type[fl.Strategy], norm_policy: str | None = None, **defaults: Any):
+    def factory(config: SimConfig) -> fl.Strategy:
+        return cls(**strategy_kwargs(config), **defaults)
+
+    factory.norm_policy = norm_policy  # type: ignore[attr-defined]
+    factory.__doc__ = f"Flower's {cls.__name__} with {defaults or 'its defaults'}"
+    return factory
+
+
+BUILTIN: dict[str, Callable[[SimConfig], fl.Strategy]] = {
+    "fedavg": _builtin(fl.FedAvg),
+    "fedprox": _builtin(fl.FedProx, proximal_mu=0.01),
+    "fedadam": _builtin(fl.FedAdam, eta=0.01, eta_l=0.05, tau=1e-3),
+    "fedyogi": _builtin(fl.FedYogi, eta=0.01, eta_l=0.05, tau=1e-3),
+    "fedadagrad": _builtin(fl.FedAdagrad, eta=0.01, eta_l=0.05, tau=1e-3),
+    "fedavgm": _builtin(fl.FedAvgM, server_learning_rate=1.0, server_momentum=0.9),
+    "fedmedian": _builtin(fl.FedMedian),
+    "fedtrimmedavg": _builtin(fl.FedTrimmedAvg, beta=0.2),
+    "krum": _builtin(fl.Krum, num_malicious_nodes=0),
+    "fedbn": _builtin(fl.FedAvg, norm_policy="local"),
+    "silobn": _builtin(fl.FedAvg, norm_policy="stats-local"),
+}
+
+
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Built-in and installed plugin strategy names."""
+    return sorted(set(BUILTIN) | set(_plugins()))
+
+
+def _load_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load strategy {spec!r}: {err}") from None
+    return obj
+
+
+def resolve_strategy(name: str) -> Callable[[SimConfig], fl.Strategy]:
+    """A factory ``(config) -> Strategy`` for ``name``; ``ValueError`` naming valid choices."""
+    lowered = name.lower()
+    if lowered in BUILTIN:
+        return BUILTIN[lowered]
+    plugins = _plugins()
+    if name in plugins:
+        obj = plugins[name].load()
+    elif ":" in name:
+        obj = _load_object(name)
+    else:
+        raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(available())} "
+                         "(or module:Class)")
+    if inspect.isclass(obj) and issubclass(obj, fl.Strategy):
+        cls = obj
+
+        def factory(config: SimConfig) -> fl.Strategy:
+            accepted = inspect.signature(cls).parameters
+            kwargs = {k: v for k, v in strategy_kwargs(config).items() if k in accepted}
+            return cls(**kwargs)
+
+        factory.norm_policy = getattr(cls, "norm_policy", None)  # type: ignore[attr-defined]
+        return factory
+    if callable(obj):
+        return obj
+    raise ValueError(f"strategy {name!r} is neither a Strategy subclass nor a factory")
+
+
+def implied_norm_policy(name: str) -> str | None:
+    """The norm policy a strategy name implies (``fedbn`` -> ``local``), if any."""
+    return getattr(resolve_strategy(name), "norm_policy", None)
