@@ -54,11 +54,16 @@ class SimConfig:
     data_dir: str = _opt("", "folder holding real data sets (torchvision layout); empty: the "
                          "scenario's default / embedded data")
     download: bool = _opt(False, "allow torchvision to download missing data sets")
+    allow_missing_domains: bool = _opt(False, "run a scenario with the domains whose data are on "
+                                       "disk when others are missing (recorded in results)")
     cpus_per_client: float = _opt(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
     gpus_per_client: float = _opt(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
                                   ge=0.0, le=1.0)
     num_cpus: int = _opt(0, "CPUs given to the local Ray instance (0: all of this machine)",
                          min=0)
+    backend: str = _opt("ray", "where clients run: 'ray' (Flower's simulation engine) or "
+                        "'inprocess' (one process, no Ray; same results)",
+                        choices=("ray", "inprocess"))
     ray_address: str = _opt("", "join an existing Ray cluster at this address instead of "
                             "starting a local one")
     resume: bool = _opt(False, "continue the run in --out from its last finished round")

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fedctx.data.sources import MissingDataError
     from fedctx.federated.client import make_client_app
-    from fedctx.federated.engine import run_on_ray
+    from fedctx.federated.engine import run_in_process, run_on_ray
     from fedctx.federated.runtime import load_data
     from fedctx.federated.server import make_server_app
     from fedctx.results import RunRecorder
@@ -86,13 +86,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
           f"{config.norm!r}, policy {config.norm_policy!r}, strategy {config.strategy!r}; "
           f"{config.rounds} rounds, {config.fraction:.0%} of clients per round", flush=True)
-    print("Starting Ray and the Flower simulation engine...", flush=True)
     recorder = RunRecorder(Path(config.out), config.rounds)
+    server_app, client_app = make_server_app(config, recorder), make_client_app(config)
     try:
-        run_on_ray(make_server_app(config, recorder), make_client_app(config),
-                   num_clients=config.clients, cpus_per_client=config.cpus_per_client,
-                   gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,
-                   ray_address=config.ray_address, verbose=config.verbose)
+        if config.backend == "inprocess":
+            run_in_process(server_app, client_app, num_clients=config.clients,
+                           verbose=config.verbose)
+        else:
+            print("Starting Ray and the Flower simulation engine...", flush=True)
+            run_on_ray(server_app, client_app, num_clients=config.clients,
+                       cpus_per_client=config.cpus_per_client,
+                       gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,
+                       ray_address=config.ray_address, verbose=config.verbose)
+    except Exception as err:  # noqa: BLE001 - reported below with the saved-rounds hint
+        recorder.error = recorder.error or err
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished rounds are saved: resume with --resume --out "
               f"{config.out}", file=sys.stderr)

@@ -35,7 +35,14 @@ class Scenario:
         return load_config_file(path) if path.exists() else {}
 
 
-_MODULES = {"digits": "simulations.digits"}
+_MODULES = {
+    "digits": "simulations.digits",
+    "digits5": "simulations.digits5",
+    "mnist-usps": "simulations.mnist_usps",
+    "mnist-mnistm": "simulations.mnist_mnistm",
+    "mnist-svhn": "simulations.mnist_svhn",
+    "cifar10-dirichlet": "simulations.cifar10_dirichlet",
+}
 
 
 def available() -> list[str]:

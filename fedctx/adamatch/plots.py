@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
@@ -43,10 +42,13 @@ def plot_curves(records: list[dict[str, float]], evals: list[dict[str, float]], 
     plt.close(fig)
 
 
-def plot_grad_variance(records: list[dict[str, float]], path: Path, label: str) -> None:
-    """Variance of the gradient entries at each step, log scale (as UAN paper, Fig. 5)."""
+def plot_grad_variance(series: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Variance of the gradient entries at each step, log scale, one line per label (e.g. per
+    norm), as the UAN paper's Fig. 5."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["grad_var"] for r in records], lw=0.8, label=label)
+    for label, records in series.items():
+        ax.plot([r["step"] for r in records], [r["grad_var"] for r in records], lw=0.8,
+                label=label)
     ax.set(xlabel="step", ylabel="gradient variance", yscale="log",
            title="variance of the gradient per step")
     ax.legend()
@@ -88,7 +90,7 @@ def plot_embedding(model: nn.Module, source: DomainSplit, target: DomainSplit,
     axes[0].legend(markerscale=3)
     axes[0].set_title("features by domain")
     handles = [plt.Line2D([], [], ls="", marker="o", color=plt.cm.tab10(k), label=str(k))
-               for k in range(int(math.ceil(float(lab.max()) + 1)))]
+               for k in range(int(lab.max()) + 1)]
     axes[1].legend(handles=handles, title="class", fontsize=7, ncol=2)
     axes[1].set_title("features by class (o source, ^ target)")
     for ax in axes:

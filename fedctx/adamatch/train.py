@@ -172,8 +172,8 @@ class AdaMatchState:
         correct = (aligned.argmax(1) == yt).float()
         masked = float(mask.sum())
         return {
-            "step": step + 1, "loss": float(loss), "source_loss": float(source_loss),
-            "target_loss": float(target_loss), "target_weight": mu, "lr": lr,
+            "step": step + 1, "loss": loss.item(), "source_loss": source_loss.item(),
+            "target_loss": target_loss.item(), "target_weight": mu, "lr": lr,
             "threshold": float(threshold), "mask_rate": float(mask.mean()),
             "pseudo_label_acc": float((correct * mask).sum() / masked) if masked else float("nan"),
             "grad_var": grad_var,
@@ -251,7 +251,7 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
 
     plot_curves(records, evals, out / "curves.png", title=f"{cfg.source}->{cfg.target} "
                 f"{cfg.norm}")
-    plot_grad_variance(records, out / "grad_variance.png", label=cfg.norm)
+    plot_grad_variance({cfg.norm: records}, out / "grad_variance.png")
     plot_embedding(state.ema_model, domains.source_test, domains.target_test, device,
                    out / "embedding.png", samples=cfg.embed_samples, seed=cfg.seed)
     final = evals[-1]

@@ -41,7 +41,9 @@ class FederatedDataset:
     """Clients' training partitions plus a held-out test set per context.
 
     ``context_names[k]`` names context ``k`` (a domain); ``test[k] = (x, y)``.
-    ``real_domains`` lists which domains were read from real data (see results' summary).
+    ``real_domains`` lists which domains were read from real data (see results' summary);
+    ``missing_domains`` the scenario's domains left out because their data were not on disk
+    (only with ``--allow-missing-domains``).
     """
 
     context_names: list[str]
@@ -50,6 +52,7 @@ class FederatedDataset:
     num_classes: int
     input_shape: tuple[int, ...]
     real_domains: list[str] = field(default_factory=list)
+    missing_domains: list[str] = field(default_factory=list)
 
     @property
     def num_contexts(self) -> int:

@@ -34,7 +34,10 @@ one-line message naming the data set, the folder looked in and how to get it.
 
 from __future__ import annotations
 
+import functools
+import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,7 @@ _DOWNLOAD_HINT = "pass --data-dir to a folder holding it, or --download on a mac
 
 
 def read_mnist(root: Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST through ``torchvision.datasets.MNIST``: images ``(N, 28, 28)`` uint8, labels ``(N,)``."""
+    """MNIST through ``torchvision.datasets.MNIST``: ``(N, 28, 28)`` uint8, ``(N,)`` int64."""
     from torchvision.datasets import MNIST
 
     try:
@@ -98,7 +101,7 @@ def _read_digits_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_svhn(root: Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """SVHN (cropped digits, ``root/SVHN/{train,test}_32x32.mat``): ``(N, 32, 32, 3)`` uint8, ``(N,)``.
+    """SVHN cropped digits (``root/SVHN/{train,test}_32x32.mat``): ``(N, 32, 32, 3)``, ``(N,)``.
 
     73,257 training and 26,032 test images. ``download=True`` fetches the missing file through
     ``torchvision.datasets.SVHN`` (extra split not used).
@@ -121,7 +124,7 @@ def read_svhn(root: Path, train: bool, download: bool = False) -> tuple[np.ndarr
 
 def read_synthdigits(root: Path, train: bool,
                      download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """SynthDigits (``root/SynthDigits/synth_{train,test}_32x32.mat``): ``(N, 32, 32, 3)``, ``(N,)``.
+    """SynthDigits (``root/SynthDigits/synth_{train,test}_32x32.mat``): ``(N, 32, 32, 3)``.
 
     Ganin & Lempitsky's (2015) SynNumbers release, the "SynthDigits"/"SynDigits" of FedBN: 479,400
     training and 9,553 test images in SVHN's ``.mat`` format (``X`` (32, 32, 3, N), ``y``). It has
@@ -149,8 +152,8 @@ def read_mnistm(root: Path, train: bool, download: bool = False) -> tuple[np.nda
     from PIL import Image
 
     root = Path(root)
-    folder = root / "mnist_m" if (root / "mnist_m").is_dir() else root
     split = "train" if train else "test"
+    folder = root if (root / f"mnist_m_{split}_labels.txt").exists() else root / "mnist_m"
     labels_file = folder / f"mnist_m_{split}_labels.txt"
     images_dir = folder / f"mnist_m_{split}"
     if not labels_file.exists() or not images_dir.is_dir():
@@ -247,3 +250,38 @@ def to_digits_form(images: np.ndarray, size: int = 28) -> torch.Tensor:
 def to_cifar_form(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, 32, 32, 3)`` -> float32 ``(N, 3, 32, 32)`` in [-1, 1] (``(x/255 - 0.5)/0.5``)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
+
+
+Reader = Callable[[Path, bool, bool], tuple[np.ndarray, np.ndarray]]
+
+#: Domain name -> reader ``(root, train, download) -> (images uint8, labels int64)``.
+READERS: dict[str, Reader] = {
+    "mnist": read_mnist,
+    "usps": read_usps,
+    "svhn": read_svhn,
+    "synthdigits": read_synthdigits,
+    "mnistm": read_mnistm,
+    "cifar10": read_cifar,
+    "cifar100": functools.partial(read_cifar, num_classes=100),
+}
+
+
+@functools.lru_cache(maxsize=16)
+def read_cached(name: str, root: str, train: bool,
+                download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``READERS[name](root, train, download)``, read once per process; arrays are read-only.
+
+    USPS (bz2 text) and MNIST-M (PNGs) take seconds to parse; scenarios and tests share this.
+    """
+    if name not in READERS:
+        raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(READERS)}")
+    images, labels = READERS[name](Path(root), train, download)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def default_data_dir() -> Path:
+    """Where scenarios look for real data when ``--data-dir`` is empty: ``$FEDCTX_DATA``, else
+    ``./data`` (torchvision's usual root)."""
+    return Path(os.environ.get("FEDCTX_DATA") or "data")

@@ -14,6 +14,26 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 
+def quiet_flower(verbose: bool) -> None:
+    """Silence Flower's and Ray's INFO/WARNING logs unless ``verbose``."""
+    if not verbose:
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_in_process(server_app: ServerApp, client_app: ClientApp, *, num_clients: int,
+                   verbose: bool = False) -> None:
+    """Run ``server_app`` against an :class:`~fedctx.federated.local.InProcessGrid` (no Ray)."""
+    from flwr.app import Context, RecordDict
+
+    from fedctx.federated.local import InProcessGrid
+
+    quiet_flower(verbose)
+    grid = InProcessGrid(client_app, num_clients)
+    server_app(grid, Context(run_id=grid.run_id, node_id=1, node_config={}, state=RecordDict(),
+                             run_config={}))
+
+
 def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     """Arguments for ``ray.init`` of a local instance sized to ``num_cpus`` (0: all cores)."""
     return {
@@ -36,9 +56,7 @@ def run_on_ray(server_app: ServerApp, client_app: ClientApp, *, num_clients: int
     import ray
     from flwr.simulation import run_simulation
 
-    if not verbose:
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_flower(verbose)
     backend_config: dict[str, object] = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
     }

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedctx.config import SimConfig
 from fedctx.federated.params import StateSplit
 from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
-from fedctx.federated.runtime import get_runtime
+from fedctx.federated.runtime import build_model, get_runtime
 from fedctx.federated.training import evaluate
 from fedctx.results import RunRecorder, atomic_torch_save
 from strategies import resolve_strategy
@@ -127,7 +127,8 @@ class Federation:
         self.split: StateSplit = self.rt.split
         self.policy = NormPolicy(config.norm_policy)
         self.strategy = resolve_strategy(config.strategy)(config)
-        init = {k: v.detach().cpu().clone() for k, v in self.rt.model.state_dict().items()}
+        fresh = build_model(config, self.rt.data)  # the seeded initial weights, not the cache's
+        init = {k: v.detach().cpu().clone() for k, v in fresh.state_dict().items()}
         self.reference = init
         self.shared = {k: init[k] for k in self.split.shared}
         self.norm = ServerNormState(self.policy, self.split, init)

@@ -7,9 +7,15 @@ from collections.abc import Callable
 from torch import nn
 
 from fedctx.models.digits import DigitsCNN
+from fedctx.models.resnet import CifarResNet, resnet18, resnet20, resnet32
+from fedctx.models.vit import ViT, vit_tiny
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits-cnn": DigitsCNN,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet18": resnet18,
+    "vit-tiny": vit_tiny,
 }
 
 
@@ -20,4 +26,7 @@ def make_model(name: str, **kwargs: object) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "DigitsCNN", "make_model"]
+__all__ = [
+    "MODELS", "CifarResNet", "DigitsCNN", "ViT", "make_model", "resnet18", "resnet20", "resnet32",
+    "vit_tiny",
+]

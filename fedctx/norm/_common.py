@@ -55,3 +55,8 @@ def grouped_moments(
     mean = zeros.index_add(0, ids, m_n) / denom
     var = zeros.index_add(0, ids, v_n + (m_n - mean[ids]).square()) / denom
     return mean, var, counts
+
+
+def default_groups(num_features: int, wanted: int = 32) -> int:
+    """The largest divisor of ``num_features`` that is ``<= wanted`` (GroupNorm's default here)."""
+    return max(g for g in range(1, min(wanted, num_features) + 1) if num_features % g == 0)

@@ -22,9 +22,9 @@ Choices where the paper leaves a detail open (each tested):
   affine parameters (the paper's rule for an unknown context).
 
 The mixed-batch path has no Python loop over contexts: per-sample moments (two fast
-reductions, see :func:`fedctx.norm._common.grouped_moments`) are merged per context with ``index_add`` and gathered back per sample; its
-backward is written in closed form (:class:`_MixedContextBatchNorm`). A single ``int`` context
-calls ``F.batch_norm`` directly (native speed).
+reductions, see :func:`fedctx.norm._common.grouped_moments`) are merged per context with
+``index_add`` and gathered back per sample; its backward is written in closed form
+(:class:`_MixedContextBatchNorm`). A single ``int`` context calls ``F.batch_norm`` directly.
 """
 
 from __future__ import annotations

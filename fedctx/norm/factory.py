@@ -8,7 +8,16 @@ from functools import partial
 
 from torch import nn
 
+from fedctx.norm.acn import AdaptiveContextNorm
+from fedctx.norm.adain import ConditionalInstanceNorm
+from fedctx.norm.batchgroup import BatchGroupNorm
 from fedctx.norm.context import ContextNorm1d, ContextNorm2d, ContextNorm3d
+from fedctx.norm.crossiter import CrossIterationBatchNorm
+from fedctx.norm.ghost import GhostBatchNorm
+from fedctx.norm.mixture import MixtureNorm
+from fedctx.norm.proxy import ProxyNorm
+from fedctx.norm.uan import SupervisedClusterNorm, UnsupervisedAdaptiveNorm
+from fedctx.norm.weightstd import WSGroupNorm
 
 NormBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, NormBuilder] = {}
@@ -65,11 +74,15 @@ def make_norm(
         raise ValueError(f"unknown norm {name!r}; valid choices: {', '.join(available())}")
     if not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not isinstance(num_contexts, int) or num_contexts < 1:
+        raise ValueError(f"num_contexts must be a positive int, got {num_contexts!r}")
+    if dims not in (0, 1, 2, 3):
+        raise ValueError(f"dims must be one of 0, 1, 2, 3, got {dims!r}")
     return _REGISTRY[name](num_features, dims=dims, num_contexts=num_contexts, **options)
 
 
 def norm_layer(name: str, *, dims: int = 2, num_contexts: int = 1, **options: object):
-    """A ``norm_layer`` callable for torchvision models: ``resnet18(norm_layer=norm_layer(...))``."""
+    """A ``norm_layer`` callable for torchvision: ``resnet18(norm_layer=norm_layer(...))``."""
     make_norm(name, 8, dims=dims, num_contexts=num_contexts, **options)  # validate eagerly
     return partial(make_norm, name, dims=dims, num_contexts=num_contexts, **options)
 
@@ -130,3 +143,30 @@ def _identity(num_features: int, *, dims: int, num_contexts: int, **options: obj
     if options:
         raise ValueError(f"norm 'none' takes no options, got {sorted(options)}")
     return nn.Identity()
+
+
+def _register_simple(
+    name: str, cls: Callable[..., nn.Module], *, context_aware: bool = False,
+    dims: tuple[int, ...] = (0, 1, 2, 3),
+) -> None:
+    def builder(num_features: int, *, dims: int, num_contexts: int, **options: object):
+        _check_dims(dims, allowed, name)
+        if context_aware:
+            options["num_contexts"] = num_contexts
+        return _call_checked(name, cls, num_features, **options)
+
+    allowed = dims
+    builder.__doc__ = cls.__doc__
+    register_norm(name)(builder)
+
+
+_register_simple("acn", AdaptiveContextNorm, context_aware=True)
+_register_simple("uan", UnsupervisedAdaptiveNorm)
+_register_simple("scb", SupervisedClusterNorm, context_aware=True)
+_register_simple("mixture", MixtureNorm)
+_register_simple("proxy", ProxyNorm)
+_register_simple("ghost", GhostBatchNorm)
+_register_simple("batchgroup", BatchGroupNorm)
+_register_simple("crossiter", CrossIterationBatchNorm)
+_register_simple("weightstd", WSGroupNorm)
+_register_simple("adain", ConditionalInstanceNorm, context_aware=True, dims=(1, 2, 3))

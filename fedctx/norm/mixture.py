@@ -168,7 +168,7 @@ class MixtureNorm(nn.Module):
         else:
             e, v, lam = self.running_mean, self.running_var, self.running_prior
             tau = _posteriors(xs, lam, e, v)
-        coef = tau * torch.rsqrt(lam.clamp_min(1e-12) + 0.0).unsqueeze(-1)
+        coef = tau * torch.rsqrt(lam.clamp_min(1e-12)).unsqueeze(-1)
         out = (coef * (xs - e.unsqueeze(-1)) * torch.rsqrt(v + self.eps).unsqueeze(-1)).sum(1)
         if self.weight is not None:
             out = torch.addcmul(self.bias.unsqueeze(-1), out, self.weight.unsqueeze(-1))

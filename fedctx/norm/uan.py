@@ -6,7 +6,8 @@ Gaussians whose means ``mu_k``, variances ``v_k`` and mixing weights ``pi_k`` ar
 backpropagation** (no batch statistics, so the layer is independent of the batch size). Every
 scalar activation ``x`` is softly assigned to the components and normalized by each::
 
-    tau_k(x) = pi_k exp(-(x - mu_k)^2 / (2 (v_k + eps))) / sum_j pi_j exp(-(x - mu_j)^2 / (2 (v_j + eps)))
+    g_k(x)   = pi_k exp(-(x - mu_k)^2 / (2 (v_k + eps)))
+    tau_k(x) = g_k(x) / sum_j g_j(x)
     y        = gamma * sum_k tau_k(x) / sqrt(pi_k + eps) * (x - mu_k) / sqrt(v_k + eps) + beta
 
 Implemented variant and choices (each tested):

@@ -1,0 +1,117 @@
+"""``python -m fedctx.adapt``: one AdaMatch run, or ``python -m fedctx.adapt sweep``: a grid."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from fedctx.adamatch.config import AdaptConfigError, add_config_arguments, resolve
+
+_DESCRIPTION = (
+    "AdaMatch (Berthelot et al. 2021) unsupervised domain adaptation on digits, with the domain "
+    "as the normalization context (source = context 0, target = context 1). Writes "
+    "metrics.jsonl, summary.json, curves.png, grad_variance.png and embedding.png to --out.")
+_SWEEP_DESCRIPTION = (
+    "Run a grid of AdaMatch runs (--norms x --seeds) as concurrent Ray tasks and write a "
+    "comparison table (mean ± std of target accuracy per norm) to OUT/sweep.md and sweep.json. "
+    "Every run option of `python -m fedctx.adapt` is accepted and shared by all runs.")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise AdaptConfigError(f"--seeds: invalid value {text!r}; expected comma-separated "
+                               "non-negative integers, e.g. 0,1") from None
+    if not values or min(values) < 0:
+        raise AdaptConfigError(f"--seeds: invalid value {text!r}; expected comma-separated "
+                               "non-negative integers, e.g. 0,1")
+    return values
+
+
+def _float(flag: str, text: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise AdaptConfigError(f"{flag}: invalid value {text!r}; expected a number in "
+                               f"[{low:g}, {high:g}]")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports bad arguments in one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(sweep: bool) -> argparse.ArgumentParser:
+    """The parser of a single run, or of a sweep (``sweep=True``)."""
+    parser = _OneLineParser(
+        prog="python -m fedctx.adapt" + (" sweep" if sweep else ""),
+        description=_SWEEP_DESCRIPTION if sweep else _DESCRIPTION,
+        epilog=None if sweep else "Subcommand: `python -m fedctx.adapt sweep --help` for grids "
+        "on Ray.")
+    add_config_arguments(parser)
+    if sweep:
+        parser.add_argument("--norms", default="batch,context",
+                            help="comma-separated norm names [default: 'batch,context']")
+        parser.add_argument("--seeds", default="0,1",
+                            help="comma-separated seeds [default: '0,1']")
+        parser.add_argument("--cpus-per-job", default="1",
+                            help="CPUs Ray reserves per run (also its torch threads) "
+                            "[default: 1]")
+        parser.add_argument("--gpus-per-job", default="0",
+                            help="GPU fraction Ray reserves per run, e.g. 0.25; > 0 runs on "
+                            "CUDA [default: 0]")
+        parser.add_argument("--num-cpus", default="0",
+                            help="CPUs of the local Ray instance (0: all) [default: 0]")
+        parser.add_argument("--ray-address", default="",
+                            help="join an existing Ray cluster (e.g. ray://host:10001 or auto) "
+                            "instead of starting a local one [default: '']")
+    return parser
+
+
+def _sweep(argv: list[str]) -> int:
+    from fedctx.adamatch.sweep import run_sweep
+    from fedctx.norm import available
+
+    args = build_parser(sweep=True).parse_args(argv)
+    base = resolve(args)
+    norms = [n.strip() for n in args.norms.split(",") if n.strip()]
+    bad = [n for n in norms if n not in available()]
+    if bad or not norms:
+        raise AdaptConfigError(f"--norms: invalid value(s) {bad or args.norms!r}; valid "
+                               f"choices: {', '.join(available())}")
+    seeds = _ints(args.seeds)
+    cpus = _float("--cpus-per-job", args.cpus_per_job, 0.01, 1024)
+    gpus = _float("--gpus-per-job", args.gpus_per_job, 0.0, 64)
+    num_cpus = int(_float("--num-cpus", args.num_cpus, 0, 4096))
+    out = Path(base.out or f"results/adamatch/sweep-{base.source}-{base.target}")
+    run_sweep(base, norms, seeds, out, cpus_per_job=cpus, gpus_per_job=gpus,
+              num_cpus=num_cpus, ray_address=args.ray_address)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (errors: one line on stderr, status 2 or 1)."""
+    from fedctx.data import MissingDataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["sweep"]:
+            return _sweep(argv[1:])
+        from fedctx.adamatch.train import train
+
+        train(resolve(build_parser(sweep=False).parse_args(argv)))
+        return 0
+    except AdaptConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MissingDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

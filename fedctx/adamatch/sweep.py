@@ -1,0 +1,146 @@
+"""A grid of AdaMatch runs (norms x seeds) as concurrent Ray tasks, and their comparison table."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from fedctx.adamatch.config import AdaptConfig
+
+
+def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Body of one Ray task: train one configuration with ``threads`` torch threads."""
+    from fedctx.adamatch.train import train
+
+    cfg = AdaptConfig(**cfg_dict).replace(threads=threads)
+    return train(cfg, log=False)
+
+
+def summarize(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and sample standard deviation per norm of the final target accuracy (EMA model),
+    and of source accuracy and training time.
+
+    Args:
+        summaries: ``summary.json`` dicts of finished runs (``config.norm``, ``config.seed``).
+    Returns:
+        ``{norm: {"n", "seeds", "target_acc_mean", "target_acc_std", "source_acc_mean",
+        "source_acc_std", "train_seconds_mean", "target_accs"}}`` in first-seen norm order.
+    """
+    by_norm: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_norm.setdefault(s["config"]["norm"], []).append(s)
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    table = {}
+    for norm, runs in by_norm.items():
+        tgt = [r["final_target_acc"] for r in runs]
+        src = [r["final_source_acc"] for r in runs]
+        (tm, ts), (sm, ss) = mean_std(tgt), mean_std(src)
+        table[norm] = {
+            "n": len(runs), "seeds": [r["config"]["seed"] for r in runs],
+            "target_acc_mean": tm, "target_acc_std": ts, "source_acc_mean": sm,
+            "source_acc_std": ss, "target_accs": tgt,
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
+        }
+    return table
+
+
+def markdown_table(table: dict[str, dict[str, Any]], title: str) -> str:
+    """The comparison as a Markdown table (accuracies in %)."""
+    lines = [f"### {title}", "",
+             "| norm | runs | target acc (%) mean ± std | source acc (%) mean ± std | "
+             "per-seed target acc (%) | train s/run |",
+             "|---|---|---|---|---|---|"]
+    for norm, row in table.items():
+        per_seed = ", ".join(f"{100 * a:.2f}" for a in row["target_accs"])
+        lines.append(
+            f"| {norm} | {row['n']} | {100 * row['target_acc_mean']:.2f} ± "
+            f"{100 * row['target_acc_std']:.2f} | {100 * row['source_acc_mean']:.2f} ± "
+            f"{100 * row['source_acc_std']:.2f} | {per_seed} | {row['train_seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_grad_variance_by_norm(summaries: list[dict[str, Any]], path: Path) -> None:
+    """Gradient variance per step of the first run of each norm, on one figure."""
+    from fedctx.adamatch.plots import plot_grad_variance
+
+    series: dict[str, list[dict[str, float]]] = {}
+    seen: set[str] = set()
+    for s in summaries:
+        norm = s["config"]["norm"]
+        if norm not in seen:
+            seen.add(norm)
+            lines = (Path(s["out"]) / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines]
+            series[f"{norm} (seed {s['config']['seed']})"] = [r for r in records
+                                                               if "eval" not in r]
+    plot_grad_variance(series, path)
+
+
+def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, *,
+              cpus_per_job: float = 1.0, gpus_per_job: float = 0.0, num_cpus: int = 0,
+              ray_address: str = "", log: bool = True) -> dict[str, Any]:
+    """Train every ``(norm, seed)`` of the grid as a Ray task; write ``sweep.json`` and
+    ``sweep.md`` (the comparison table), ``grad_variance.png`` (one line per norm) and each
+    run's folder ``out/<norm>-seed<seed>``.
+
+    Args:
+        base: options shared by all runs (``norm``, ``seed`` and ``out`` are overridden).
+        cpus_per_job, gpus_per_job: Ray resources per task (GPU fractions allowed); a task uses
+            ``max(1, floor(cpus_per_job))`` torch threads and CUDA when ``gpus_per_job > 0``.
+        num_cpus: CPUs of the local Ray instance (0: all); ignored with ``ray_address``.
+        ray_address: join this existing Ray cluster instead of starting a local instance.
+    Returns:
+        ``{"table": ..., "runs": [summaries], "wall_seconds": ...}`` (also ``sweep.json``).
+    """
+    import ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if gpus_per_job > 0 else "cpu"
+    configs = [base.replace(norm=n, seed=s, out=str(out / f"{n}-seed{s}"), device=device)
+               for n in norms for s in seeds]
+    for cfg in configs:
+        cfg.validate()
+    started_here = not ray.is_initialized()
+    if started_here:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=log)
+        else:
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log)
+    task = ray.remote(_run_job).options(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
+    threads = max(1, math.floor(cpus_per_job))
+    start = time.perf_counter()
+    try:
+        pending = {task.remote(c.to_dict(), threads): c for c in configs}
+        summaries = []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cfg = pending.pop(done[0])
+            summaries.append(ray.get(done[0]))
+            if log:
+                print(f"[{len(summaries)}/{len(configs)}] {cfg.norm} seed {cfg.seed}: target acc "
+                      f"{summaries[-1]['final_target_acc']:.4f}", flush=True)
+    finally:
+        if started_here:
+            ray.shutdown()
+    wall = time.perf_counter() - start
+    order = {(c.norm, c.seed): i for i, c in enumerate(configs)}
+    summaries.sort(key=lambda s: order[(s["config"]["norm"], s["config"]["seed"])])
+    table = summarize(summaries)
+    title = (f"AdaMatch {base.source} → {base.target}, {base.steps} steps, seeds "
+             f"{', '.join(map(str, seeds))}")
+    result = {"title": title, "table": table, "runs": summaries, "wall_seconds": wall,
+              "cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job}
+    (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _plot_grad_variance_by_norm(summaries, out / "grad_variance.png")
+    (out / "sweep.md").write_text(markdown_table(table, title)
+                                  + f"\nWall time of the sweep: {wall:.0f} s.\n")
+    if log:
+        print(markdown_table(table, title), flush=True)
+    return result

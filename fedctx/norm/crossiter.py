@@ -1,0 +1,134 @@
+"""Cross-Iteration Batch Normalization (CBN), simplified.
+
+Yao, Cao, Zheng, Huang & Lin, "Cross-Iteration Batch Normalization", CVPR 2021
+(arXiv:2002.05712). Statistics are averaged over the current and the ``window - 1`` previous
+iterations, which helps with small batches::
+
+    mu_bar  = 1/k sum_tau mu_{t-tau}
+    nu_bar  = 1/k sum_tau max(nu_{t-tau}, mu_{t-tau}^2)        (nu = E[x^2])
+    var_bar = max(nu_bar - mu_bar^2, 0)
+    y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta
+
+**Simplification:** the paper compensates the stale statistics ``mu_{t-tau}(theta_{t-tau})``
+for the weight change with a first-order Taylor term in ``theta_t - theta_{t-tau}`` (which needs
+the preceding layer's weight gradients). This layer does not: stale statistics are used as
+stored (the paper's "naive" cross-iteration baseline) and carry no gradient; only the current
+iteration's ``mu_t, nu_t`` are differentiated.
+
+Other choices (each tested): ``window = 4``; history is only used after ``burnin`` training
+iterations (default 0) and only from entries already filled; running statistics for evaluation
+are updated from ``mu_bar`` and ``var_bar`` with ``nn.BatchNorm``'s momentum convention.
+No loop over the window: the history is a ``(window - 1, C)`` buffer rolled each step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedctx.norm._common import check_input, stats_dtype
+
+
+class CrossIterationBatchNorm(nn.Module):
+    """Cross-Iteration BatchNorm (no Taylor compensation) over ``(N, C, *spatial)``.
+
+    Args:
+        num_features: channels ``C``.
+        window: iterations averaged, the current one included.
+        burnin: training iterations before the history is used.
+        eps, momentum, affine: as in ``nn.BatchNorm``.
+    """
+
+    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        window: int = 4,
+        burnin: int = 0,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.num_features = num_features
+        self.window = window
+        self.burnin = burnin
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        h = max(window - 1, 1)
+        self.register_buffer("hist_mean", torch.zeros(h, num_features))
+        self.register_buffer("hist_sqmean", torch.zeros(h, num_features))
+        self.register_buffer("hist_valid", torch.zeros(h, dtype=torch.bool))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        self.hist_mean.zero_()
+        self.hist_sqmean.zero_()
+        self.hist_valid.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features, self.expected_dims)
+        n, c = x.shape[:2]
+        view = (1, c) + (1,) * (x.dim() - 2)
+        sd = stats_dtype(x.dtype)
+        xs = x.to(sd)
+        if self.training:
+            dims = [0] + list(range(2, x.dim()))
+            mu = xs.mean(dims)
+            nu = xs.square().mean(dims)
+            use_hist = self.window > 1 and int(self.num_batches_tracked) >= self.burnin
+            valid = self.hist_valid.to(sd).unsqueeze(1) if use_hist else torch.zeros(1, 1)
+            valid = valid.to(x.device, sd)
+            count = 1 + valid.sum()
+            hm, hs = self.hist_mean.to(sd), self.hist_sqmean.to(sd)
+            mean = (mu + (valid * hm).sum(0)) / count
+            sq = (torch.maximum(nu, mu.square())
+                  + (valid * torch.maximum(hs, hm.square())).sum(0)) / count
+            var = (sq - mean.square()).clamp_min(0)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.window > 1:
+                    self.hist_mean.copy_(torch.roll(self.hist_mean, 1, 0))
+                    self.hist_sqmean.copy_(torch.roll(self.hist_sqmean, 1, 0))
+                    self.hist_valid.copy_(torch.roll(self.hist_valid, 1, 0))
+                    self.hist_mean[0] = mu.detach().to(self.hist_mean.dtype)
+                    self.hist_sqmean[0] = nu.detach().to(self.hist_sqmean.dtype)
+                    self.hist_valid[0] = True
+                m = x.numel() / c
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                unbiased = var.detach() * (m / max(m - 1, 1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.to(sd), self.running_var.to(sd)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return torch.addcmul(shift.view(view), xs, scale.view(view)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}"
+        )

@@ -1,0 +1,102 @@
+"""Ghost Batch Normalization.
+
+Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+large batch training of neural networks", NeurIPS 2017 (arXiv:1705.08741). In training the batch
+is split into consecutive *ghost* batches of ``virtual_batch_size`` samples, each normalized with
+its own statistics; evaluation uses running statistics as ``nn.BatchNorm``::
+
+    y_i = gamma * (x_i - mu_g) / sqrt(var_g + eps) + beta,    g = floor(i / virtual_batch_size)
+
+Choices (each tested): a last, smaller ghost batch takes the remainder; the running statistics
+are updated once per forward with the mean over ghost batches of their mean and unbiased
+variance (PyTorch momentum convention); ``N <= virtual_batch_size`` is exactly ``nn.BatchNorm``.
+No loop over ghost batches: it is the context-batch-norm kernel with context ``i // size``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedctx.norm._common import check_input
+from fedctx.norm.context import _MixedContextBatchNorm
+
+
+class GhostBatchNorm(nn.Module):
+    """Ghost BatchNorm over ``(N, C, *spatial)`` (see module docstring).
+
+    Args:
+        num_features: channels ``C``.
+        virtual_batch_size: samples per ghost batch (default 32).
+        eps, momentum, affine: as in ``nn.BatchNorm``.
+    """
+
+    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size}")
+        self.num_features = num_features
+        self.virtual_batch_size = virtual_batch_size
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features, self.expected_dims)
+        n, c = x.shape[:2]
+        if not self.training or n <= self.virtual_batch_size:
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                self.training, self.momentum, self.eps,
+            )
+        self.num_batches_tracked.add_(1)
+        groups = -(-n // self.virtual_batch_size)
+        ids = torch.arange(n, device=x.device) // self.virtual_batch_size
+        xf = x.reshape(n, c, -1)
+        w = None if self.weight is None else self.weight.expand(groups, c)
+        b = None if self.bias is None else self.bias.expand(groups, c)
+        out, mean, var = _MixedContextBatchNorm.apply(xf, ids, groups, w, b, self.eps)
+        with torch.no_grad():
+            sizes = (torch.bincount(ids, minlength=groups) * xf.shape[-1]).to(var.dtype)
+            unbiased = var * (sizes / (sizes - 1).clamp_min(1)).unsqueeze(1)
+            self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), self.momentum)
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, virtual_batch_size={self.virtual_batch_size}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}"
+        )

@@ -1,0 +1,136 @@
+"""Proxy Normalization.
+
+Labatie, Masters, Eaton-Rosen & Luschi, "Proxy-Normalizing Activations to Match Batch
+Normalization while Removing Batch Dependence", NeurIPS 2021 (arXiv:2106.03743). After a
+batch-independent norm (LayerNorm or GroupNorm) and the affine + activation, the output is
+normalized by the moments of the same activation applied to a Gaussian *proxy*::
+
+    y = GN(x)  (or LN(x)),   z = phi(gamma * y + beta)
+    Yt ~ N(betat, (1 + gammat)^2)                               (per channel)
+    out = (z - E[phi(gamma Yt + beta)]) / sqrt(Var[phi(gamma Yt + beta)] + eps)
+
+The proxy moments are computed from ``n`` deterministic standard-normal quantiles
+``q_i = sqrt(2) erfinv(2 (i + 0.5) / n - 1)`` (a ``(C, n)`` tensor, no loop), so the layer has no
+batch dependence and no running statistics; train and eval compute the same function.
+
+Choices (each tested): the module is "norm + activation" (``make_norm('proxy', C)`` replaces a
+``BatchNorm -> ReLU`` pair; a following activation in a model is then redundant); ``base`` is
+``'group'`` (default, ``num_groups`` as GroupNorm's default of 32 or the largest divisor of C) or
+``'layer'`` (one group); ``n_quantiles = 128``; ``betat, gammat`` init 0; ``eps = 1e-5``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedctx.norm._common import check_input, default_groups, stats_dtype
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
+    "tanh": torch.tanh,
+    "identity": lambda t: t,
+}
+
+
+def gaussian_quantiles(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` standard-normal quantiles at probabilities ``(i + 0.5) / n``."""
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (math.sqrt(2.0) * torch.erfinv(2 * p - 1)).to(dtype)
+
+
+def proxy_moments(
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    proxy_weight: torch.Tensor,
+    proxy_bias: torch.Tensor,
+    quantiles: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance ``(C,)`` of ``phi(gamma Yt + beta)``, ``Yt`` the proxy."""
+    proxy = proxy_bias.unsqueeze(1) + (1 + proxy_weight).unsqueeze(1) * quantiles  # (C, n)
+    act = activation(weight.unsqueeze(1) * proxy + bias.unsqueeze(1))
+    var, mean = torch.var_mean(act, dim=1, correction=0)
+    return mean, var
+
+
+class ProxyNorm(nn.Module):
+    """GroupNorm/LayerNorm + affine + activation + Proxy Normalization (see module docstring).
+
+    Args:
+        num_features: channels ``C``.
+        base: ``'group'`` or ``'layer'``.
+        num_groups: groups of the GroupNorm (``base='group'``).
+        activation: one of :data:`ACTIVATIONS`.
+        eps: for the base norm and the proxy variance.
+        n_quantiles: Gaussian quantiles used for the proxy moments.
+    """
+
+    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        base: str = "group",
+        num_groups: int | None = None,
+        activation: str = "relu",
+        eps: float = 1e-5,
+        n_quantiles: int = 128,
+    ) -> None:
+        super().__init__()
+        if base not in ("group", "layer"):
+            raise ValueError(f"base must be 'group' or 'layer', got {base!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; valid choices: {', '.join(ACTIVATIONS)}"
+            )
+        if num_groups is None:
+            num_groups = default_groups(num_features)
+        if base == "layer":
+            num_groups = 1
+        if num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        self.num_features = num_features
+        self.base = base
+        self.num_groups = num_groups
+        self.activation = activation
+        self.eps = eps
+        self.n_quantiles = n_quantiles
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.proxy_weight = nn.Parameter(torch.zeros(num_features))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("quantiles", gaussian_quantiles(n_quantiles), persistent=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.proxy_weight)
+        nn.init.zeros_(self.proxy_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features, self.expected_dims)
+        sd = stats_dtype(x.dtype)
+        phi = ACTIVATIONS[self.activation]
+        y = F.group_norm(x.to(sd), self.num_groups, None, None, self.eps)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        w, b = self.weight.to(sd), self.bias.to(sd)
+        z = phi(torch.addcmul(b.view(view), y, w.view(view)))
+        mean, var = proxy_moments(
+            phi, w, b, self.proxy_weight.to(sd), self.proxy_bias.to(sd), self.quantiles.to(sd)
+        )
+        inv = torch.rsqrt(var + self.eps)
+        return torch.addcmul((-mean * inv).view(view), z, inv.view(view)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, base={self.base!r}, num_groups={self.num_groups}, "
+            f"activation={self.activation!r}, eps={self.eps}, n_quantiles={self.n_quantiles}"
+        )

@@ -1,0 +1,79 @@
+"""Weight Standardization + GroupNorm, as in Big Transfer (BiT).
+
+Qiao, Wang, Liu, Shen & Yuille, "Micro-Batch Training with Batch-Channel Normalization and
+Weight Standardization", 2019 (arXiv:1903.10520); Kolesnikov et al., "Big Transfer (BiT)",
+ECCV 2020 (arXiv:1912.11370). The convolution standardizes each output filter of its weight::
+
+    W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)    over (in, kh, kw), biased var
+
+and is followed by GroupNorm (32 groups). The two halves live in different places of a model,
+so they are split: :class:`WSConv2d` is the conv side (use it instead of ``nn.Conv2d``) and
+``make_norm('weightstd', C)`` returns the GroupNorm side (:class:`WSGroupNorm`, a plain
+``nn.GroupNorm`` with 32 groups or the largest divisor of ``C`` below). ``eps = 1e-6`` (timm's
+``StdConv2d``; BiT's code uses 1e-10). :func:`convert_ws_convs` swaps the convs of a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedctx.norm._common import default_groups
+
+
+def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero-mean, unit-variance (biased) version of each output filter of ``weight``."""
+    dims = list(range(1, weight.dim()))
+    var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
+    return (weight - mean) * torch.rsqrt(var + eps)
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization (same arguments, plus ``eps``)."""
+
+    def __init__(self, *args: object, eps: float = 1e-6, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}"
+
+
+class WSGroupNorm(nn.GroupNorm):
+    """The GroupNorm side of Weight Standardization + GroupNorm (a plain ``nn.GroupNorm``)."""
+
+    def __init__(
+        self, num_features: int, num_groups: int | None = None, eps: float = 1e-5,
+        affine: bool = True,
+    ) -> None:
+        if num_groups is None:
+            num_groups = default_groups(num_features)
+        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups!r} must divide num_features={num_features}")
+        super().__init__(num_groups, num_features, eps=eps, affine=affine)
+
+
+def convert_ws_convs(module: nn.Module, eps: float = 1e-6) -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``module`` by a :class:`WSConv2d` with the same weights."""
+    if type(module) is nn.Conv2d:
+        new = WSConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride,
+            module.padding, module.dilation, module.groups, module.bias is not None,
+            module.padding_mode, eps=eps,
+        ).to(module.weight.device, module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_ws_convs(child, eps)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+__all__ = ["WSConv2d", "WSGroupNorm", "convert_ws_convs", "standardize_weight"]

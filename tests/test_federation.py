@@ -1,0 +1,129 @@
+"""Whole federations in one process (InProcessGrid): strategies, bad clients, failing clients,
+client-local state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType
+
+import strategies
+from fedctx.config import SimConfig
+from fedctx.federated.client import load_kept_state, make_client_app
+from fedctx.federated.local import InProcessGrid
+from fedctx.federated.server import Federation, sample_clients
+from fedctx.results import RunRecorder
+
+
+def small_config(tmp_path: Path, **overrides) -> SimConfig:
+    values = dict(clients=4, rounds=2, fraction=1.0, min_clients=2, width=4, batch_size=32,
+                  out=str(tmp_path / "run"), backend="inprocess")
+    values.update(overrides)
+    return SimConfig(**values).validate()
+
+
+def run(config: SimConfig, app=None) -> RunRecorder:
+    torch.set_num_threads(1)
+    recorder = RunRecorder(Path(config.out), config.rounds)
+    Federation(config, recorder).run(InProcessGrid(app or make_client_app(config),
+                                                   config.clients))
+    return recorder
+
+
+class FaultyApp:
+    """Wraps a ClientApp; corrupts or fails the train replies of chosen partitions."""
+
+    def __init__(self, inner, faults: dict[int, str]) -> None:
+        self.inner, self.faults = inner, faults
+
+    def __call__(self, msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        fault = self.faults.get(pid)
+        if msg.metadata.message_type == MessageType.TRAIN and fault == "raise":
+            raise RuntimeError("simulated client crash")
+        reply = self.inner(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN or fault is None:
+            return reply
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        first = next(iter(arrays))
+        if fault == "nan":
+            arrays[first] = torch.full_like(arrays[first], float("nan"))
+        elif fault == "shape":
+            arrays[first] = torch.zeros(3)
+        elif fault == "dtype":
+            arrays[first] = arrays[first].double()
+        elif fault == "keys":
+            arrays["extra.weight"] = torch.zeros(1)
+        reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+
+
+def test_sampling_depends_on_seed_and_round_only() -> None:
+    a = sample_clients(100, 0.2, 2, seed=3, server_round=5)
+    assert a == sample_clients(100, 0.2, 2, seed=3, server_round=5)
+    assert len(a) == 20 and len(set(a)) == 20
+    assert a != sample_clients(100, 0.2, 2, seed=3, server_round=6)
+    assert sample_clients(10, 0.05, 3, seed=0, server_round=1).__len__() == 3
+
+
+@pytest.mark.parametrize("fault", ["nan", "shape", "dtype", "keys"])
+def test_bad_replies_are_rejected_and_counted(tmp_path: Path, fault: str) -> None:
+    config = small_config(tmp_path, rounds=1)
+    recorder = run(config, FaultyApp(make_client_app(config), {1: fault}))
+    record = recorder.history[0]
+    assert record["rejected"] == 1 and record["clients_ok"] == 3
+    assert record["rejections"][0]["client"] == 1
+    expected_word = {"nan": "non-finite", "shape": "shape", "dtype": "dtype", "keys": "keys"}
+    assert expected_word[fault] in record["rejections"][0]["reason"]
+    assert torch.isfinite(torch.tensor(record["train_loss"]))
+
+
+def test_failing_client_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    config = small_config(tmp_path, rounds=1)
+    recorder = run(config, FaultyApp(make_client_app(config), {0: "raise", 2: "raise"}))
+    record = recorder.history[0]
+    assert record["failures"] == 2 and record["clients_ok"] == 2
+
+
+def test_round_below_minimum_keeps_weights(tmp_path: Path) -> None:
+    config = small_config(tmp_path, rounds=1, min_clients=4)
+    recorder = run(config, FaultyApp(make_client_app(config), {0: "raise"}))
+    record = recorder.history[0]
+    assert record["clients_ok"] == 0 and record["failures"] == 1
+    assert record["train_loss"] != record["train_loss"]  # NaN: no aggregation this round
+
+
+def test_local_policy_keeps_norm_on_clients(tmp_path: Path) -> None:
+    config = small_config(tmp_path, norm_policy="local")
+    recorder = run(config)
+    summary = json.loads((Path(config.out) / "summary.json").read_text())
+    assert summary["evaluated_on"] == "clients"
+    kept = load_kept_state(config, 0, before_round=config.rounds + 1)
+    assert kept is not None and any("running_mean" in k for k in kept)
+    # client 0 trained with its own statistics: they differ from client 1's
+    other = load_kept_state(config, 1, before_round=config.rounds + 1)
+    key = next(k for k in kept if "running_mean" in k)
+    assert not torch.equal(kept[key], other[key])
+    assert len(recorder.history) == config.rounds
+
+
+@pytest.mark.parametrize("name", sorted(strategies.BUILTIN))
+def test_every_builtin_strategy_runs_with_any_policy(tmp_path: Path, name: str) -> None:
+    policy = {"fedavg": "average", "fedprox": "per-context", "fedadam": "stats-local",
+              "krum": "local"}.get(name, "per-context")
+    config = small_config(tmp_path, rounds=1, strategy=name, norm_policy=policy)
+    recorder = run(config)
+    assert recorder.history[0]["clients_ok"] == 4
+    assert 0.0 <= recorder.summary["accuracy"] <= 1.0
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    a = run(small_config(tmp_path / "a", seed=7)).history
+    b = run(small_config(tmp_path / "b", seed=7)).history
+    c = run(small_config(tmp_path / "c", seed=8)).history
+    key = [(r["train_loss"], r["accuracy"]) for r in a]
+    assert key == [(r["train_loss"], r["accuracy"]) for r in b]
+    assert key != [(r["train_loss"], r["accuracy"]) for r in c]

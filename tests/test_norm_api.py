@@ -1,0 +1,130 @@
+"""Public API: factory, routing through any model (torchvision included), convert_norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fedctx.norm as fn
+from fedctx.norm import (
+    ContextAware,
+    ContextNorm,
+    available,
+    convert_norms,
+    make_norm,
+    norm_layer,
+    use_context,
+)
+
+ALL = [
+    "acn", "adain", "batch", "batchgroup", "context", "crossiter", "ghost", "group", "instance",
+    "layer", "mixture", "none", "proxy", "scb", "uan", "weightstd",
+]
+CONTEXT_AWARE = {"context", "acn", "scb", "adain"}
+
+
+def test_available_lists_every_layer() -> None:
+    assert available() == sorted(ALL)
+
+
+def test_unknown_name_or_option_names_valid_choices() -> None:
+    with pytest.raises(ValueError, match="valid choices: acn, adain, batch"):
+        make_norm("nope", 8)
+    with pytest.raises(ValueError, match=r"valid options: .*momentum"):
+        make_norm("context", 8, momentun=0.1)
+    with pytest.raises(ValueError, match=r"valid options: .*num_components"):
+        make_norm("uan", 8, k=3)
+    with pytest.raises(ValueError, match="num_contexts"):
+        make_norm("context", 8, num_contexts=0)
+    with pytest.raises(ValueError, match="dims"):
+        make_norm("batch", 8, dims=7)
+    with pytest.raises(ValueError, match="valid choices"):
+        norm_layer("nope")
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXT_AWARE))
+def test_context_aware_layers_check_contexts(name: str) -> None:
+    m = make_norm(name, 4, dims=2, num_contexts=3)
+    assert isinstance(m, ContextAware)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="no context was set"):
+        m(x)
+    with pytest.raises(RuntimeError, match="out of range"), use_context(m, 3):
+        m(x)
+    with pytest.raises(RuntimeError, match="context ids must lie in 0..2"), \
+            use_context(m, torch.tensor([0, 5])):
+        m(x)
+    with use_context(m, torch.tensor([0, 2])):
+        assert m(x).shape == x.shape
+
+
+def test_use_context_nests_and_rejects_bad_types() -> None:
+    m = nn.Sequential(make_norm("context", 4, num_contexts=2), nn.ReLU())
+    with use_context(m, 1):
+        with use_context(m, 0):
+            assert m[0]._active_contexts == 0
+        assert m[0]._active_contexts == 1
+    assert m[0]._active_contexts is None
+    with pytest.raises(TypeError):
+        with use_context(m, 1.5):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError):
+        with use_context(m, torch.tensor([0.0, 1.0])):
+            pass
+
+
+def test_torchvision_model_with_norm_layer_and_contexts() -> None:
+    model = torchvision.models.resnet18(num_classes=5, norm_layer=norm_layer("context",
+                                                                             num_contexts=2))
+    assert sum(isinstance(m, ContextNorm) for m in model.modules()) == 20
+    x = torch.randn(4, 3, 32, 32)
+    with use_context(model, torch.tensor([0, 1, 1, 0])):
+        model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="no context"):
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        assert model(x[:1]).shape == (1, 5)  # no context in eval: mean of entries
+
+
+def test_convert_norms_copies_into_every_context() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    bn1 = model.bn1
+    converted = convert_norms(model, "context", num_contexts=3)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    assert converted.bn1.weight.shape == (3, 64)
+    torch.testing.assert_close(converted.bn1.running_var[2], bn1.running_var)
+    assert converted.bn1.num_batches_tracked.tolist() == [7, 7, 7]
+    assert not converted.bn1.training
+    with torch.no_grad():
+        for k in range(3):
+            with use_context(converted, k):
+                torch.testing.assert_close(converted(x), ref, atol=1e-5, rtol=1e-5)
+    root = convert_norms(nn.BatchNorm1d(4), "acn", num_contexts=2)
+    assert isinstance(root, fn.AdaptiveContextNorm)
+    gn = convert_norms(nn.Sequential(nn.BatchNorm2d(4)), "group")
+    assert isinstance(gn[0], nn.GroupNorm)
+
+
+def test_docs_table_lists_every_layer() -> None:
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "norms.md"
+    text = doc.read_text()
+    for name in ALL:
+        assert f"`{name}`" in text, name
