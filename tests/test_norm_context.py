@@ -73,7 +73,7 @@ def test_k_contexts_equal_k_batchnorms_on_mixed_batch(shared: bool) -> None:
             bn.weight.copy_(cn.weight if shared else cn.weight[j])
             bn.bias.copy_(cn.bias if shared else cn.bias[j])
         bns.append(bn)
-    for step in range(2):
+    for _step in range(2):
         y, gx = _run(cn, x, g, ctx)
         y_ref, gx_ref = torch.empty_like(x), torch.empty_like(x)
         for j in range(k):

@@ -1,0 +1,166 @@
+"""Forward+backward time of each fedctx norm relative to ``nn.BatchNorm2d`` on the same tensor.
+
+Usage::
+
+    python benchmarks/norm_overhead.py                       # 256x64x32x32, CPU (+ CUDA if any)
+    python benchmarks/norm_overhead.py --shape 32 64 16 16   # quick run
+    python benchmarks/norm_overhead.py --compile             # also torch.compile'd context/acn/uan
+
+Every layer is timed in the same run, interleaved with the BatchNorm baseline (round robin over
+layers, ``--repeats`` rounds); the ratio of the minima (best round; robust to other load on the
+machine) is reported, with the median time alongside. Writes a markdown table to
+``--out`` (default ``docs/results/norm_overhead.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedctx.norm import make_norm, use_context
+
+# (label, norm name, options, contexts kind, target ratio or None)
+CASES: list[tuple[str, str, dict[str, object], str, float | None]] = [
+    ("batch (nn.BatchNorm2d)", "batch", {}, "none", None),
+    ("context K=1, int context", "context", {"num_contexts": 1}, "int", 1.05),
+    ("context K=4, single int context", "context", {"num_contexts": 4}, "int", 1.05),
+    ("context K=4, mixed batch", "context", {"num_contexts": 4}, "mixed", 1.5),
+    ("acn K=4, mixed batch", "acn", {"num_contexts": 4}, "mixed", None),
+    ("uan K=3", "uan", {"num_components": 3}, "none", 2.0),
+    ("scb K=4, mixed batch", "scb", {"num_contexts": 4}, "mixed", None),
+    ("adain K=4, mixed batch", "adain", {"num_contexts": 4}, "mixed", None),
+    ("mixture K=2", "mixture", {"num_components": 2}, "none", None),
+    ("proxy (GN + ReLU + PN)", "proxy", {}, "none", None),
+    ("ghost (virtual batch 32)", "ghost", {}, "none", None),
+    ("batchgroup", "batchgroup", {}, "none", None),
+    ("crossiter (window 4)", "crossiter", {}, "none", None),
+    ("weightstd (GN side)", "weightstd", {}, "none", None),
+    ("group", "group", {}, "none", None),
+    ("layer", "layer", {}, "none", None),
+    ("instance", "instance", {}, "none", None),
+]
+COMPILED = {"context K=4, mixed batch", "acn K=4, mixed batch", "uan K=3"}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_step(
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, contexts: object
+) -> Callable[[], None]:
+    def step() -> None:
+        xi = x.detach().requires_grad_()
+        with use_context(module, contexts):
+            y = module(xi)
+        y.backward(grad)
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench(device: str, shape: tuple[int, ...], repeats: int, warmup: int, compile_: bool):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device)
+    grad = torch.randn_like(x)
+    n, c = shape[:2]
+    steps: dict[str, Callable[[], None]] = {}
+    targets: dict[str, float | None] = {}
+    for label, name, options, kind, target in CASES:
+        m = make_norm(name, c, dims=len(shape) - 2, **options).to(device)
+        contexts = {"none": None, "int": 0, "mixed": torch.arange(n, device=device) % 4}[kind]
+        steps[label] = make_step(m, x, grad, contexts)
+        targets[label] = target
+        if compile_ and label in COMPILED:
+            cm = torch.compile(m)
+            steps[label + " [compiled]"] = _compiled_step(m, cm, x, grad, contexts)
+            targets[label + " [compiled]"] = target
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[label].append(time.perf_counter() - t0)
+    base = min(times[CASES[0][0]])
+    return [
+        (label, min(t) * 1e3, statistics.median(t) * 1e3, min(t) / base, targets[label])
+        for label, t in times.items()
+    ]
+
+
+def _compiled_step(module: nn.Module, compiled: Callable[..., torch.Tensor], x: torch.Tensor,
+                   grad: torch.Tensor, contexts: object) -> Callable[[], None]:
+    def step() -> None:
+        xi = x.detach().requires_grad_()
+        with use_context(module, contexts):
+            y = compiled(xi)
+        y.backward(grad)
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=int, nargs="+", default=[256, 64, 32, 32])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--devices", nargs="+", default=None)
+    parser.add_argument("--out", default="docs/results/norm_overhead.md")
+    args = parser.parse_args(argv)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    shape = tuple(args.shape)
+    lines = [
+        "# Normalization overhead: forward + backward time relative to nn.BatchNorm2d",
+        "",
+        f"- command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
+        f"- input: {'x'.join(map(str, shape))} float32, fresh `requires_grad` input each step, "
+        f"best (min) and median of {args.repeats} interleaved rounds after {args.warmup} "
+        "warm-up steps; ratio = min / min of nn.BatchNorm2d",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads()="
+        f"{torch.get_num_threads()}, torch {torch.__version__}, Python "
+        f"{platform.python_version()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    for device in devices:
+        rows = bench(device, shape, args.repeats, args.warmup, args.compile)
+        lines += ["", f"## {device}", "",
+                  "| layer | min ms | median ms | ratio to BN | target | met |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for label, ms, med, ratio, target in rows:
+            met = "" if target is None else ("yes" if ratio <= target else "**no**")
+            tgt = "" if target is None else f"<= {target:g}x"
+            lines.append(f"| {label} | {ms:.1f} | {med:.1f} | {ratio:.2f} | {tgt} | {met} |")
+            print(f"{device:5s} {label:40s} {ms:9.1f} ms  {ratio:6.2f}x  {tgt}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
