@@ -16,7 +16,7 @@ import sys
 from fedctx.adamatch.cli import main
 
 DEFAULTS = [
-    "--source", "mnist", "--target", "mnistm", "--norms", "batch,context,uan", "--seeds", "0,1",
+    "--source", "mnist", "--target", "mnistm", "--norms", "batch,context", "--seeds", "0,1",
     "--steps", "300", "--batch-size", "64", "--uratio", "3", "--ema", "0.99",
     "--norm-momentum", "0.01", "--eval-every", "100", "--cpus-per-job", "1", "--num-cpus", "2",
     "--out", "results/adamatch/bench-mnist-mnistm",

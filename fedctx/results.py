@@ -92,7 +92,7 @@ class RunRecorder:
         self.say("\nFinal test accuracy per context:\n"
                  + format_table(rows, ("context", "accuracy")))
         self.say(f"\nResults in {self.out}/ (config.json, metrics.jsonl, summary.json, "
-                 "accuracy.png, model.pt)")
+                 "accuracy.png, label_counts.png, model.pt)")
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:

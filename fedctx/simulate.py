@@ -6,7 +6,6 @@ Options: defaults < the scenario's ``configs/<scenario>.toml`` < ``--config FILE
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path

@@ -127,3 +127,43 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     key = [(r["train_loss"], r["accuracy"]) for r in a]
     assert key == [(r["train_loss"], r["accuracy"]) for r in b]
     assert key != [(r["train_loss"], r["accuracy"]) for r in c]
+
+
+def test_resume_restores_strategy_and_client_state(tmp_path: Path) -> None:
+    """FedAdam's moments and stats-local client state survive a stop after round 2."""
+    full = run(small_config(tmp_path / "full", rounds=4, strategy="fedadam",
+                            norm_policy="stats-local", fraction=0.5)).history
+    part = small_config(tmp_path / "part", rounds=2, strategy="fedadam",
+                        norm_policy="stats-local", fraction=0.5)
+    run(part)
+    resumed = run(small_config(tmp_path / "part", rounds=4, strategy="fedadam",
+                               norm_policy="stats-local", fraction=0.5, resume=True)).history
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    assert [(r["train_loss"], r["accuracy"]) for r in resumed] == \
+        [(r["train_loss"], r["accuracy"]) for r in full]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(small_config(tmp_path, resume=True))
+
+
+def test_fedprox_term_pulls_towards_the_global_weights() -> None:
+    from fedctx.data import ClientData
+    from fedctx.federated.training import local_train
+    from fedctx.models import make_model
+
+    torch.manual_seed(0)
+    data = ClientData(torch.randn(64, 3, 28, 28), torch.randint(0, 10, (64,)),
+                      torch.zeros(64, dtype=torch.long))
+    drift = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(1)
+        model = make_model("digits-cnn", norm="batch", width=4)
+        start = [p.detach().clone() for p in model.parameters()]
+        local_train(model, data, epochs=2, batch_size=16, lr=0.05, momentum=0.0,
+                    weight_decay=0.0, generator=torch.Generator().manual_seed(0),
+                    proximal_mu=mu)
+        drift[mu] = sum(float((p.detach() - s).norm()) for p, s in
+                        zip(model.parameters(), start, strict=True))
+    assert drift[10.0] < drift[0.0]

@@ -79,6 +79,7 @@ def test_end_to_end_on_ray(python: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Final test accuracy per context" in proc.stdout
     for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png", "model.pt",
+                 "label_counts.png",
                  "checkpoint.pt"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())

@@ -83,12 +83,24 @@ def _plot_grad_variance_by_norm(summaries: list[dict[str, Any]], path: Path) -> 
     plot_grad_variance(series, path)
 
 
+def _finished(cfg: AdaptConfig) -> dict[str, Any] | None:
+    """The summary of an earlier run of this configuration (up to ``threads``) in ``cfg.out``."""
+    path = Path(cfg.out) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    same = {**summary.get("config", {}), "threads": cfg.threads} == cfg.to_dict()
+    return summary if same else None
+
+
 def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, *,
               cpus_per_job: float = 1.0, gpus_per_job: float = 0.0, num_cpus: int = 0,
               ray_address: str = "", log: bool = True) -> dict[str, Any]:
     """Train every ``(norm, seed)`` of the grid as a Ray task; write ``sweep.json`` and
     ``sweep.md`` (the comparison table), ``grad_variance.png`` (one line per norm) and each
-    run's folder ``out/<norm>-seed<seed>``.
+    run's folder ``out/<norm>-seed<seed>``. A run whose folder already holds a ``summary.json``
+    of the same configuration is reused, not re-run; a run that fails is listed under
+    ``failures`` and left out of the table.
 
     Args:
         base: options shared by all runs (``norm``, ``seed`` and ``out`` are overridden).
@@ -116,16 +128,28 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     task = ray.remote(_run_job).options(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
     threads = max(1, math.floor(cpus_per_job))
     start = time.perf_counter()
+    summaries, failures = [], []
     try:
-        pending = {task.remote(c.to_dict(), threads): c for c in configs}
-        summaries = []
+        pending = {}
+        for cfg in configs:
+            done_before = _finished(cfg)
+            if done_before is not None:
+                summaries.append(done_before)
+            else:
+                pending[task.remote(cfg.to_dict(), threads)] = cfg
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             cfg = pending.pop(done[0])
-            summaries.append(ray.get(done[0]))
+            try:
+                summaries.append(ray.get(done[0]))
+                line = f"target acc {summaries[-1]['final_target_acc']:.4f}"
+            except (ray.exceptions.RayError, RuntimeError) as err:
+                failures.append({"norm": cfg.norm, "seed": cfg.seed,
+                                 "error": str(err).splitlines()[0]})
+                line = f"FAILED: {failures[-1]['error']}"
             if log:
-                print(f"[{len(summaries)}/{len(configs)}] {cfg.norm} seed {cfg.seed}: target acc "
-                      f"{summaries[-1]['final_target_acc']:.4f}", flush=True)
+                print(f"[{len(summaries) + len(failures)}/{len(configs)}] {cfg.norm} seed "
+                      f"{cfg.seed}: {line}", flush=True)
     finally:
         if started_here:
             ray.shutdown()
@@ -135,7 +159,8 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     table = summarize(summaries)
     title = (f"AdaMatch {base.source} → {base.target}, {base.steps} steps, seeds "
              f"{', '.join(map(str, seeds))}")
-    result = {"title": title, "table": table, "runs": summaries, "wall_seconds": wall,
+    result = {"title": title, "table": table, "runs": summaries, "failures": failures,
+              "wall_seconds": wall,
               "cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     _plot_grad_variance_by_norm(summaries, out / "grad_variance.png")

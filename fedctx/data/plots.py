@@ -63,7 +63,8 @@ def save_label_heatmap(dataset: FederatedDataset, path: Path | str) -> Path:
     handles = [Patch(color=colors[k], label=name) for k, name in enumerate(dataset.context_names)]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False, title="context")
-    title = f"label counts per client ({n_clients} clients, {dataset.num_contexts} contexts)"
+    k = dataset.num_contexts
+    title = f"label counts per client ({n_clients} clients, {k} context{'s' * (k != 1)})"
     if dataset.missing_domains:
         title += f"; missing: {', '.join(dataset.missing_domains)}"
     ax.set_title(title, fontsize=10)

@@ -266,16 +266,32 @@ READERS: dict[str, Reader] = {
 }
 
 
-@functools.lru_cache(maxsize=16)
-def read_cached(name: str, root: str, train: bool,
+#: Domain name -> its folder under the data root.
+FOLDERS: dict[str, str] = {
+    "mnist": "MNIST", "usps": "USPS", "svhn": "SVHN", "synthdigits": "SynthDigits",
+    "mnistm": "mnist_m", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+}
+
+
+def read_cached(name: str, root: Path | str, train: bool,
                 download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``READERS[name](root, train, download)``, read once per process; arrays are read-only.
 
-    USPS (bz2 text) and MNIST-M (PNGs) take seconds to parse; scenarios and tests share this.
+    The cache is keyed by the data set's resolved folder, so two roots linking the same files
+    share one read. USPS (bz2 text) and MNIST-M (PNGs) take seconds to parse.
     """
     if name not in READERS:
         raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(READERS)}")
-    images, labels = READERS[name](Path(root), train, download)
+    folder = (Path(root) / FOLDERS[name]).resolve()
+    return _read_folder(name, folder if folder.exists() else Path(root).resolve(), train,
+                        download)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_folder(name: str, folder: Path, train: bool,
+                 download: bool) -> tuple[np.ndarray, np.ndarray]:
+    root = folder.parent if folder.name == FOLDERS[name] else folder
+    images, labels = READERS[name](root, train, download)
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels

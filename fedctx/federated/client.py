@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -62,6 +63,14 @@ def save_kept_state(config: SimConfig, pid: int, server_round: int, tensors: dic
                       if (m := _VERSION.search(f.name)))
     for _, old in versions[:-2]:
         old.unlink(missing_ok=True)
+
+
+def ray_node_tag() -> int:
+    """A 48-bit tag of the Ray node this client runs on (0 outside Ray), to see placement."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0
+    return int(ray.get_runtime_context().get_node_id()[:12], 16)
 
 
 def make_client_app(config: SimConfig) -> ClientApp:
@@ -114,7 +123,8 @@ def make_client_app(config: SimConfig) -> ClientApp:
         content = RecordDict({
             "arrays": ArrayRecord({k: state[k] for k in rt.split.shared}),
             "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss,
-                                     "context": data.context, "partition-id": pid}),
+                                     "context": data.context, "partition-id": pid,
+                                     "ray-node": ray_node_tag()}),
         })
         if sent:
             content["norm"] = ArrayRecord(sent)

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedctx.config import SimConfig
+from fedctx.data.plots import save_label_heatmap
 from fedctx.federated.params import StateSplit
 from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
 from fedctx.federated.runtime import build_model, get_runtime
@@ -167,8 +168,9 @@ class Federation:
             "weight-decay": self.config.weight_decay, "local-epochs": self.config.local_epochs,
             "batch-size": self.config.batch_size,
         })
-        base = list(self.strategy.configure_train(
-            server_round, ArrayRecord(self.shared), cfg, _SampledNodes([c.node_id for c in clients])))
+        nodes = _SampledNodes([c.node_id for c in clients])
+        base = list(self.strategy.configure_train(server_round, ArrayRecord(self.shared), cfg,
+                                                  nodes))
         if not base:
             return []
         arrays, config = base[0].content["arrays"], base[0].content["config"]
@@ -267,12 +269,15 @@ class Federation:
             "accuracy_per_context": accs, "clients_sampled": len(clients),
             "clients_ok": len(accepted) if len(accepted) >= self.config.min_clients else 0,
             "rejected": len(rejected), "failures": failures, "rejections": rejected,
+            "ray_nodes": len({int(r.content["metrics"].get("ray-node", 0)) for r in accepted}),
             "seconds": time.time() - t0,
         }
 
     def run(self, grid: Grid) -> None:
         history = self.load_checkpoint() if self.config.resume else []
         self.recorder.start(self.config.to_dict(), history)
+        if not history:
+            save_label_heatmap(self.rt.data, self.out / "label_counts.png")
         if history:
             self.recorder.say(f"Resuming from round {self.start_round - 1} in {self.out}")
         registry = register_clients(grid, self.config.clients)
@@ -292,6 +297,7 @@ class Federation:
             "accuracy": last["accuracy"], "accuracy_per_context": last["accuracy_per_context"],
             "rounds": last["round"], "final_train_loss": last["train_loss"],
             "contexts": self.rt.data.context_names, "real_domains": self.rt.data.real_domains,
+            "missing_domains": list(getattr(self.rt.data, "missing_domains", [])),
             "clients": self.config.clients, "norm": self.config.norm,
             "norm_policy": self.config.norm_policy, "strategy": self.config.strategy,
             "seed": self.config.seed, "evaluated_on": "server" if

@@ -1,0 +1,106 @@
+"""Per-round time of ``python -m fedctx.simulate`` against the pure-PyTorch limit.
+
+The limit is the same work — every client's local training (same data, model, seed, steps,
+one thread each) plus the server's evaluation — done by a plain loop in one process, divided by
+the cores the simulation can use in parallel. Ratio = limit / fedctx (1.0: no framework cost).
+Writes ``docs/results/simulation_overhead.md``.
+
+    python benchmarks/simulation_overhead.py --clients 20 100 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def plain_round_seconds(clients: int, seed: int, repeats: int = 2) -> float:
+    """One round of the same local training + evaluation in a plain single-thread loop."""
+    from fedctx.config import SimConfig
+    from fedctx.federated.runtime import build_model, load_data
+    from fedctx.federated.training import evaluate, local_train
+
+    torch.set_num_threads(1)
+    config = SimConfig(clients=clients, fraction=1.0, seed=seed).validate()
+    data = load_data(config)
+    model = build_model(config, data)
+    times = []
+    for r in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        for pid, client in enumerate(data.clients):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + r * 10_007 + pid)
+            local_train(model, client, epochs=config.local_epochs, batch_size=config.batch_size,
+                        lr=config.lr, momentum=config.momentum, weight_decay=0.0,
+                        generator=gen)
+        for k, (x, y) in data.test.items():
+            evaluate(model, x, y, k)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def fedctx_run(clients: int, rounds: int, seed: int) -> tuple[float, float]:
+    """(steady-state seconds per round, start-up + teardown seconds) of a real Ray run."""
+    out = REPO / "results" / f"bench-overhead-{clients}"
+    cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(clients), "--rounds",
+           str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    per_round = [json.loads(line)["seconds"] for line in
+                 (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(per_round[1:]), wall - sum(per_round)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path,
+                        default=REPO / "docs" / "results" / "simulation_overhead.md")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    rows = []
+    for n in args.clients:
+        limit = plain_round_seconds(n, args.seed) / min(cores, n)
+        steady, startup = fedctx_run(n, args.rounds, args.seed)
+        rows.append((n, limit, steady, limit / steady, startup))
+        print(f"{n} clients: limit {limit:.2f}s/round, fedctx {steady:.2f}s/round, "
+              f"ratio {limit / steady:.2f}, start-up+teardown {startup:.1f}s", flush=True)
+    import flwr
+    import ray
+
+    lines = [
+        "# Simulation overhead", "",
+        f"Command: `python benchmarks/simulation_overhead.py --clients "
+        f"{' '.join(map(str, args.clients))} --rounds {args.rounds}`.",
+        f"Machine: {platform.processor() or platform.machine()}, {cores} cores, no GPU; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, flwr {flwr.__version__}"
+        f", ray {ray.__version__}. Scenario `digits`, every client trains every round "
+        "(`--fraction 1.0`), one thread per client.", "",
+        "The limit is the same local training and evaluation in a plain PyTorch loop (one "
+        "process, one thread), divided by min(cores, clients) = the parallelism Ray gets.", "",
+        "| clients | limit s/round | fedctx s/round (median, rounds 2+) | ratio limit/fedctx | "
+        "start-up + teardown s |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {lim:.2f} | {st:.2f} | **{ratio:.2f}** | {su:.1f} |"
+          for n, lim, st, ratio, su in rows),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
