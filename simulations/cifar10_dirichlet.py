@@ -41,5 +41,5 @@ SCENARIO = Scenario(
     name="cifar10-dirichlet",
     description="CIFAR-10, Dirichlet(0.5) label skew over clients, one context",
     build=build,
-    model="cifar-cnn",
+    model="resnet20",
 )

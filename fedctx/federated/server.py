@@ -228,6 +228,10 @@ class Federation:
         clients = [registry[p] for p in pids]
         by_node = {c.node_id: c for c in clients}
         replies = list(grid.send_and_receive(self._train_messages(server_round, clients)))
+        # Replies arrive in completion order; aggregate in partition order so that float sums,
+        # and so the run, are reproducible.
+        replies.sort(key=lambda r: by_node[r.metadata.src_node_id].partition_id
+                     if r.metadata.src_node_id in by_node else len(registry))
         accepted, rejected, failures, losses = [], [], 0, []
         norm_keys = self.norm.expected_reply_keys()
         for reply in replies:

@@ -37,9 +37,93 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fedctx.norm._common import check_input, stats_dtype
 from fedctx.norm.routing import ContextAware
+
+_CHUNK_ELEMENTS = 1 << 22  # (n, K, C, S) temporaries per chunk: 16 MB in float32
+
+
+class _UANFunction(torch.autograd.Function):
+    """Eager UAN kernel (before the affine): ``y = sum_k tau_k c_k z_k``, ``z_k = (x - mu_k) r_k``.
+
+    Processes the batch in sample chunks to bound the ``(n, K, C, S)`` temporaries (the
+    loop is over samples, never over components), saves only ``x`` and recomputes ``tau`` in a
+    closed-form backward::
+
+        G_z_k = g tau_k (c_k - (c_k z_k - y) z_k),   G_l_k = g tau_k (c_k z_k - y)
+        dx = sum_k r_k G_z_k,   dmu_k = -r_k sum G_z_k,   dv_k = -r_k^2 / 2 sum G_z_k z_k
+        dpi_k = sum G_l_k / pi_k - c_k^3 / 2 sum g tau_k z_k
+
+    with ``r_k = (v_k + eps)^-1/2``, ``c_k = (pi_k + eps)^-1/2``.
+    """
+
+    @staticmethod
+    def _chunk(xc, r, b, log_prior, coef):
+        z = torch.addcmul(b, xc.unsqueeze(1), r)  # (n, K, C, S)
+        tau = torch.softmax(torch.addcmul(log_prior, z, z, value=-0.5), dim=1)
+        u = z * coef
+        return z, tau, u, (tau * u).sum(1)
+
+    @staticmethod
+    def _consts(mean, var, prior, eps):
+        r = torch.rsqrt(var + eps).unsqueeze(-1)  # (K, C, 1)
+        b = -mean.unsqueeze(-1) * r
+        log_prior = torch.log(prior).view(-1, 1, 1)
+        coef = torch.rsqrt(prior + eps).view(-1, 1, 1)
+        return r, b, log_prior, coef
+
+    @staticmethod
+    def _step(x: torch.Tensor, k: int) -> int:
+        return max(1, _CHUNK_ELEMENTS // max(1, k * x[0].numel()))
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        prior: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        consts = _UANFunction._consts(mean, var, prior, eps)
+        out = torch.empty_like(x)
+        step = _UANFunction._step(x, mean.shape[0])
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = _UANFunction._chunk(x[i:i + step], *consts)[3]
+        ctx.save_for_backward(x, mean, var, prior)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, mean, var, prior = ctx.saved_tensors
+        r, b, log_prior, coef = _UANFunction._consts(mean, var, prior, ctx.eps)
+        grad_x = torch.empty_like(x)
+        s_gz = torch.zeros_like(mean)
+        s_gzz = torch.zeros_like(mean)
+        s_gl = torch.zeros_like(prior)
+        s_gtz = torch.zeros_like(prior)
+        step = _UANFunction._step(x, mean.shape[0])
+        for i in range(0, x.shape[0], step):
+            z, tau, u, y = _UANFunction._chunk(x[i:i + step], r, b, log_prior, coef)
+            gt = grad[i:i + step].unsqueeze(1) * tau  # (n, K, C, S)
+            gl = gt * (u - y.unsqueeze(1))
+            gz = gt * coef - gl * z
+            grad_x[i:i + step] = (gz * r).sum(1)
+            s_gz += gz.sum((0, 3))
+            s_gzz += (gz * z).sum((0, 3))
+            s_gl += gl.sum((0, 2, 3))
+            s_gtz += (gt * z).sum((0, 2, 3))
+        r2 = r.squeeze(-1)
+        grad_mean = -r2 * s_gz
+        grad_var = -0.5 * r2.square() * s_gzz
+        grad_prior = s_gl / prior - 0.5 * coef.flatten() ** 3 * s_gtz
+        return grad_x, grad_mean, grad_var, grad_prior, None
 
 
 def unsupervised_adaptive_norm(
@@ -61,7 +145,12 @@ def unsupervised_adaptive_norm(
     """
     n, c = x.shape[:2]
     sd = stats_dtype(x.dtype)
-    xs = x.to(sd).reshape(n, 1, c, -1)  # (N, 1, C, S)
+    if not torch.compiler.is_compiling():  # eager: chunked kernel with closed-form backward
+        out = _UANFunction.apply(
+            x.to(sd).reshape(n, c, -1), mean.to(sd), var.to(sd), prior.to(sd), eps
+        )
+        return _affine(out, weight, bias).to(x.dtype).reshape(x.shape)
+    xs = x.to(sd).reshape(n, 1, c, -1)  # (N, 1, C, S); compiled: one fused graph
     inv_std = torch.rsqrt(var.to(sd) + eps)  # (K, C)
     z = torch.addcmul((-mean.to(sd) * inv_std).unsqueeze(-1), xs, inv_std.unsqueeze(-1))
     log_prior = torch.log(prior.to(sd)).reshape(1, -1, 1, 1)
