@@ -6,9 +6,9 @@ Usage::
     python benchmarks/norm_overhead.py --shape 32 64 16 16   # quick run
     python benchmarks/norm_overhead.py --compile             # also torch.compile'd context/acn/uan
 
-Every layer is timed in the same run, interleaved with the BatchNorm baseline (round robin over
-layers, ``--repeats`` rounds); the ratio of the minima (best round; robust to other load on the
-machine) is reported, with the median time alongside. Writes a markdown table to
+Every layer is timed in the same run, alternating step by step with the BatchNorm baseline
+(``--repeats`` pairs per layer); the ratio of the minima (best step of each; robust to other load
+on the machine) is reported, with the layer's median time alongside. Writes a markdown table to
 ``--out`` (default ``docs/results/norm_overhead.md``).
 """
 
@@ -91,23 +91,27 @@ def bench(device: str, shape: tuple[int, ...], repeats: int, warmup: int, compil
             steps[label + " [compiled]"] = _compiled_step(m, cm, x, grad, contexts)
             targets[label + " [compiled]"] = target
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for step in steps.values():
+    base_label = CASES[0][0]
+
+    def timed(step: Callable[[], None]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - t0
+
+    rows = []
+    for label, step in steps.items():
         for _ in range(warmup):
             step()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for label, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[label].append(time.perf_counter() - t0)
-    base = min(times[CASES[0][0]])
-    return [
-        (label, min(t) * 1e3, statistics.median(t) * 1e3, min(t) / base, targets[label])
-        for label, t in times.items()
-    ]
+            steps[base_label]()
+        t_layer, t_base = [], []
+        for _ in range(repeats):  # paired with the baseline: robust to load drifting
+            t_base.append(timed(steps[base_label]))
+            t_layer.append(timed(step))
+        rows.append((label, min(t_layer) * 1e3, statistics.median(t_layer) * 1e3,
+                     min(t_layer) / min(t_base), targets[label]))
+    return rows
 
 
 def _compiled_step(module: nn.Module, compiled: Callable[..., torch.Tensor], x: torch.Tensor,
@@ -138,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"- command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
         f"- input: {'x'.join(map(str, shape))} float32, fresh `requires_grad` input each step, "
-        f"best (min) and median of {args.repeats} interleaved rounds after {args.warmup} "
-        "warm-up steps; ratio = min / min of nn.BatchNorm2d",
+        f"each layer alternates step by step with nn.BatchNorm2d ({args.repeats} pairs after "
+        f"{args.warmup} warm-up pairs); ratio = min(layer) / min(BatchNorm2d) of those pairs",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads()="
         f"{torch.get_num_threads()}, torch {torch.__version__}, Python "
         f"{platform.python_version()}",

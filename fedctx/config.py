@@ -7,7 +7,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 NORM_POLICIES = ("average", "local", "stats-local", "per-context")
 
@@ -17,80 +17,51 @@ _BOUND_OK = {
     "min": lambda v, b: v >= b, "ge": lambda v, b: v >= b, "gt": lambda v, b: v > b,
     "le": lambda v, b: v <= b, "lt": lambda v, b: v < b,
 }
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the option, the value and the valid choices."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
+def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its ``--flag`` help and checks: ``choices`` (a tuple, or a
+    callable returning one) and bounds ``min``/``ge``/``gt``/``le``/``lt``."""
     return field(default=default, metadata={"help": help, **extra})
 
 
-@dataclass
-class SimConfig:
-    """Every option of ``python -m fedctx.simulate``; each is also a ``--flag``."""
+def norm_names() -> list[str]:
+    """Valid ``--norm`` values (imported lazily: the norm registry is heavy)."""
+    from fedctx.norm import available
 
-    scenario: str = _opt("digits", "named scenario (data + contexts + model), see simulations/")
-    clients: int = _opt(20, "number of simulated clients (Flower SuperNodes)", min=1)
-    rounds: int = _opt(8, "federated rounds", min=1)
-    fraction: float = _opt(0.5, "share of clients sampled for training each round", gt=0.0,
-                           le=1.0)
-    min_clients: int = _opt(2, "least number of clients a round needs", min=1)
-    local_epochs: int = _opt(1, "local epochs per round", min=1)
-    batch_size: int = _opt(32, "local mini-batch size", min=2)
-    lr: float = _opt(0.05, "client learning rate (SGD)", gt=0.0)
-    momentum: float = _opt(0.9, "client SGD momentum", ge=0.0, lt=1.0)
-    weight_decay: float = _opt(0.0, "client weight decay", ge=0.0)
-    norm: str = _opt("context", "normalization layer (see fedctx.norm.available())")
-    norm_policy: str = _opt("per-context", "what the server does with normalization tensors",
-                            choices=NORM_POLICIES)
-    strategy: str = _opt("fedavg", "aggregation strategy for the shared weights "
-                         "(a registered name or module:Class)")
-    model: str = _opt("", "model name (empty: the scenario's default)")
-    width: int = _opt(16, "model width (channels of the first conv)", min=1)
-    seed: int = _opt(0, "random seed: same seed, same sampling and metrics", min=0)
-    out: str = _opt("", "results folder (empty: results/<scenario>-<norm>-<policy>-seed<seed>)")
-    data_dir: str = _opt("", "folder holding real data sets (torchvision layout); empty: the "
-                         "scenario's default / embedded data")
-    download: bool = _opt(False, "allow torchvision to download missing data sets")
-    allow_missing_domains: bool = _opt(False, "run a scenario with the domains whose data are on "
-                                       "disk when others are missing (recorded in results)")
-    cpus_per_client: float = _opt(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
-    gpus_per_client: float = _opt(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
-                                  ge=0.0, le=1.0)
-    num_cpus: int = _opt(0, "CPUs given to the local Ray instance (0: all of this machine)",
-                         min=0)
-    backend: str = _opt("ray", "where clients run: 'ray' (Flower's simulation engine) or "
-                        "'inprocess' (one process, no Ray; same results)",
-                        choices=("ray", "inprocess"))
-    ray_address: str = _opt("", "join an existing Ray cluster at this address instead of "
-                            "starting a local one")
-    resume: bool = _opt(False, "continue the run in --out from its last finished round")
-    verbose: bool = _opt(False, "show Flower's and Ray's own logs")
-
-    def validate(self) -> SimConfig:
-        """Check ranges and choices; raise :class:`ConfigError` naming the problem and the fix."""
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            flag = "--" + f.name.replace("_", "-")
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(f"{flag}: invalid value {value!r}; valid choices: "
-                                  f"{', '.join(meta['choices'])}")
-            for key, words in _BOUNDS.items():
-                if key in meta and not _BOUND_OK[key](value, meta[key]):
-                    raise ConfigError(f"{flag}: invalid value {value!r}; must be {words} "
-                                      f"{meta[key]}")
-        if self.min_clients > self.clients:
-            raise ConfigError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    return available()
 
 
-def _coerce(name: str, kind: type, value: Any) -> Any:
-    flag = "--" + name.replace("_", "-")
+def scenario_names() -> list[str]:
+    from simulations import available
+
+    return available()
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(obj: Any, error: type[ConfigError] = ConfigError) -> None:
+    """Check every field of the options dataclass ``obj`` against its choices and bounds."""
+    for f in fields(obj):
+        value, meta, flag = getattr(obj, f.name), f.metadata, flag_of(f.name)
+        choices = meta.get("choices")
+        if callable(choices):
+            choices = tuple(choices())
+        if choices is not None and value not in choices:
+            raise error(f"{flag}: invalid value {value!r}; valid choices: {', '.join(choices)}")
+        for key, words in _BOUNDS.items():
+            if key in meta and not _BOUND_OK[key](value, meta[key]):
+                raise error(f"{flag}: invalid value {value!r}; must be {words} {meta[key]}")
+
+
+def _coerce(name: str, kind: type, value: Any, error: type[ConfigError] = ConfigError) -> Any:
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -100,64 +71,140 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if kind is int and isinstance(value, float):
+        if kind is int and isinstance(value, float | bool):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{flag}: invalid value {value!r}; expected {kind.__name__}") from None
+        raise error(f"{flag_of(name)}: invalid value {value!r}; expected {kind.__name__}"
+                    ) from None
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML config file: top-level keys are option names (``-`` or ``_``)."""
+def load_options_file(cls: type, path: Path, error: type[ConfigError] = ConfigError
+                      ) -> dict[str, Any]:
+    """Read a TOML file whose top-level keys are ``cls``'s option names (``-`` or ``_``)."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
+        raise error(f"--config: file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config: {path} is not valid TOML: {err}") from None
-    known = {f.name: _TYPES[f.type] for f in fields(SimConfig)}
+        raise error(f"--config: {path} is not valid TOML: {err}") from None
+    known = {f.name: _TYPES[f.type] for f in fields(cls)}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(f"--config: unknown option {key!r} in {path}; valid options: "
-                              f"{', '.join(sorted(k.replace('_', '-') for k in known))}")
-        out[name] = _coerce(name, known[name], value)
+            raise error(f"--config: unknown option {key!r} in {path}; valid options: "
+                        f"{', '.join(sorted(flag_of(k)[2:] for k in known))}")
+        out[name] = _coerce(name, known[name], value, error)
     return out
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per :class:`SimConfig` field (defaults left unset)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    """Reports bad arguments in one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--config`` plus one ``--flag`` per field of ``cls`` (unset flags stay ``None``)."""
     parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config file; flags given on the command line win over it")
-    defaults = SimConfig()
-    for f in fields(SimConfig):
-        flag = "--" + f.name.replace("_", "-")
+                        help="TOML config file (keys as the flags, without --); flags win")
+    defaults = cls()
+    for f in fields(cls):
         help_text = f.metadata["help"]
-        if "choices" in f.metadata:
-            help_text += f" ({', '.join(f.metadata['choices'])})"
+        choices = f.metadata.get("choices")
+        if isinstance(choices, tuple):
+            help_text += f" (choices: {', '.join(choices)})"
+        default = getattr(defaults, f.name)
         if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None,
-                                help=f"{help_text} (default: {getattr(defaults, f.name)})")
+            parser.add_argument(flag_of(f.name), dest=f.name, action="store_true", default=None,
+                                help=f"{help_text} [default: {default}]")
         else:
-            parser.add_argument(flag, dest=f.name, type=str, default=None, metavar=f.type.upper(),
-                                help=f"{help_text} (default: {getattr(defaults, f.name)!r})")
+            parser.add_argument(flag_of(f.name), dest=f.name, type=str, default=None,
+                                metavar=f.type.upper(), help=f"{help_text} [default: {default!r}]")
+
+
+def resolve_options(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None,
+                    error: type[ConfigError] = ConfigError) -> Any:
+    """Merge defaults < ``base`` < ``--config`` file < flags into a validated ``cls``."""
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(load_options_file(cls, args.config, error))
+    for f in fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = _coerce(f.name, _TYPES[f.type], given, error)
+    return cls(**values).validate()
+
+
+@dataclass
+class SimConfig:
+    """Every option of ``python -m fedctx.simulate``; each is also a ``--flag``."""
+
+    scenario: str = option("digits", "named scenario (data + contexts + model), see simulations/",
+                         choices=scenario_names)
+    clients: int = option(20, "number of simulated clients (Flower SuperNodes)", min=1)
+    rounds: int = option(8, "federated rounds", min=1)
+    fraction: float = option(0.5, "share of clients sampled for training each round", gt=0.0,
+                           le=1.0)
+    min_clients: int = option(2, "least number of clients a round needs", min=1)
+    local_epochs: int = option(1, "local epochs per round", min=1)
+    batch_size: int = option(32, "local mini-batch size", min=2)
+    lr: float = option(0.05, "client learning rate (SGD)", gt=0.0)
+    momentum: float = option(0.9, "client SGD momentum", ge=0.0, lt=1.0)
+    weight_decay: float = option(0.0, "client weight decay", ge=0.0)
+    norm: str = option("context", "normalization layer (any of fedctx.norm.available())",
+                     choices=norm_names)
+    norm_policy: str = option("per-context", "what the server does with normalization tensors",
+                            choices=NORM_POLICIES)
+    strategy: str = option("fedavg", "aggregation strategy for the shared weights "
+                         "(a registered name or module:Class)")
+    model: str = option("", "model name (empty: the scenario's default)")
+    width: int = option(16, "model width (channels of the first conv)", min=1)
+    seed: int = option(0, "random seed: same seed, same sampling and metrics", min=0)
+    out: str = option("", "results folder (empty: results/<scenario>-<norm>-<policy>-seed<seed>)")
+    data_dir: str = option("", "folder holding real data sets (torchvision layout); empty: the "
+                         "scenario's default / embedded data")
+    download: bool = option(False, "allow torchvision to download missing data sets")
+    allow_missing_domains: bool = option(False, "run a scenario with the domains whose data are on "
+                                       "disk when others are missing (recorded in results)")
+    cpus_per_client: float = option(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
+    gpus_per_client: float = option(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
+                                  ge=0.0, le=1.0)
+    num_cpus: int = option(0, "CPUs given to the local Ray instance (0: all of this machine)",
+                         min=0)
+    backend: str = option("ray", "where clients run: 'ray' (Flower's simulation engine) or "
+                        "'inprocess' (one process, no Ray; same results)",
+                        choices=("ray", "inprocess"))
+    ray_address: str = option("", "join an existing Ray cluster at this address instead of "
+                            "starting a local one")
+    resume: bool = option(False, "continue the run in --out from its last finished round")
+    verbose: bool = option(False, "show Flower's and Ray's own logs")
+
+    def validate(self) -> SimConfig:
+        """Check ranges and choices; raise :class:`ConfigError` naming the problem and the fix."""
+        check_fields(self)
+        if self.min_clients > self.clients:
+            raise ConfigError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file of :class:`SimConfig` options."""
+    return load_options_file(SimConfig, path)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A one-line-error parser with ``--config`` and one flag per :class:`SimConfig` field."""
+    parser = OneLineParser(prog=prog, description=description)
+    add_option_arguments(parser, SimConfig)
     return parser
 
 
 def resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> SimConfig:
     """Merge defaults < ``base`` (e.g. a scenario's config file) < --config file < flags."""
-    values: dict[str, Any] = dict(base or {})
-    if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
-    types = {f.name: _TYPES[f.type] for f in fields(SimConfig)}
-    for name, kind in types.items():
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = _coerce(name, kind, given)
-    return SimConfig(**values).validate()
+    return resolve_options(SimConfig, args, base)

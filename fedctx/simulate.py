@@ -17,7 +17,6 @@ def parse_config(argv: list[str] | None = None) -> SimConfig:
     """Resolve the run's configuration from ``argv``; :class:`ConfigError` on bad input."""
     import simulations
     import strategies
-    from fedctx import norm
 
     parser = build_parser("python -m fedctx.simulate", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
@@ -36,9 +35,6 @@ def parse_config(argv: list[str] | None = None) -> SimConfig:
         raise ConfigError(f"--strategy: {err}") from None
     if implied and args.norm_policy is None and "norm_policy" not in file_values:
         config.norm_policy = implied
-    if config.norm not in norm.available():
-        raise ConfigError(f"--norm: invalid value {config.norm!r}; valid choices: "
-                          f"{', '.join(norm.available())}")
     if not config.out:
         config.out = (f"results/{config.scenario}-{config.norm}-{config.norm_policy}-"
                       f"{config.strategy.replace(':', '.')}-seed{config.seed}")

@@ -320,3 +320,17 @@ def test_adain_per_context_affine() -> None:
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="dims"):
         make_norm("adain", 3, dims=0, num_contexts=2)
+
+
+def test_uan_kernel_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedctx.norm.uan as uan
+
+    monkeypatch.setattr(uan, "_CHUNK_ELEMENTS", 50)  # several sample chunks
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(3, 3, dtype=torch.float64) + 0.3).requires_grad_()
+    prior = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, m, v, p: uan._UANFunction.apply(x, m, v, p, 1e-3), (x, mean, var, prior)
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from fedctx.adamatch.config import AdaptConfigError, add_config_arguments, resolve
+from fedctx.config import OneLineParser
 
 _DESCRIPTION = (
     "AdaMatch (Berthelot et al. 2021) unsupervised domain adaptation on digits, with the domain "
@@ -42,16 +42,9 @@ def _float(flag: str, text: str, low: float, high: float) -> float:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Reports bad arguments in one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser(sweep: bool) -> argparse.ArgumentParser:
     """The parser of a single run, or of a sweep (``sweep=True``)."""
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m fedctx.adapt" + (" sweep" if sweep else ""),
         description=_SWEEP_DESCRIPTION if sweep else _DESCRIPTION,
         epilog=None if sweep else "Subcommand: `python -m fedctx.adapt sweep --help` for grids "

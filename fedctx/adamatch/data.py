@@ -59,8 +59,8 @@ def _as_uint8_digits(images: np.ndarray, chunk: int = 8192) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def load_domain(name: str, root: Path, *, train: bool, limit: int = 0, seed: int = 0
-                ) -> DomainSplit:
+def load_domain(name: str, root: Path, *, train: bool, limit: int = 0, seed: int = 0,
+                download: bool = False) -> DomainSplit:
     """Read domain ``name`` from ``root``; keep a random subset of ``limit`` samples if ``limit``.
 
     Raises:
@@ -69,7 +69,7 @@ def load_domain(name: str, root: Path, *, train: bool, limit: int = 0, seed: int
     """
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; valid choices: {', '.join(DOMAINS)}")
-    images, labels = DOMAINS[name](Path(root), train)
+    images, labels = DOMAINS[name](Path(root), train, download)
     if limit and limit < len(labels):
         keep = np.random.default_rng(seed).permutation(len(labels))[:limit]
         keep.sort()

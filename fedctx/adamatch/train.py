@@ -64,7 +64,8 @@ def load_domains(cfg: AdaptConfig) -> Domains:
 
     def load(name: str, train: bool) -> DomainSplit:
         limit = cfg.train_samples if train else cfg.eval_samples
-        return load_domain(name, root, train=train, limit=limit, seed=cfg.seed)
+        return load_domain(name, root, train=train, limit=limit, seed=cfg.seed,
+                           download=cfg.download)
 
     return Domains(load(cfg.source, True), load(cfg.target, True),
                    load(cfg.source, False), load(cfg.target, False))
