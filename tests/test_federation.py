@@ -167,3 +167,12 @@ def test_fedprox_term_pulls_towards_the_global_weights() -> None:
         drift[mu] = sum(float((p.detach() - s).norm()) for p, s in
                         zip(model.parameters(), start, strict=True))
     assert drift[10.0] < drift[0.0]
+
+
+@pytest.mark.parametrize("norm", __import__("fedctx.norm", fromlist=["available"]).available())
+def test_every_norm_trains_federated(tmp_path: Path, norm: str) -> None:
+    # A moderate step size: norms without batch statistics (acn, scb) let activations grow and
+    # diverge at the default lr 0.05 with momentum 0.9 (the screening then rejects the client).
+    recorder = run(small_config(tmp_path, rounds=1, norm=norm, lr=0.01, momentum=0.5))
+    assert recorder.history[0]["clients_ok"] == 4
+    assert recorder.history[0]["train_loss"] == recorder.history[0]["train_loss"]  # not NaN

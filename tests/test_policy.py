@@ -144,3 +144,22 @@ def test_stats_local_policy() -> None:
 @pytest.mark.parametrize("policy", list(NormPolicy))
 def test_policy_names(policy: NormPolicy) -> None:
     assert NormPolicy(str(policy)) is policy
+
+
+def test_every_fedctx_norm_is_classified_as_norm() -> None:
+    """Whatever the norm layer, the digits CNN's conv/linear tensors are shared and every tensor
+    of the norm layers (affine, statistics, banks, mixture parameters) is normalization."""
+    from fedctx.norm import available
+
+    for name in available():
+        model = make_model("digits-cnn", norm=name, num_contexts=2, width=4)
+        layers = dict(model.named_modules())
+        s = split_state(model)
+        for key in s.shared:
+            owner = layers[key.rsplit(".", 1)[0]]
+            assert isinstance(owner, nn.Conv2d | nn.Linear), (name, key)
+        for key in s.norm:
+            assert not isinstance(layers[key.split(".")[0] + "." + key.split(".")[1]],
+                                  nn.Conv2d | nn.Linear), (name, key)
+        if name != "none":
+            assert s.norm, name

@@ -8,13 +8,17 @@ from torch import nn
 from fedctx.norm import make_norm
 
 
+SPATIAL_ONLY_NORMS = frozenset({"instance", "adain"})
+
+
 class DigitsCNN(nn.Module):
     """Three 5x5 conv blocks and two FC layers, a norm after each (FedBN's digits model, narrower).
 
     Input ``(N, 3, 28, 28)``, output logits ``(N, num_classes)``. ``norm`` is any name of
     :func:`fedctx.norm.available`; ``num_contexts`` sizes context-aware norms. ``width`` scales the
     channel counts (FedBN uses 64, 64, 128 and FC 2048, 512; the default here is a quarter, so a
-    federated round on two CPU cores takes about a second).
+    federated round on two CPU cores takes about a second). Norms that normalize over spatial
+    positions only (``instance``, ``adain``) are used after the convs; the FC layers then have none.
     """
 
     def __init__(
@@ -34,6 +38,8 @@ class DigitsCNN(nn.Module):
             return make_norm(norm, c, dims=2, num_contexts=num_contexts, **norm_options)
 
         def norm1d(c: int) -> nn.Module:
+            if norm in SPATIAL_ONLY_NORMS:  # nothing to normalize over in an (N, C) feature
+                return nn.Identity()
             return make_norm(norm, c, dims=0, num_contexts=num_contexts, **norm_options)
 
         self.features = nn.Sequential(
