@@ -24,8 +24,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _alive_nodes(address: str) -> int:
-    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    code = (f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0

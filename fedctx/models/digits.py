@@ -7,7 +7,6 @@ from torch import nn
 
 from fedctx.norm import make_norm
 
-
 SPATIAL_ONLY_NORMS = frozenset({"instance", "adain"})
 
 
