@@ -144,29 +144,28 @@ def op_rotate(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.T
     return _affine(x, theta)
 
 
-def op_shear_x(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _transform(x: torch.Tensor, row: int, col: int, value: torch.Tensor) -> torch.Tensor:
+    """Apply the identity affine map with entry ``(row, col)`` set to ``value`` (per sample)."""
     theta = _eye(x.shape[0], x)
-    theta[:, 0, 1] = _signed(0.3 * m, gen)
+    theta[:, row, col] = value
     return _affine(x, theta)
+
+
+def op_shear_x(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return _transform(x, 0, 1, _signed(0.3 * m, gen))
 
 
 def op_shear_y(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    theta = _eye(x.shape[0], x)
-    theta[:, 1, 0] = _signed(0.3 * m, gen)
-    return _affine(x, theta)
+    return _transform(x, 1, 0, _signed(0.3 * m, gen))
 
 
 def op_translate_x(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Translate by up to 30% of the width (normalized coordinates span 2)."""
-    theta = _eye(x.shape[0], x)
-    theta[:, 0, 2] = _signed(0.6 * m, gen)
-    return _affine(x, theta)
+    return _transform(x, 0, 2, _signed(0.6 * m, gen))
 
 
 def op_translate_y(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    theta = _eye(x.shape[0], x)
-    theta[:, 1, 2] = _signed(0.6 * m, gen)
-    return _affine(x, theta)
+    return _transform(x, 1, 2, _signed(0.6 * m, gen))
 
 
 AugOp = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]

@@ -29,6 +29,8 @@ dependency set small.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -120,12 +122,10 @@ def classes_split(labels: np.ndarray, num_parts: int, classes_per_part: int,
     return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
 
 
-def domain_split(domains: np.ndarray, num_parts: int,
-                 rng: np.random.Generator) -> list[np.ndarray]:
-    """One domain per client (round-robin, :func:`assign_domains`), IID within the domain.
-
-    ``domains``: ``(N,)`` domain id ``0..D-1`` of each sample.
-    """
+def _split_per_domain(domains: np.ndarray, num_parts: int,
+                      split: Callable[[np.ndarray, int], list[np.ndarray]]) -> list[np.ndarray]:
+    """Assign domains to clients round-robin (:func:`assign_domains`) and cut each domain's
+    samples among its clients with ``split(domain_indices, num_clients) -> positions``."""
     domains = np.asarray(domains)
     num_domains = int(domains.max()) + 1
     owner = assign_domains(num_parts, num_domains)
@@ -133,9 +133,18 @@ def domain_split(domains: np.ndarray, num_parts: int,
     for d in range(num_domains):
         members = np.flatnonzero(owner == d)
         idx = np.flatnonzero(domains == d)
-        for cid, sub in zip(members, iid_split(len(idx), len(members), rng), strict=True):
+        for cid, sub in zip(members, split(idx, len(members)), strict=True):
             parts[cid] = idx[sub]
     return parts
+
+
+def domain_split(domains: np.ndarray, num_parts: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """One domain per client (round-robin, :func:`assign_domains`), IID within the domain.
+
+    ``domains``: ``(N,)`` domain id ``0..D-1`` of each sample.
+    """
+    return _split_per_domain(domains, num_parts, lambda idx, n: iid_split(len(idx), n, rng))
 
 
 def domain_dirichlet_split(domains: np.ndarray, labels: np.ndarray, num_parts: int, alpha: float,
@@ -144,14 +153,7 @@ def domain_dirichlet_split(domains: np.ndarray, labels: np.ndarray, num_parts: i
 
     ``domains``, ``labels``: ``(N,)``. See :func:`dirichlet_split` for ``alpha``/``min_size``.
     """
-    domains, labels = np.asarray(domains), np.asarray(labels)
-    num_domains = int(domains.max()) + 1
-    owner = assign_domains(num_parts, num_domains)
-    parts: list[np.ndarray] = [np.empty(0, np.int64)] * num_parts
-    for d in range(num_domains):
-        members = np.flatnonzero(owner == d)
-        idx = np.flatnonzero(domains == d)
-        subs = dirichlet_split(labels[idx], len(members), alpha, rng, min_size)
-        for cid, sub in zip(members, subs, strict=True):
-            parts[cid] = idx[sub]
-    return parts
+    labels = np.asarray(labels)
+    return _split_per_domain(
+        domains, num_parts,
+        lambda idx, n: dirichlet_split(labels[idx], n, alpha, rng, min_size))
