@@ -1,8 +1,16 @@
-"""Helpers shared by the normalization layers (input checks, per-group moments)."""
+"""Pieces shared by the normalization layers.
+
+Input checks, per-group moments, the affine step, running-statistics bookkeeping, and
+:class:`BatchStatsNorm`, the base of the layers normalized with batch statistics in training and
+running statistics in evaluation (in the manner of ``torch.nn.modules.batchnorm._NormBase``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import nn
 
 
 def check_input(module: object, x: torch.Tensor, num_features: int, dims: tuple[int, ...]) -> None:
@@ -60,3 +68,156 @@ def grouped_moments(
 def default_groups(num_features: int, wanted: int = 32) -> int:
     """The largest divisor of ``num_features`` that is ``<= wanted`` (GroupNorm's default here)."""
     return max(g for g in range(1, min(wanted, num_features) + 1) if num_features % g == 0)
+
+
+def resolve_groups(num_features: int, num_groups: int | None) -> int:
+    """``num_groups`` (``None``: :func:`default_groups`), checked to divide ``num_features``."""
+    if num_groups is None:
+        num_groups = default_groups(num_features)
+    if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+        raise ValueError(f"num_groups={num_groups!r} must divide num_features={num_features}")
+    return num_groups
+
+
+def init_affine(module: nn.Module, affine: bool, shape: tuple[int, ...]) -> None:
+    """Register ``weight`` (ones) and ``bias`` (zeros) of ``shape``, or both as ``None``."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(shape))
+        module.bias = nn.Parameter(torch.zeros(shape))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """Set ``module.weight`` to ones and ``module.bias`` to zeros (those that are not ``None``)."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_running_stats(
+    module: nn.Module,
+    shape: tuple[int, ...] | None,
+    counter_shape: tuple[int, ...] = (),
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Register the running-statistics buffers, in ``state_dict`` order.
+
+    ``running_mean`` (zeros) and ``running_var`` (ones) of ``shape``, then the ``extra`` buffers,
+    then ``num_batches_tracked`` (long zeros of ``counter_shape``). With ``shape=None`` the three
+    standard buffers are registered as ``None`` (no running statistics).
+    """
+    if shape is None:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            module.register_buffer(name, None)
+        return
+    module.register_buffer("running_mean", torch.zeros(shape))
+    module.register_buffer("running_var", torch.ones(shape))
+    for name, value in (extra or {}).items():
+        module.register_buffer(name, value)
+    module.register_buffer("num_batches_tracked", torch.zeros(counter_shape, dtype=torch.long))
+
+
+def reset_running_stats(module: nn.Module) -> None:
+    """Running mean 0, running variance 1, no batches tracked (nothing when they are ``None``)."""
+    if module.running_mean is not None:
+        module.running_mean.zero_()
+        module.running_var.fill_(1.0)
+        module.num_batches_tracked.zero_()
+
+
+@torch.no_grad()
+def momentum_update(
+    buffer: torch.Tensor, value: torch.Tensor, momentum: float, where: torch.Tensor | None = None
+) -> None:
+    """``buffer <- lerp(buffer, value, momentum)`` in place (PyTorch's momentum convention).
+
+    ``value`` is cast to the buffer's dtype; with a boolean ``where`` only those entries move.
+    """
+    value = value.to(buffer.dtype)
+    if where is None:
+        buffer.lerp_(value, momentum)
+    else:
+        buffer.copy_(torch.where(where, torch.lerp(buffer, value, momentum), buffer))
+
+
+def fold_affine(
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``y * weight + bias`` into the normalization ``y = x * scale + shift``."""
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def apply_affine(
+    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-channel ``y * weight + bias`` for ``y`` ``(N, C, *spatial)`` and ``(C,)`` parameters."""
+    view = (-1,) + (1,) * (y.dim() - 2)
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.view(view), y, weight.view(view))
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        y = y + bias.view(view)
+    return y
+
+
+def describe(module: nn.Module, *fields: str) -> str:
+    """``extra_repr`` text: ``num_features``, then ``name=value`` per field (strings quoted)."""
+    parts = [str(module.num_features)]
+    for name in fields:
+        value = getattr(module, name)
+        parts.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
+    return ", ".join(parts)
+
+
+class BatchStatsNorm(nn.Module):
+    """Base of the layers normalized with batch statistics, and with running ones in evaluation.
+
+    Holds ``num_features``, ``eps``, ``momentum`` and ``affine`` as ``nn.BatchNorm`` does, the
+    per-channel ``weight``/``bias`` ``(C,)`` (or ``None``), and the buffers ``running_mean``
+    (zeros), ``running_var`` (ones) of ``stats_shape`` (default ``(C,)``), any ``extra_stats``
+    and ``num_batches_tracked``. Subclasses register further state after ``__init__`` and extend
+    :meth:`reset_running_stats` for it.
+
+    Args:
+        num_features: channels ``C``.
+        eps, momentum, affine: as in ``nn.BatchNorm``.
+        stats_shape: shape of ``running_mean`` and ``running_var``.
+        extra_stats: further running buffers, registered after ``running_var``.
+    """
+
+    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float,
+        affine: bool,
+        stats_shape: tuple[int, ...] | None = None,
+        extra_stats: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        init_affine(self, affine, (num_features,))
+        init_running_stats(self, stats_shape or (num_features,), extra=extra_stats)
+
+    def reset_running_stats(self) -> None:
+        reset_running_stats(self)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        reset_affine(self)

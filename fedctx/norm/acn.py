@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedctx.norm._common import check_input
+from fedctx.norm._common import check_input, describe, fold_affine, init_affine, reset_affine
 from fedctx.norm.routing import ContextAware, Contexts
 
 
@@ -56,12 +56,8 @@ def adaptive_context_norm(
     """
     n, c = x.shape[:2]
     scale = 1.0 / (torch.exp(_per_sample(log_scale, contexts, n)) + eps)
-    shift = -_per_sample(mean, contexts, n) * scale
-    if weight is not None:
-        w = _per_sample(weight, contexts, n)
-        scale, shift = scale * w, shift * w
-    if bias is not None:
-        shift = shift + _per_sample(bias, contexts, n)
+    w, b = (None if p is None else _per_sample(p, contexts, n) for p in (weight, bias))
+    scale, shift = fold_affine(scale, -_per_sample(mean, contexts, n) * scale, w, b)
     view = (n, c) + (1,) * (x.dim() - 2)
     out = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
     return out.to(x.dtype)
@@ -88,20 +84,13 @@ class AdaptiveContextNorm(ContextAware):
         self.affine = affine
         self.mean = nn.Parameter(torch.empty(num_contexts, num_features))
         self.log_scale = nn.Parameter(torch.empty(num_contexts, num_features))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_contexts, num_features))
-            self.bias = nn.Parameter(torch.empty(num_contexts, num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, affine, (num_contexts, num_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.mean)
         nn.init.xavier_uniform_(self.log_scale)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -111,7 +100,4 @@ class AdaptiveContextNorm(ContextAware):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}, "
-            f"affine={self.affine}"
-        )
+        return describe(self, "num_contexts", "eps", "affine")

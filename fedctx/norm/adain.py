@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fedctx.norm._common import check_input, stats_dtype
+from fedctx.norm._common import check_input, describe, init_affine, reset_affine, stats_dtype
 from fedctx.norm.acn import _per_sample
 from fedctx.norm.routing import ContextAware
 
@@ -33,12 +32,10 @@ class ConditionalInstanceNorm(ContextAware):
         super().__init__(num_contexts)
         self.num_features = num_features
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_contexts, num_features))
-        self.bias = nn.Parameter(torch.zeros(num_contexts, num_features))
+        init_affine(self, True, (num_contexts, num_features))
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -52,4 +49,4 @@ class ConditionalInstanceNorm(ContextAware):
         return torch.addcmul(b, y, w).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}"
+        return describe(self, "num_contexts", "eps")

@@ -31,10 +31,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fedctx.norm._common import check_input, group_counts, grouped_moments
+from fedctx.norm._common import (
+    check_input,
+    describe,
+    fold_affine,
+    group_counts,
+    grouped_moments,
+    init_affine,
+    init_running_stats,
+    momentum_update,
+    reset_affine,
+    reset_running_stats,
+)
 from fedctx.norm.routing import ContextAware, Contexts
 
 
@@ -196,20 +206,13 @@ def _mixed_context_batch_norm(
                 present = (counts > 0).unsqueeze(1)
                 n_k = (counts * xf.shape[-1]).unsqueeze(1)
                 unbiased = var * n_k / (n_k - 1).clamp_min(1)
-                running_mean.copy_(torch.where(
-                    present, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum),
-                    running_mean))
-                running_var.copy_(torch.where(
-                    present, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum),
-                    running_var))
+                momentum_update(running_mean, mean, momentum, where=present)
+                momentum_update(running_var, unbiased, momentum, where=present)
         return out.reshape(x.shape)
     scale = torch.rsqrt(running_var[ctx] + eps)  # (N, C)
-    shift = -running_mean[ctx] * scale
-    w, b = _gather_affine(weight, ctx), _gather_affine(bias, ctx)
-    if w is not None:
-        scale, shift = scale * w, shift * w
-    if b is not None:
-        shift = shift + b
+    scale, shift = fold_affine(
+        scale, -running_mean[ctx] * scale, _gather_affine(weight, ctx), _gather_affine(bias, ctx)
+    )
     out = torch.addcmul(shift.unsqueeze(-1), xf.to(scale.dtype), scale.unsqueeze(-1))
     return out.to(x.dtype).reshape(x.shape)
 
@@ -250,35 +253,16 @@ class ContextNorm(ContextAware):
         self.affine = affine
         self.shared_affine = shared_affine
         self.track_running_stats = track_running_stats
-        shape = (num_features,) if shared_affine else (num_contexts, num_features)
-        if affine:
-            self.weight = nn.Parameter(torch.ones(shape))
-            self.bias = nn.Parameter(torch.zeros(shape))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_contexts, num_features))
-            self.register_buffer("running_var", torch.ones(num_contexts, num_features))
-            self.register_buffer(
-                "num_batches_tracked", torch.zeros(num_contexts, dtype=torch.long)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        stats_shape = (num_contexts, num_features)
+        init_affine(self, affine, (num_features,) if shared_affine else stats_shape)
+        init_running_stats(self, stats_shape if track_running_stats else None, (num_contexts,))
 
     def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
+        reset_running_stats(self)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -296,10 +280,9 @@ class ContextNorm(ContextAware):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, shared_affine={self.shared_affine}, "
-            f"track_running_stats={self.track_running_stats}"
+        return describe(
+            self, "num_contexts", "eps", "momentum", "affine", "shared_affine",
+            "track_running_stats",
         )
 
 

@@ -24,12 +24,18 @@ No loop over the window: the history is a ``(window - 1, C)`` buffer rolled each
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from fedctx.norm._common import check_input, stats_dtype
+from fedctx.norm._common import (
+    BatchStatsNorm,
+    check_input,
+    describe,
+    fold_affine,
+    momentum_update,
+    stats_dtype,
+)
 
 
-class CrossIterationBatchNorm(nn.Module):
+class CrossIterationBatchNorm(BatchStatsNorm):
     """Cross-Iteration BatchNorm (no Taylor compensation) over ``(N, C, *spatial)``.
 
     Args:
@@ -38,8 +44,6 @@ class CrossIterationBatchNorm(nn.Module):
         burnin: training iterations before the history is used.
         eps, momentum, affine: as in ``nn.BatchNorm``.
     """
-
-    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
         self,
@@ -50,42 +54,21 @@ class CrossIterationBatchNorm(nn.Module):
         momentum: float = 0.1,
         affine: bool = True,
     ) -> None:
-        super().__init__()
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
-        self.num_features = num_features
+        super().__init__(num_features, eps, momentum, affine)
         self.window = window
         self.burnin = burnin
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         h = max(window - 1, 1)
         self.register_buffer("hist_mean", torch.zeros(h, num_features))
         self.register_buffer("hist_sqmean", torch.zeros(h, num_features))
         self.register_buffer("hist_valid", torch.zeros(h, dtype=torch.bool))
 
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
+        super().reset_running_stats()
         self.hist_mean.zero_()
         self.hist_sqmean.zero_()
         self.hist_valid.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -116,19 +99,13 @@ class CrossIterationBatchNorm(nn.Module):
                     self.hist_sqmean[0] = nu.detach().to(self.hist_sqmean.dtype)
                     self.hist_valid[0] = True
                 m = x.numel() / c
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                unbiased = var.detach() * (m / max(m - 1, 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+                momentum_update(self.running_mean, mean.detach(), self.momentum)
+                momentum_update(self.running_var, var.detach() * (m / max(m - 1, 1)), self.momentum)
         else:
             mean, var = self.running_mean.to(sd), self.running_var.to(sd)
         scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.weight is not None:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        scale, shift = fold_affine(scale, -mean * scale, self.weight, self.bias)
         return torch.addcmul(shift.view(view), xs, scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}"
-        )
+        return describe(self, "window", "burnin", "eps", "momentum", "affine")

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fedctx.norm._common import check_input
+from fedctx.norm._common import BatchStatsNorm, check_input, describe, momentum_update
 from fedctx.norm.context import _MixedContextBatchNorm
 
 
-class GhostBatchNorm(nn.Module):
+class GhostBatchNorm(BatchStatsNorm):
     """Ghost BatchNorm over ``(N, C, *spatial)`` (see module docstring).
 
     Args:
@@ -31,8 +30,6 @@ class GhostBatchNorm(nn.Module):
         virtual_batch_size: samples per ghost batch (default 32).
         eps, momentum, affine: as in ``nn.BatchNorm``.
     """
-
-    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
         self,
@@ -42,34 +39,10 @@ class GhostBatchNorm(nn.Module):
         momentum: float = 0.1,
         affine: bool = True,
     ) -> None:
-        super().__init__()
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size}")
-        self.num_features = num_features
+        super().__init__(num_features, eps, momentum, affine)
         self.virtual_batch_size = virtual_batch_size
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -91,12 +64,9 @@ class GhostBatchNorm(nn.Module):
         with torch.no_grad():
             sizes = (torch.bincount(ids, minlength=groups) * xf.shape[-1]).to(var.dtype)
             unbiased = var * (sizes / (sizes - 1).clamp_min(1)).unsqueeze(1)
-            self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), self.momentum)
+            momentum_update(self.running_mean, mean.mean(0), self.momentum)
+            momentum_update(self.running_var, unbiased.mean(0), self.momentum)
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, virtual_batch_size={self.virtual_batch_size}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}"
-        )
+        return describe(self, "virtual_batch_size", "eps", "momentum", "affine")

@@ -33,9 +33,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from fedctx.norm._common import check_input, stats_dtype
+from fedctx.norm._common import (
+    BatchStatsNorm,
+    apply_affine,
+    check_input,
+    describe,
+    momentum_update,
+    stats_dtype,
+)
 
 
 def _log_gauss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor):
@@ -83,7 +89,7 @@ def _posteriors(xs: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor, var: 
     return torch.softmax(logp, dim=1)
 
 
-class MixtureNorm(nn.Module):
+class MixtureNorm(BatchStatsNorm):
     """Mixture Normalization over ``(N, C, *spatial)`` inputs (see module docstring).
 
     Args:
@@ -95,8 +101,6 @@ class MixtureNorm(nn.Module):
         em_max_samples: values per channel the EM fit uses (strided subsample; ``None``: all).
     """
 
-    expected_dims: tuple[int, ...] = (2, 3, 4, 5)
-
     def __init__(
         self,
         num_features: int,
@@ -107,28 +111,16 @@ class MixtureNorm(nn.Module):
         em_iters: int = 3,
         em_max_samples: int | None = 16384,
     ) -> None:
-        super().__init__()
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
-        self.num_features = num_features
+        shape = (num_components, num_features)
+        super().__init__(
+            num_features, eps, momentum, affine, stats_shape=shape,
+            extra_stats={"running_prior": torch.full(shape, 1.0 / num_components)},
+        )
         self.num_components = num_components
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
         self.em_iters = em_iters
         self.em_max_samples = em_max_samples
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_components, num_features))
-        self.register_buffer("running_var", torch.ones(num_components, num_features))
-        self.register_buffer(
-            "running_prior", torch.full((num_components, num_features), 1.0 / num_components)
-        )
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -138,12 +130,6 @@ class MixtureNorm(nn.Module):
         self.running_var.fill_(1.0 / k)
         self.running_prior.fill_(1.0 / k)
         self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -162,20 +148,15 @@ class MixtureNorm(nn.Module):
             v = (w * (xs - e.unsqueeze(-1)).square()).sum((0, 3))
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(e.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(v.to(self.running_var.dtype), self.momentum)
-                self.running_prior.lerp_(lam.to(self.running_prior.dtype), self.momentum)
+                momentum_update(self.running_mean, e, self.momentum)
+                momentum_update(self.running_var, v, self.momentum)
+                momentum_update(self.running_prior, lam, self.momentum)
         else:
             e, v, lam = self.running_mean, self.running_var, self.running_prior
             tau = _posteriors(xs, lam, e, v)
         coef = tau * torch.rsqrt(lam.clamp_min(1e-12)).unsqueeze(-1)
         out = (coef * (xs - e.unsqueeze(-1)) * torch.rsqrt(v + self.eps).unsqueeze(-1)).sum(1)
-        if self.weight is not None:
-            out = torch.addcmul(self.bias.unsqueeze(-1), out, self.weight.unsqueeze(-1))
-        return out.to(x.dtype).reshape(x.shape)
+        return apply_affine(out, self.weight, self.bias).to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, em_iters={self.em_iters}"
-        )
+        return describe(self, "num_components", "eps", "momentum", "affine", "em_iters")

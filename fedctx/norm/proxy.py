@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedctx.norm._common import check_input, default_groups, stats_dtype
+from fedctx.norm._common import (
+    check_input,
+    default_groups,
+    describe,
+    init_affine,
+    reset_affine,
+    stats_dtype,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -103,15 +110,13 @@ class ProxyNorm(nn.Module):
         self.activation = activation
         self.eps = eps
         self.n_quantiles = n_quantiles
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        init_affine(self, True, (num_features,))
         self.proxy_weight = nn.Parameter(torch.zeros(num_features))
         self.proxy_bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("quantiles", gaussian_quantiles(n_quantiles), persistent=False)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        reset_affine(self)
         nn.init.zeros_(self.proxy_weight)
         nn.init.zeros_(self.proxy_bias)
 
@@ -130,7 +135,4 @@ class ProxyNorm(nn.Module):
         return torch.addcmul((-mean * inv).view(view), z, inv.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, base={self.base!r}, num_groups={self.num_groups}, "
-            f"activation={self.activation!r}, eps={self.eps}, n_quantiles={self.n_quantiles}"
-        )
+        return describe(self, "base", "num_groups", "activation", "eps", "n_quantiles")

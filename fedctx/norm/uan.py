@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fedctx.norm._common import check_input, stats_dtype
+from fedctx.norm._common import (
+    apply_affine,
+    check_input,
+    describe,
+    fold_affine,
+    init_affine,
+    reset_affine,
+    stats_dtype,
+)
 from fedctx.norm.routing import ContextAware
 
 _CHUNK_ELEMENTS = 1 << 22  # (n, K, C, S) temporaries per chunk: 16 MB in float32
@@ -149,7 +157,7 @@ def unsupervised_adaptive_norm(
         out = _UANFunction.apply(
             x.to(sd).reshape(n, c, -1), mean.to(sd), var.to(sd), prior.to(sd), eps
         )
-        return _affine(out, weight, bias).to(x.dtype).reshape(x.shape)
+        return apply_affine(out, weight, bias).to(x.dtype).reshape(x.shape)
     xs = x.to(sd).reshape(n, 1, c, -1)  # (N, 1, C, S); compiled: one fused graph
     inv_std = torch.rsqrt(var.to(sd) + eps)  # (K, C)
     z = torch.addcmul((-mean.to(sd) * inv_std).unsqueeze(-1), xs, inv_std.unsqueeze(-1))
@@ -157,17 +165,7 @@ def unsupervised_adaptive_norm(
     tau = torch.softmax(torch.addcmul(log_prior, z, z, value=-0.5), dim=1)  # (N, K, C, S)
     coef = torch.rsqrt(prior.to(sd) + eps).reshape(1, -1, 1, 1)
     out = (tau * z * coef).sum(1)  # (N, C, S)
-    return _affine(out, weight, bias).to(x.dtype).reshape(x.shape)
-
-
-def _affine(out: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
-    if weight is not None and bias is not None:
-        return torch.addcmul(bias.unsqueeze(-1), out, weight.unsqueeze(-1))
-    if weight is not None:
-        out = out * weight.unsqueeze(-1)
-    if bias is not None:
-        out = out + bias.unsqueeze(-1)
-    return out
+    return apply_affine(out, weight, bias).to(x.dtype).reshape(x.shape)
 
 
 class UnsupervisedAdaptiveNorm(nn.Module):
@@ -202,21 +200,14 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         self.mean = nn.Parameter(torch.empty(num_components, num_features))
         self.var_raw = nn.Parameter(torch.empty(num_components, num_features))
         self.prior_raw = nn.Parameter(torch.empty(num_components))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, affine, (num_features,))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.mean, -1.0, 1.0)
         nn.init.uniform_(self.var_raw, 1e-3, 1e-2)
         nn.init.uniform_(self.prior_raw, 0.01, 0.99)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     @property
     def var(self) -> torch.Tensor:
@@ -238,10 +229,7 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         return self._soft(x)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-            f"affine={self.affine}"
-        )
+        return describe(self, "num_components", "eps", "affine")
 
 
 class SupervisedClusterNorm(UnsupervisedAdaptiveNorm, ContextAware):
@@ -265,11 +253,7 @@ class SupervisedClusterNorm(UnsupervisedAdaptiveNorm, ContextAware):
         n, c = x.shape[:2]
         sd = stats_dtype(x.dtype)
         scale = torch.rsqrt((self.var + self.eps) * (self.prior + self.eps).unsqueeze(1))  # (K,C)
-        shift = -self.mean * scale
-        if self.weight is not None:
-            scale, shift = scale * self.weight, shift * self.weight
-        if self.bias is not None:
-            shift = shift + self.bias
+        scale, shift = fold_affine(scale, -self.mean * scale, self.weight, self.bias)
         if isinstance(ctx, int):
             scale, shift = scale[ctx].expand(n, c), shift[ctx].expand(n, c)
         else:
@@ -279,5 +263,4 @@ class SupervisedClusterNorm(UnsupervisedAdaptiveNorm, ContextAware):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, num_contexts={self.num_contexts}, eps={self.eps}, " \
-            f"affine={self.affine}"
+        return describe(self, "num_contexts", "eps", "affine")

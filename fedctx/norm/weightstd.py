@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedctx.norm._common import default_groups
+from fedctx.norm._common import resolve_groups
 
 
 def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -49,10 +49,7 @@ class WSGroupNorm(nn.GroupNorm):
         self, num_features: int, num_groups: int | None = None, eps: float = 1e-5,
         affine: bool = True,
     ) -> None:
-        if num_groups is None:
-            num_groups = default_groups(num_features)
-        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
-            raise ValueError(f"num_groups={num_groups!r} must divide num_features={num_features}")
+        num_groups = resolve_groups(num_features, num_groups)
         super().__init__(num_groups, num_features, eps=eps, affine=affine)
 
 
