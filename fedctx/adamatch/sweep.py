@@ -144,8 +144,10 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
                 summaries.append(ray.get(done[0]))
                 line = f"target acc {summaries[-1]['final_target_acc']:.4f}"
             except (ray.exceptions.RayError, RuntimeError) as err:
+                cause = getattr(err, "cause", None) or err  # the job's own exception
+                lines = [x for x in str(cause).splitlines() if x.strip()]
                 failures.append({"norm": cfg.norm, "seed": cfg.seed,
-                                 "error": str(err).splitlines()[0]})
+                                 "error": lines[-1] if lines else type(cause).__name__})
                 line = f"FAILED: {failures[-1]['error']}"
             if log:
                 print(f"[{len(summaries) + len(failures)}/{len(configs)}] {cfg.norm} seed "
