@@ -93,7 +93,7 @@ def main() -> None:
     rounds = [json.loads(x) for x in metrics.read_text().splitlines()]
     per_round = sorted(r["seconds"] for r in rounds[1:])
     median = per_round[len(per_round) // 2]
-    first, last = samples[0], samples[-1]
+    first, mid, last = samples[0], samples[len(samples) // 2], samples[-1]
     lines = [
         "# Scale: memory and time per round", "",
         f"Command: `python benchmarks/scale.py --clients {args.clients} --sampled {args.sampled}"
@@ -106,7 +106,9 @@ def main() -> None:
         f"RSS at the end of round 1: driver {first[1]:.0f} MB, Ray workers {first[2]:.0f} MB "
         f"({first[3]} processes); at the end of round {last[0]}: driver {last[1]:.0f} MB, "
         f"workers {last[2]:.0f} MB. Change: driver {last[1] - first[1]:+.0f} MB, workers "
-        f"{last[2] - first[2]:+.0f} MB.", "",
+        f"{last[2] - first[2]:+.0f} MB. Over the second half of the run (round "
+        f"{mid[0]} to {last[0]}): driver {last[1] - mid[1]:+.0f} MB, workers "
+        f"{last[2] - mid[2]:+.0f} MB.", "",
         "| round | driver RSS MB | Ray workers RSS MB | workers | round s |",
         "|---|---|---|---|---|",
         *(f"| {r} | {d:.0f} | {w:.0f} | {n} | {rounds[r - 1]['seconds']:.2f} |"
