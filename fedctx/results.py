@@ -42,12 +42,14 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 class RunRecorder:
     """Writes a run's results folder and prints its progress."""
 
-    def __init__(self, out: Path, total_rounds: int, stream=sys.stdout) -> None:
+    def __init__(self, out: Path, total_rounds: int, stream=sys.stdout,
+                 started: float | None = None) -> None:
         self.out = Path(out)
         self.total_rounds = total_rounds
         self.stream = stream
         self.history: list[dict[str, Any]] = []
-        self.started = time.time()
+        self.started = time.time() if started is None else started
+        self.startup_seconds: float | None = None  # start of the command -> clients registered
         self.error: BaseException | None = None
         self.summary: dict[str, Any] | None = None
 

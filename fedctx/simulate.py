@@ -58,6 +58,7 @@ def prepare_out(config: SimConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
     try:
         config = parse_config(argv)
         prepare_out(config)
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedctx.federated.server import make_server_app
     from fedctx.results import RunRecorder
 
-    t0 = time.time()
     try:
         data = load_data(config)  # fail fast on missing data, before Ray starts
     except (MissingDataError, ValueError) as err:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
           f"{config.norm!r}, policy {config.norm_policy!r}, strategy {config.strategy!r}; "
           f"{config.rounds} rounds, {config.fraction:.0%} of clients per round", flush=True)
-    recorder = RunRecorder(Path(config.out), config.rounds)
+    recorder = RunRecorder(Path(config.out), config.rounds, started=t0)
     server_app, client_app = make_server_app(config, recorder), make_client_app(config)
     try:
         if config.backend == "inprocess":

@@ -34,6 +34,44 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, *, num_clients:
                              run_config={}))
 
 
+DISPATCH_POLL_S = 0.005
+
+
+def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:  # noqa: ANN001
+    """Flower 1.41's ``vce_api.add_messages_to_queue`` with the same contract, made cheap.
+
+    Flower's loop asks the link state, every 0.1 s, for a message for *every* registered node,
+    and each ask scans every stored message: O(nodes x messages) per poll, which dominated the
+    driver's CPU with 100+ clients (measured with py-spy; see docs/results/simulation_overhead.md)
+    and grows with the number of registered clients. This loop first collects, in one pass, the
+    nodes that have an undelivered message, asks only for those, and polls every 5 ms.
+    """
+    nodes = set(nodes_mapping)
+    indexed = hasattr(state, "message_ins_store") and hasattr(state, "lock")
+    while not f_stop.is_set():
+        waiting = nodes
+        if indexed:
+            with state.lock:
+                waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values()
+                           if m.metadata.delivered_at == ""} & nodes
+        for node_id in waiting:
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        f_stop.wait(DISPATCH_POLL_S)
+
+
+def _speed_up_flower_dispatch() -> bool:
+    """Install :func:`_dispatch_pending_messages` in Flower's simulation engine, only on the
+    Flower version it was written against (the pinned 1.41.0). Returns whether it did."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if flwr.__version__ != "1.41.0" or not hasattr(vce_api, "add_messages_to_queue"):
+        return False
+    vce_api.add_messages_to_queue = _dispatch_pending_messages
+    return True
+
+
 def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     """Arguments for ``ray.init`` of a local instance sized to ``num_cpus`` (0: all cores)."""
     return {
@@ -67,6 +105,7 @@ def run_on_ray(server_app: ServerApp, client_app: ClientApp, *, num_clients: int
     else:
         backend_config["init_args"] = ray_init_args(num_cpus, verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _speed_up_flower_dispatch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app,
