@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # one TOML file per scenario
 NORM_POLICIES = ("average", "local", "stats-local", "per-context")
 
 

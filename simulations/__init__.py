@@ -9,13 +9,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fedctx.config import SimConfig
+from fedctx.config import CONFIG_DIR, SimConfig
 from fedctx.data import FederatedDataset
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass(frozen=True)
