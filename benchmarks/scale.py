@@ -73,6 +73,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(args.clients),
            "--fraction", str(args.sampled / args.clients), "--min-clients", str(args.sampled),
            "--rounds", str(args.rounds), "--out", str(run_dir)]
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a previous run's rounds
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     samples: list[tuple[int, float, float, int]] = []
