@@ -77,7 +77,7 @@ def _uan_reference(
 
 def test_uan_matches_authors_formula_and_init() -> None:
     torch.manual_seed(0)
-    m = UnsupervisedAdaptiveNorm(6, num_components=3)
+    m = UnsupervisedAdaptiveNorm(6, num_components=3, moments="learned")
     assert m.mean.min() >= -1 and m.mean.max() <= 1
     assert m.var_raw.min() >= 1e-3 and m.var_raw.max() <= 1e-2
     assert m.prior_raw.min() >= 0.01 and m.prior_raw.max() <= 0.99
@@ -105,7 +105,7 @@ def test_uan_matches_authors_formula_and_init() -> None:
 
 
 def test_uan_far_activation_stays_finite_and_assigned() -> None:
-    m = UnsupervisedAdaptiveNorm(2, affine=False)
+    m = UnsupervisedAdaptiveNorm(2, affine=False, moments="learned")
     x = torch.full((1, 2, 1, 1), 50.0)
     y = m(x)
     assert torch.isfinite(y).all() and y.abs().min() > 1.0  # authors' eps form would give 0
@@ -127,7 +127,7 @@ def test_scb_hard_assignment_and_soft_fallback() -> None:
     with pytest.raises(RuntimeError, match="no context"):
         m(x)
     m.eval()
-    soft = UnsupervisedAdaptiveNorm(3, num_components=2)
+    soft = UnsupervisedAdaptiveNorm(3, num_components=2, moments="learned")
     soft.load_state_dict(m.state_dict())
     torch.testing.assert_close(m(x), soft(x))
 

@@ -3,31 +3,49 @@
 Faye et al., "Unsupervised Adaptive Normalization", IJCNN 2024 (arXiv:2409.04757; also
 "ACN" in arXiv:2403.16798 v3). Each channel's activations are modelled by a mixture of ``K``
 Gaussians whose means ``mu_k``, variances ``v_k`` and mixing weights ``pi_k`` are **learned by
-backpropagation** (no batch statistics, so the layer is independent of the batch size). Every
-scalar activation ``x`` is softly assigned to the components and normalized by each::
+backpropagation**. Every scalar activation ``x`` is softly assigned to the components::
 
-    g_k(x)   = pi_k exp(-(x - mu_k)^2 / (2 (v_k + eps)))
-    tau_k(x) = g_k(x) / sum_j g_j(x)
-    y        = gamma * sum_k tau_k(x) / sqrt(pi_k + eps) * (x - mu_k) / sqrt(v_k + eps) + beta
+    tau_k(x) = softmax_k( log pi_k - (x - mu_k)^2 / (2 (v_k + eps)) )
 
-Implemented variant and choices (each tested):
+and normalized by each component, with one of two sets of moments (``moments=``):
 
-* This is the paper's backprop variant (the "clean version" of PAPERS.md), not the authors'
-  Mixture-Normalization-style training branch: there are no batch moments, train and eval
-  compute the same function.
+* ``"batch"`` (default; the authors' Mixture-Normalization-style training branch, in the clean
+  form of PAPERS.md): in training, with sums over the batch and spatial positions ``(N, S)``
+  per channel and component::
+
+      tauh_k(x_i) = tau_k(x_i) / sum_m tau_k(x_m)
+      E_k = sum_i tauh_k(x_i) x_i,    V_k = sum_i tauh_k(x_i) (x_i - E_k)^2
+      y   = gamma * sum_k tau_k(x) / sqrt(pi_k + eps) * (x - E_k) / sqrt(V_k + eps) + beta
+
+  Gradients flow through ``E_k``, ``V_k`` (as in batch norm) and through ``tau`` into ``pi``,
+  ``mu``, ``v``. ``running_mean`` (E) and ``running_var`` (V, biased), both ``(K, C)``, follow
+  ``nn.BatchNorm``'s momentum convention (``momentum=0.1``); evaluation uses them in place of
+  ``E_k, V_k`` (``tau`` still from the learned ``pi, mu, v``, so it is per sample). The
+  authors' code averages ``E, V`` per sample over spatial positions only and runs the layer in
+  training mode at test time; neither is done here. No running ``pi``: ``pi`` is learned.
+* ``"learned"`` (the paper's backprop variant; no batch statistics, train = eval, independent
+  of the batch size): ``E_k = mu_k``, ``V_k = v_k`` above, i.e.
+  ``y = gamma * sum_k tau_k(x) / sqrt(pi_k + eps) * (x - mu_k) / sqrt(v_k + eps) + beta``.
+  Measured: a digits CNN does not learn with it (chance accuracy after 4 federated rounds),
+  hence the default ``"batch"``.
+
+Implemented choices (each tested):
+
 * Parameters and initialisation follow the authors' code: ``mu`` ``(K, C)`` ~ U(-1, 1);
   ``v = softplus(v_raw)`` with ``v_raw`` ``(K, C)`` ~ U(1e-3, 1e-2); ``pi = softmax(pi_raw)``
   over ``K`` with ``pi_raw`` ``(K,)`` ~ U(0.01, 0.99); ``eps = 1e-3``; ``K = 3``.
-* The authors add ``eps`` to the denominator of ``tau``; here ``tau`` is a softmax of
-  ``log pi_k - (x - mu_k)^2 / (2 (v_k + eps))`` (same value when the sum is >> eps, and no
-  underflow to an all-zero assignment for activations far from every ``mu_k``). As in the
-  authors' code, the Gaussian normaliser ``1 / sqrt(2 pi v_k)`` is left out of ``tau``.
+* The authors add ``eps`` to the denominator of ``tau``; here ``tau`` is a softmax (same value
+  when the sum is >> eps, and no underflow to an all-zero assignment for activations far from
+  every ``mu_k``). As in the authors' code, the Gaussian normaliser ``1 / sqrt(2 pi v_k)`` is
+  left out of ``tau``.
 * ``affine=True`` (default) adds a per-channel ``gamma, beta`` (C,) as every fedctx norm has;
   ``affine=False`` is the paper's layer.
 
 :class:`SupervisedClusterNorm` (``scb``) is the supervised variant: the component is the given
 context ``k`` (``tau`` is one-hot), ``y = gamma (x - mu_k) / sqrt((v_k + eps)(pi_k + eps)) + beta``;
-in evaluation without a context it falls back to the soft assignment above.
+in evaluation without a context it falls back to the soft assignment above. It keeps learned
+moments only (PAPERS.md: SCB-Norm has no batch statistics; per-context batch moments are the
+``context`` layer).
 
 No Python loop over components: the component axis is a tensor dimension ``(N, K, C, S)``.
 """
@@ -45,7 +63,10 @@ from fedctx.norm._common import (
     describe,
     fold_affine,
     init_affine,
+    init_running_stats,
+    momentum_update,
     reset_affine,
+    reset_running_stats,
     stats_dtype,
 )
 from fedctx.norm.routing import ContextAware
@@ -168,14 +189,78 @@ def unsupervised_adaptive_norm(
     return apply_affine(out, weight, bias).to(x.dtype).reshape(x.shape)
 
 
+_MOMENTS = ("batch", "learned")
+
+
+def _assign(
+    xs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``tau`` ``(N, K, C, S)`` for ``xs`` ``(N, 1, C, S)`` and learned ``(K, C)`` / ``(K,)``."""
+    z = (xs - mean.unsqueeze(-1)) * torch.rsqrt(var + eps).unsqueeze(-1)
+    return torch.softmax(torch.log(prior).view(-1, 1, 1) - 0.5 * z.square(), dim=1)
+
+
+def _mix(
+    xs: torch.Tensor, tau: torch.Tensor, e: torch.Tensor, v: torch.Tensor, prior: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """``sum_k tau_k / sqrt(pi_k + eps) * (x - E_k) / sqrt(V_k + eps)``, ``(N, C, S)``."""
+    scale = torch.rsqrt(v + eps) * torch.rsqrt(prior + eps).unsqueeze(-1)  # (K, C)
+    return (tau * (xs - e.unsqueeze(-1)) * scale.unsqueeze(-1)).sum(1)
+
+
+def batch_moments_uan(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    prior: torch.Tensor,
+    eps: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UAN's training branch with batch moments (before the affine), see the module docstring.
+
+    Args:
+        x: ``(N, C, S)`` (statistics dtype).
+        mean, var: ``(K, C)`` learned component means and (positive) variances.
+        prior: ``(K,)`` learned mixing weights.
+
+    Returns:
+        ``(y, E, V)``: ``(N, C, S)``, and the batch moments ``(K, C)`` per component and channel.
+    """
+    xs = x.unsqueeze(1)  # (N, 1, C, S)
+    tau = _assign(xs, mean, var, prior, eps)  # (N, K, C, S)
+    mass = tau.sum((0, 3)).clamp_min(torch.finfo(x.dtype).tiny)  # (K, C)
+    w = tau / mass.unsqueeze(-1)  # tauh: sums to one over (N, S)
+    e = (w * xs).sum((0, 3))  # broadcast, not einsum: einsum's bmm would run in autocast bf16
+    d = xs - e.unsqueeze(-1)
+    v = (w * d.square()).sum((0, 3))
+    scale = torch.rsqrt(v + eps) * torch.rsqrt(prior + eps).unsqueeze(-1)
+    return (tau * d * scale.unsqueeze(-1)).sum(1), e, v
+
+
 class UnsupervisedAdaptiveNorm(nn.Module):
     """UAN / UCB-Norm over ``(N, C, *spatial)`` inputs (see module docstring).
+
+    Training (``moments="batch"``, default)::
+
+        tau_k = softmax_k(log pi_k - (x - mu_k)^2 / (2 (v_k + eps)))
+        tauh_k = tau_k / sum_(N,S) tau_k
+        E_k = sum_(N,S) tauh_k x,   V_k = sum_(N,S) tauh_k (x - E_k)^2
+        y = gamma * sum_k tau_k / sqrt(pi_k + eps) * (x - E_k) / sqrt(V_k + eps) + beta
+
+    (Faye et al., UAN, IJCNN 2024, the Mixture-Normalization-style training branch, moments
+    per channel and component over ``(N, S)``); evaluation uses ``running_mean``/``running_var``
+    ``(K, C)`` for ``E, V``. ``moments="learned"``: ``E_k = mu_k``, ``V_k = v_k`` (the paper's
+    backprop variant, no batch statistics, no running buffers).
 
     Args:
         num_features: channels ``C``.
         num_components: Gaussian components ``K`` (default 3).
         eps: ``1e-3`` as in the paper.
         affine: per-channel ``gamma, beta`` after the mixture normalization.
+        moments: ``"batch"`` (batch moments in training, running ones in evaluation) or
+            ``"learned"`` (the learned ``mu, v`` everywhere).
+        momentum: running-statistics momentum, ``nn.BatchNorm``'s convention
+            (``running <- (1 - momentum) running + momentum batch``); ``moments="batch"`` only.
     """
 
     expected_dims: tuple[int, ...] = (2, 3, 4, 5)
@@ -186,28 +271,45 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         num_components: int = 3,
         eps: float = 1e-3,
         affine: bool = True,
+        moments: str = "batch",
+        momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        self._build(num_features, num_components, eps, affine)
+        self._build(num_features, num_components, eps, affine, moments, momentum)
 
-    def _build(self, num_features: int, num_components: int, eps: float, affine: bool) -> None:
+    def _build(
+        self, num_features: int, num_components: int, eps: float, affine: bool,
+        moments: str = "learned", momentum: float = 0.1,
+    ) -> None:
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
+        if moments not in _MOMENTS:
+            raise ValueError(f"moments must be one of {', '.join(_MOMENTS)}, got {moments!r}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
         self.num_features = num_features
         self.num_components = num_components
         self.eps = eps
         self.affine = affine
+        self.moments = moments
+        self.momentum = momentum
         self.mean = nn.Parameter(torch.empty(num_components, num_features))
         self.var_raw = nn.Parameter(torch.empty(num_components, num_features))
         self.prior_raw = nn.Parameter(torch.empty(num_components))
         init_affine(self, affine, (num_features,))
+        init_running_stats(self, (num_components, num_features) if moments == "batch" else None)
         self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running ``E`` 0, running ``V`` 1, no batches tracked (``moments="batch"``)."""
+        reset_running_stats(self)
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.mean, -1.0, 1.0)
         nn.init.uniform_(self.var_raw, 1e-3, 1e-2)
         nn.init.uniform_(self.prior_raw, 0.01, 0.99)
         reset_affine(self)
+        self.reset_running_stats()
 
     @property
     def var(self) -> torch.Tensor:
@@ -226,10 +328,27 @@ class UnsupervisedAdaptiveNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        return self._soft(x)
+        if self.moments == "learned":
+            return self._soft(x)
+        n, c = x.shape[:2]
+        sd = stats_dtype(x.dtype)
+        xf = x.to(sd).reshape(n, c, -1)
+        mean, var, prior = self.mean.to(sd), self.var.to(sd), self.prior.to(sd)
+        if self.training:
+            out, e, v = batch_moments_uan(xf, mean, var, prior, self.eps)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum_update(self.running_mean, e.detach(), self.momentum)
+                momentum_update(self.running_var, v.detach(), self.momentum)
+        else:
+            xs = xf.unsqueeze(1)
+            tau = _assign(xs, mean, var, prior, self.eps)
+            out = _mix(xs, tau, self.running_mean.to(sd), self.running_var.to(sd), prior, self.eps)
+        return apply_affine(out, self.weight, self.bias).to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return describe(self, "num_components", "eps", "affine")
+        fields = ("num_components", "eps", "affine", "moments")
+        return describe(self, *fields, *(("momentum",) if self.moments == "batch" else ()))
 
 
 class SupervisedClusterNorm(UnsupervisedAdaptiveNorm, ContextAware):
@@ -237,6 +356,8 @@ class SupervisedClusterNorm(UnsupervisedAdaptiveNorm, ContextAware):
 
     ``y_i = gamma (x_i - mu_k) / sqrt((v_k + eps)(pi_k + eps)) + beta`` with ``k = context(i)``;
     ``K = num_contexts``. In evaluation with no context set, the soft UAN assignment is used.
+    Learned moments only (``moments="learned"``, no running buffers): SCB-Norm has no batch
+    statistics; per-context batch moments are the ``context`` layer.
     """
 
     def __init__(
