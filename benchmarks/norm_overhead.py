@@ -36,6 +36,8 @@ CASES: list[tuple[str, str, dict[str, object], str, float | None]] = [
     ("context K=4, mixed batch", "context", {"num_contexts": 4}, "mixed", 1.5),
     ("acn K=4, mixed batch", "acn", {"num_contexts": 4}, "mixed", None),
     ("uan K=3", "uan", {"num_components": 3}, "none", 2.0),
+    ("uan K=3, moments=learned", "uan", {"num_components": 3, "moments": "learned"}, "none",
+     None),
     ("scb K=4, mixed batch", "scb", {"num_contexts": 4}, "mixed", None),
     ("adain K=4, mixed batch", "adain", {"num_contexts": 4}, "mixed", None),
     ("mixture K=2", "mixture", {"num_components": 2}, "none", None),
@@ -56,14 +58,16 @@ NOTES = """
   (one `sum`, one `einsum` dot, two `addcmul` passes). Same pass count as native batch norm.
   A single `int` context calls `F.batch_norm` itself. On a 2-core CPU much of every layer's time
   is first-touch page faults of the fresh 64 MiB output/gradient buffers, common to all layers.
-- `uan` (eager) misses the 2x target: every activation is evaluated against K=3 Gaussians, so
-  the forward needs about 6 elementwise passes over a `(N, K, C, S)` tensor (3x the input:
-  `addcmul`, `addcmul`, `softmax` with its `exp`, two `mul`, `sum`) and the closed-form
-  backward about 15 more (recompute, then 4 reductions for the parameter gradients); profile:
-  `aten::mul` + `aten::addcmul` + `softmax` are ~75% of the time. Native batch norm makes ~5
-  passes over `(N, C, S)`. Reaching 2x needs a fused kernel (one read of `x`, K exps in
-  registers). `torch.compile` (inductor, CPU) fuses the forward (about 1.5x the BatchNorm
-  forward) but not the backward's `(0, 3)`-axis reductions, so compiled fwd+bwd is no faster.
+- `uan` misses the 2x target. Its default training branch (`moments="batch"`, the authors'
+  Mixture-Normalization-style training) evaluates every activation against K=3 Gaussians and
+  then takes responsibility-weighted batch moments E_k, V_k, all on a `(N, K, C, S)` tensor (3x
+  the input) and through autograd: a profile of forward+backward (torch.profiler, 128x64x16x16)
+  shows 35 `aten::mul` calls on that tensor taking 59% of the time, then `neg`, `copy_`, `sum`,
+  `div`. A closed-form backward (as `context` has) and a fused kernel (one read of `x`, K exps
+  in registers) are what 2x needs; neither is written yet. `torch.compile` (inductor, CPU) cuts
+  it by about 5x. The `moments="learned"` option (no batch statistics, closed-form backward) is
+  the row below it: about 6 forward and 15 backward passes over `(N, K, C, S)`, where native
+  batch norm makes ~5 over `(N, C, S)`.
 - `mixture` runs 3 EM iterations per batch on up to 16k values per channel plus posteriors
   over the whole `(N, K, C, S)` tensor; `proxy` and `crossiter` add a GroupNorm/activation or
   extra `E[x^2]` passes that native kernels fuse; `adain` pays `instance_norm` plus a gathered
