@@ -35,9 +35,9 @@ class Scenario:
 _MODULES = {
     "digits": "simulations.digits",
     "digits5": "simulations.digits5",
-    "mnist-usps": "simulations.mnist_usps",
-    "mnist-mnistm": "simulations.mnist_mnistm",
-    "mnist-svhn": "simulations.mnist_svhn",
+    "mnist-usps": "simulations.adaptation_pairs:MNIST_USPS",
+    "mnist-mnistm": "simulations.adaptation_pairs:MNIST_MNISTM",
+    "mnist-svhn": "simulations.adaptation_pairs:MNIST_SVHN",
     "cifar10-dirichlet": "simulations.cifar10_dirichlet",
 }
 
@@ -50,4 +50,5 @@ def get_scenario(name: str) -> Scenario:
     """The scenario ``name``; ``ValueError`` naming the valid choices if unknown."""
     if name not in _MODULES:
         raise ValueError(f"unknown scenario {name!r}; valid choices: {', '.join(available())}")
-    return importlib.import_module(_MODULES[name]).SCENARIO
+    module, _, attr = _MODULES[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "SCENARIO")
