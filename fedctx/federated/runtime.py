@@ -19,7 +19,7 @@ from fedctx.federated.params import StateSplit, split_state
 from fedctx.models import MODELS, make_model
 from simulations import get_scenario
 
-_DATA_KEYS = ("scenario", "clients", "seed", "data_dir", "download")
+_DATA_KEYS = ("scenario", "clients", "seed", "data_dir", "download", "allow_missing_domains")
 _MODEL_KEYS = ("model", "norm", "width", "seed")
 
 
@@ -42,7 +42,7 @@ def _key(config: SimConfig, names: tuple[str, ...]) -> str:
 
 def load_data(config: SimConfig) -> FederatedDataset:
     """The scenario's federated data for ``config`` (cached per process)."""
-    key = _key(config, _DATA_KEYS + tuple(k for k in config.to_dict() if "missing" in k))
+    key = _key(config, _DATA_KEYS)
     if key not in _DATA:
         _DATA[key] = get_scenario(config.scenario).build(config)
     return _DATA[key]
@@ -68,7 +68,7 @@ def pick_device(config: SimConfig) -> torch.device:
 
 def get_runtime(config: SimConfig) -> Runtime:
     """Data, model and state split for ``config``, built once per process."""
-    key = _key(config, _DATA_KEYS + _MODEL_KEYS + ("scenario", "gpus_per_client"))
+    key = _key(config, _DATA_KEYS + _MODEL_KEYS + ("gpus_per_client",))
     if key not in _RUNTIMES:
         data = load_data(config)
         device = pick_device(config)

@@ -137,17 +137,13 @@ class Federation:
 
     # ----------------------------------------------------------------- checkpointing
     def save_checkpoint(self, server_round: int) -> None:
+        state = {"round": server_round, "shared": self.shared, "norm": self.norm.state_dict(),
+                 "strategy": self.strategy.__dict__.copy(), "history": self.recorder.history,
+                 "config": self.config.to_dict()}
         try:
-            strategy_state: Any = self.strategy.__dict__.copy()
-            torch.save(strategy_state, self.out / ".strategy_probe.tmp")
-            (self.out / ".strategy_probe.tmp").unlink()
+            atomic_torch_save(state, self.out / CHECKPOINT)
         except Exception:  # noqa: BLE001 - a strategy with unpicklable state resumes fresh
-            strategy_state = None
-        atomic_torch_save({
-            "round": server_round, "shared": self.shared, "norm": self.norm.state_dict(),
-            "strategy": strategy_state, "history": self.recorder.history,
-            "config": self.config.to_dict(),
-        }, self.out / CHECKPOINT)
+            atomic_torch_save({**state, "strategy": None}, self.out / CHECKPOINT)
 
     def load_checkpoint(self) -> list[dict[str, Any]]:
         path = self.out / CHECKPOINT
