@@ -196,3 +196,23 @@ def test_sgd_step_matches_torch_sgd() -> None:
         opt.step()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["local", "stats-local"])
+def test_client_side_policies_evaluate_exactly_the_clients_that_trained(
+        tmp_path: Path, policy: str) -> None:
+    # FedBN's protocol: each client evaluates the global model with its own norm state. A client
+    # never sampled holds only the initial state and must not lower the reported accuracy.
+    config = small_config(tmp_path, clients=8, rounds=2, fraction=0.25, norm_policy=policy)
+    recorder = run(config)
+    seen: set[int] = set()
+    for record in recorder.history:
+        seen |= set(sample_clients(8, 0.25, 2, seed=0, server_round=record["round"]))
+        assert set(map(int, record["accuracy_per_client"])) == seen
+        assert record["clients_evaluated"] == len(seen)
+        # a context's accuracy is the mean over its evaluated clients
+        for name, acc in record["accuracy_per_context"].items():
+            k = ["mnist", "usps", "mnistm", "mnist-inverted"].index(name)
+            members = [a for p, a in record["accuracy_per_client"].items() if int(p) % 4 == k]
+            assert acc == pytest.approx(sum(members) / len(members))
+    assert len(seen) < 8  # some clients never trained and were not evaluated

@@ -134,12 +134,13 @@ class Federation:
         self.shared = {k: init[k] for k in self.split.shared}
         self.norm = ServerNormState(self.policy, self.split, init)
         self.start_round = 1
+        self.trained: set[int] = set()  # partition ids that hold their own norm state
 
     # ----------------------------------------------------------------- checkpointing
     def save_checkpoint(self, server_round: int) -> None:
         state = {"round": server_round, "shared": self.shared, "norm": self.norm.state_dict(),
                  "strategy": self.strategy.__dict__.copy(), "history": self.recorder.history,
-                 "config": self.config.to_dict()}
+                 "trained": sorted(self.trained), "config": self.config.to_dict()}
         try:
             atomic_torch_save(state, self.out / CHECKPOINT)
         except Exception:  # noqa: BLE001 - a strategy with unpicklable state resumes fresh
@@ -155,6 +156,7 @@ class Federation:
         if ckpt["strategy"] is not None:
             self.strategy.__dict__.update(ckpt["strategy"])
         self.start_round = int(ckpt["round"]) + 1
+        self.trained = set(ckpt["trained"])
         return list(ckpt["history"])
 
     # ----------------------------------------------------------------- one round
@@ -182,34 +184,42 @@ class Federation:
         return messages
 
     def _evaluate(self, registry: dict[int, ClientInfo], grid: Grid, server_round: int
-                  ) -> dict[str, float]:
+                  ) -> tuple[dict[str, float], dict[int, float]]:
+        """Test accuracy per context and, where clients hold their own norm state, per client.
+
+        ``average`` / ``per-context``: the server holds every context's norm state and evaluates
+        the global model on each context's test set. ``local`` (FedBN) / ``stats-local``
+        (SiloBN): as in FedBN (Li et al. 2021), every client that holds its own normalization
+        state (it has trained at least once) evaluates the global shared weights with its own
+        norm on its context's test set; a context's accuracy is the mean over its clients.
+        Clients never sampled hold only the initial normalization state and are not evaluated
+        (their number is recorded as ``clients_evaluated`` against the registry).
+        """
         names = self.rt.data.context_names
         if self.policy.evaluates_on_server:
             accs = {}
             for k, (x, y) in self.rt.data.test.items():
                 self.rt.model.load_state_dict({**self.shared, **self.norm.for_evaluation(k)})
                 accs[names[k]] = evaluate(self.rt.model, x, y, k, device=self.rt.device)[0]
-            return accs
-        # Norm state lives on the clients: each evaluates the global shared weights with its own
-        # norm on its context's test set (up to 3 clients per context, lowest partition ids).
-        chosen: dict[int, list[ClientInfo]] = {}
-        for c in sorted(registry.values(), key=lambda c: c.partition_id):
-            if len(chosen.setdefault(c.context, [])) < 3:
-                chosen[c.context].append(c)
+            return accs, {}
         content = RecordDict({"arrays": ArrayRecord(self.shared),
                               "norm": ArrayRecord(self.norm.outgoing(0)),
                               "config": ConfigRecord({"server-round": server_round})})
-        messages = [Message(content, message_type=MessageType.EVALUATE, dst_node_id=c.node_id)
-                    for cs in chosen.values() for c in cs]
-        per_ctx: dict[int, list[float]] = {}
+        messages = [Message(content, message_type=MessageType.EVALUATE,
+                            dst_node_id=registry[pid].node_id) for pid in sorted(self.trained)]
+        per_client: dict[int, float] = {}
         for reply in grid.send_and_receive(messages):
             if reply.has_error():
                 log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id,
                             reply.error.reason)
                 continue
             m = reply.content["metrics"]
-            per_ctx.setdefault(int(m["context"]), []).append(float(m["accuracy"]))
-        return {names[k]: float(np.mean(v)) for k, v in sorted(per_ctx.items())}
+            per_client[int(m["partition-id"])] = float(m["accuracy"])
+        per_ctx: dict[int, list[float]] = {}
+        for pid in sorted(per_client):
+            per_ctx.setdefault(registry[pid].context, []).append(per_client[pid])
+        accs = {names[k]: float(np.mean(v)) for k, v in sorted(per_ctx.items())}
+        return accs, dict(sorted(per_client.items()))
 
     def _overall(self, accs: dict[str, float]) -> float:
         sizes = {self.rt.data.context_names[k]: len(y) for k, (_, y) in self.rt.data.test.items()}
@@ -263,8 +273,11 @@ class Federation:
         else:
             log.warning("round %d: only %d valid replies (< --min-clients %d); weights kept",
                         server_round, len(accepted), self.config.min_clients)
-        accs = self._evaluate(registry, grid, server_round)
-        return {
+        # A client that trained holds its own normalization state from now on.
+        self.trained.update(by_node[r.metadata.src_node_id].partition_id for r in replies
+                            if not r.has_error() and r.metadata.src_node_id in by_node)
+        accs, per_client = self._evaluate(registry, grid, server_round)
+        record = {
             "round": server_round, "train_loss": train_loss, "accuracy": self._overall(accs),
             "accuracy_per_context": accs, "clients_sampled": len(clients),
             "clients_ok": len(accepted) if len(accepted) >= self.config.min_clients else 0,
@@ -272,6 +285,10 @@ class Federation:
             "ray_nodes": len({int(r.content["metrics"].get("ray-node", 0)) for r in accepted}),
             "seconds": time.time() - t0,
         }
+        if not self.policy.evaluates_on_server:
+            record["accuracy_per_client"] = {str(p): a for p, a in per_client.items()}
+            record["clients_evaluated"] = len(per_client)
+        return record
 
     def run(self, grid: Grid) -> None:
         history = self.load_checkpoint() if self.config.resume else []
@@ -307,6 +324,9 @@ class Federation:
             self.policy.evaluates_on_server else "clients",
             "wall_seconds": time.time() - self.recorder.started,
             "startup_seconds": self.recorder.startup_seconds,
+            **({} if self.policy.evaluates_on_server else {
+                "accuracy_per_client": last["accuracy_per_client"],
+                "clients_evaluated": last["clients_evaluated"]}),
         })
 
 
