@@ -163,6 +163,8 @@ class SimConfig:
                          "(a registered name or module:Class)")
     model: str = option("", "model name (empty: the scenario's default)")
     width: int = option(16, "model width (channels of the first conv)", min=1)
+    eval_every: int = option(1, "evaluate the global model every this many rounds (and after "
+                           "the last)", min=1)
     seed: int = option(0, "random seed: same seed, same sampling and metrics", min=0)
     out: str = option("", "results folder (empty: results/<scenario>-<norm>-<policy>-seed<seed>)")
     data_dir: str = option("", "folder holding real data sets (torchvision layout); empty: the "

@@ -75,11 +75,15 @@ class RunRecorder:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        per_ctx = " ".join(f"{k} {v:.3f}" for k, v in record["accuracy_per_context"].items())
+        acc = ""
+        if "accuracy" in record:  # rounds between evaluations (--eval-every) have none
+            per_ctx = " ".join(f"{k} {v:.3f}"
+                               for k, v in record["accuracy_per_context"].items())
+            acc = f" | acc {record['accuracy']:.4f} ({per_ctx})"
         bad = record["rejected"] + record["failures"]
         self.say(
             f"[round {record['round']:>3}/{self.total_rounds}] "
-            f"train loss {record['train_loss']:.4f} | acc {record['accuracy']:.4f} ({per_ctx}) "
+            f"train loss {record['train_loss']:.4f}{acc} "
             f"| {record['clients_ok']}/{record['clients_sampled']} clients"
             + (f", {bad} rejected/failed" if bad else "") + f" | {record['seconds']:.1f}s"
         )
@@ -105,6 +109,7 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    history = [r for r in history if "accuracy" in r]  # evaluated rounds only
     rounds = [r["round"] for r in history]
     for name in history[0]["accuracy_per_context"] if history else []:
         ax.plot(rounds, [r["accuracy_per_context"][name] for r in history], marker="o",

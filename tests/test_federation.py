@@ -216,3 +216,10 @@ def test_client_side_policies_evaluate_exactly_the_clients_that_trained(
             members = [a for p, a in record["accuracy_per_client"].items() if int(p) % 4 == k]
             assert acc == pytest.approx(sum(members) / len(members))
     assert len(seen) < 8  # some clients never trained and were not evaluated
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_round(tmp_path: Path) -> None:
+    config = small_config(tmp_path, rounds=5, eval_every=2)
+    recorder = run(config)
+    assert [r["round"] for r in recorder.history if "accuracy" in r] == [2, 4, 5]
+    assert recorder.summary["rounds"] == 5 and "accuracy" in recorder.summary

@@ -276,18 +276,20 @@ class Federation:
         # A client that trained holds its own normalization state from now on.
         self.trained.update(by_node[r.metadata.src_node_id].partition_id for r in replies
                             if not r.has_error() and r.metadata.src_node_id in by_node)
-        accs, per_client = self._evaluate(registry, grid, server_round)
         record = {
-            "round": server_round, "train_loss": train_loss, "accuracy": self._overall(accs),
-            "accuracy_per_context": accs, "clients_sampled": len(clients),
+            "round": server_round, "train_loss": train_loss, "clients_sampled": len(clients),
             "clients_ok": len(accepted) if len(accepted) >= self.config.min_clients else 0,
             "rejected": len(rejected), "failures": failures, "rejections": rejected,
             "ray_nodes": len({int(r.content["metrics"].get("ray-node", 0)) for r in accepted}),
             "seconds": time.time() - t0,
         }
-        if not self.policy.evaluates_on_server:
-            record["accuracy_per_client"] = {str(p): a for p, a in per_client.items()}
-            record["clients_evaluated"] = len(per_client)
+        if server_round % self.config.eval_every == 0 or server_round == self.config.rounds:
+            accs, per_client = self._evaluate(registry, grid, server_round)
+            record.update(accuracy=self._overall(accs), accuracy_per_context=accs)
+            if not self.policy.evaluates_on_server:
+                record["accuracy_per_client"] = {str(p): a for p, a in per_client.items()}
+                record["clients_evaluated"] = len(per_client)
+            record["seconds"] = time.time() - t0
         return record
 
     def run(self, grid: Grid) -> None:
