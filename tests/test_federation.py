@@ -223,3 +223,14 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_round(tmp_path: Pat
     recorder = run(config)
     assert [r["round"] for r in recorder.history if "accuracy" in r] == [2, 4, 5]
     assert recorder.summary["rounds"] == 5 and "accuracy" in recorder.summary
+
+
+def test_per_context_bank_equals_fedbn_with_one_client_per_context(tmp_path: Path) -> None:
+    # With one client per context and every client every round, the bank entry of context k is
+    # client k's own norm state: the per-context bank and FedBN compute the same run. The FedBN
+    # benchmark (benchmarks/fedbn_digits.py) relies on this to share runs between those rows.
+    common = dict(clients=4, rounds=2, fraction=1.0, norm="batch")
+    bank = run(small_config(tmp_path / "bank", norm_policy="per-context", **common)).history
+    fedbn = run(small_config(tmp_path / "fedbn", norm_policy="local", **common)).history
+    assert [(r["train_loss"], r["accuracy_per_context"]) for r in bank] == \
+        [(r["train_loss"], r["accuracy_per_context"]) for r in fedbn]
