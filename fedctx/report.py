@@ -1,5 +1,7 @@
-"""Statistics for comparing runs as researchers compare them: mean ± 95% confidence interval
-over seeds, and the paired difference of two methods run with the same seeds.
+"""Comparing runs as researchers compare them: mean ± 95% confidence interval over seeds, the
+paired difference of two methods run with the same seeds, and ``python -m fedctx.report
+RUN_DIR...``, which pools finished runs that differ only in their seed and prints (and plots)
+them side by side.
 
 Intervals use Student's t distribution with ``n - 1`` degrees of freedom (seeds are few); with
 one value the interval is undefined (``nan``) and printed as such, never as ``± 0``.
@@ -7,9 +9,12 @@ one value the interval is undefined (``nan``) and printed as such, never as ``±
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from scipy import stats
 
@@ -72,3 +77,131 @@ def verdict(diff: Estimate, name: str, baseline: str) -> str:
     word = "higher" if diff.mean > 0 else "lower"
     return (f"{name} is {word} than {baseline} by {abs(diff.mean) * 100:.1f} points (95% CI "
             f"{diff.low * 100:+.1f} to {diff.high * 100:+.1f}, {diff.n} paired seeds).")
+
+
+# ----------------------------------------------------------------------------- run folders
+# Options that never change a run's results: runs that differ only in these (and the seed) are
+# repeats of one experiment.
+NOT_RESULTS = frozenset({"seed", "out", "resume", "verbose", "backend", "ray_address",
+                         "num_cpus", "cpus_per_client", "gpus_per_client", "data_dir",
+                         "download", "eval_every"})
+
+
+@dataclass
+class Run:
+    """A finished run folder of ``python -m fedctx.simulate``."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        """Read ``config.json``, ``summary.json`` and ``metrics.jsonl``; ``ValueError`` (one
+        line) if ``path`` is not a finished run."""
+        files = {name: path / name for name in ("config.json", "summary.json", "metrics.jsonl")}
+        missing = [n for n, f in files.items() if not f.is_file()]
+        if missing:
+            what = "not a folder" if not path.is_dir() else f"lacks {', '.join(missing)}"
+            raise ValueError(f"{path}: {what} (not a finished fedctx run)")
+        try:
+            return cls(path, json.loads(files["config.json"].read_text()),
+                       json.loads(files["summary.json"].read_text()),
+                       [json.loads(line) for line in
+                        files["metrics.jsonl"].read_text().splitlines() if line.strip()])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: unreadable results ({err})") from None
+
+    @property
+    def experiment(self) -> tuple[tuple[str, Any], ...]:
+        """The options that determine results, seed excluded."""
+        return tuple(sorted((k, v) for k, v in self.config.items() if k not in NOT_RESULTS))
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by experiment (seeds pooled), labelled by the options that differ."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.experiment, []).append(run)
+    keys = [dict(k) for k in groups]
+    differing = sorted({k for d in keys for k in d if any(e.get(k) != d[k] for e in keys)})
+    return {(" ".join(f"{k}={d[k]}" for k in differing) or "all runs"): group
+            for d, group in zip(keys, groups.values(), strict=True)}
+
+
+def comparison_table(groups: dict[str, list[Run]]) -> str:
+    """Markdown table: final test accuracy (%) per context and overall, mean ± 95% CI."""
+    from fedctx.results import format_table
+
+    contexts = list(dict.fromkeys(c for runs in groups.values() for r in runs
+                                  for c in r.summary["accuracy_per_context"]))
+    rows = []
+    for label, runs in groups.items():
+        cells = [mean_ci([r.summary["accuracy_per_context"][c] for r in runs
+                          if c in r.summary["accuracy_per_context"]]).format(100, 1)
+                 for c in contexts]
+        seeds = ",".join(str(r.config.get("seed")) for r in runs)
+        rows.append((label, seeds, *cells, mean_ci([r.summary["accuracy"] for r in runs])
+                     .format(100, 1)))
+    return format_table(rows, ("experiment", "seeds", *contexts, "overall"))
+
+
+def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
+    """Overall accuracy per round, mean over each group's seeds with its 95% CI band (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, runs in groups.items():
+        per_round: dict[int, list[float]] = {}
+        for run in runs:
+            for rec in run.history:
+                if "accuracy" in rec:
+                    per_round.setdefault(rec["round"], []).append(rec["accuracy"])
+        rounds = sorted(per_round)
+        est = [mean_ci(per_round[r]) for r in rounds]
+        line, = ax.plot(rounds, [e.mean for e in est], marker="o", label=label)
+        if all(e.n > 1 for e in est):
+            ax.fill_between(rounds, [e.low for e in est], [e.high for e in est],
+                            color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("overall test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedctx.report RUN_DIR... [--plot FILE]``: compare finished runs."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fedctx.report",
+        description="Compare finished runs side by side: runs that differ only in their seed "
+                    "are pooled (mean ± 95% CI per context); --plot draws accuracy per round.")
+    parser.add_argument("runs", nargs="+", type=Path, help="results folders of fedctx.simulate")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy per "
+                        "round (mean and 95%% CI band per experiment)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [Run.load(p) for p in args.runs]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    groups = group_runs(runs)
+    print(f"Final test accuracy (%), mean ± 95% CI over seeds ({len(runs)} runs):\n")
+    print(comparison_table(groups))
+    if args.plot:
+        plot_rounds(groups, args.plot)
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

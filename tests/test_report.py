@@ -36,3 +36,44 @@ def test_verdict_does_not_claim_a_difference_the_interval_does_not_support() -> 
     diff = paired_difference({0: 0.9, 1: 0.7, 2: 0.85}, {0: 0.8, 1: 0.8, 2: 0.8})
     assert not diff.excludes_zero()
     assert "not distinguishable" in verdict(diff, "A", "B")
+
+
+def _fake_run(root, name: str, seed: int, policy: str, accs: dict[str, float]) -> str:
+    import json
+
+    folder = root / name
+    folder.mkdir()
+    config = {"scenario": "digits", "norm": "context", "norm_policy": policy, "seed": seed,
+              "out": str(folder), "backend": "inprocess"}
+    overall = sum(accs.values()) / len(accs)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "summary.json").write_text(json.dumps(
+        {"accuracy": overall, "accuracy_per_context": accs}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, "accuracy": overall * r / 2, "accuracy_per_context": accs}) + "\n"
+        for r in (1, 2)))
+    return str(folder)
+
+
+def test_report_pools_seeds_and_labels_by_the_options_that_differ(tmp_path, capsys) -> None:
+    from fedctx.report import main
+
+    runs = [_fake_run(tmp_path, f"a{s}", s, "average", {"mnist": 0.80 + s / 100, "usps": 0.6})
+            for s in range(3)]
+    runs += [_fake_run(tmp_path, f"b{s}", s, "per-context", {"mnist": 0.9, "usps": 0.7})
+             for s in range(2)]
+    plot = tmp_path / "rounds.png"
+    assert main([*runs, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "norm_policy=average" in out and "norm_policy=per-context" in out
+    assert "| 0,1,2 " in out and "81.0 ± 2.5" in out  # mnist mean 81, t(2) * 1 / sqrt(3)
+    assert "90.0 ± 0.0" in out
+    assert plot.stat().st_size > 0
+
+
+def test_report_rejects_a_folder_that_is_not_a_run_in_one_line(tmp_path, capsys) -> None:
+    from fedctx.report import main
+
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a finished fedctx run" in err and "\n" not in err
