@@ -8,30 +8,9 @@ from torch import nn
 
 from fedctx.data import ClientData
 from fedctx.norm import use_context
+from fedctx.optim import SGD, sgd_step
 
-
-@torch.no_grad()
-def sgd_step(params: list[torch.Tensor], momentum_buffers: list[torch.Tensor | None], *,
-             lr: float, momentum: float, weight_decay: float) -> None:
-    """One step of SGD with momentum, the update of ``torch.optim.SGD`` (no dampening, not
-    Nesterov): ``d = g + wd * p``; ``b = d`` on the first step, else ``b = momentum * b + d``;
-    ``p -= lr * b``. Parameters without a gradient are skipped.
-
-    Written out because ``torch.optim``'s first use imports ``torch._dynamo`` (2.2 s measured
-    here), a cost every simulation worker process would pay at start-up.
-    """
-    for i, p in enumerate(params):
-        if p.grad is None:
-            continue
-        d = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
-        if momentum:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = d.detach().clone()
-            else:
-                buf.mul_(momentum).add_(d)
-            d = buf
-        p.add_(d, alpha=-lr)
+__all__ = ["evaluate", "local_train", "sgd_step"]  # sgd_step lives in fedctx.optim
 
 
 def local_train(
@@ -53,11 +32,12 @@ def local_train(
     takes the fast single-context path of context norms). With ``proximal_mu > 0`` the FedProx
     term ``mu/2 * ||w - w_global||^2`` over trainable parameters is added (Li et al. 2020), with
     ``w_global`` the weights at the start of the call. Batches of one sample are dropped (batch
-    statistics need two).
+    statistics need two). Weight decay applies to conv and linear weights only
+    (:func:`fedctx.optim.decayed_parameters`), never to normalization parameters or biases.
     """
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    momentum_buffers: list[torch.Tensor | None] = [None] * len(params)
+    optimizer = SGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    params = optimizer.params
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     x_all, y_all, c_all = data.x, data.y, data.contexts
     single = bool((c_all == c_all[0]).all()) if len(c_all) else True
@@ -75,11 +55,9 @@ def local_train(
             if anchor is not None:
                 prox = sum((p - a).square().sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
-            for p in params:
-                p.grad = None
+            optimizer.zero_grad()
             loss.backward()
-            sgd_step(params, momentum_buffers, lr=lr, momentum=momentum,
-                     weight_decay=weight_decay)
+            optimizer.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
     return total / max(seen, 1)
