@@ -1,26 +1,574 @@
-"""Reproduce docs/results/adamatch.md: AdaMatch MNIST -> MNIST-M, norms x seeds on Ray.
+"""AdaMatch convergence benchmark on digits: pairs x norms x scopes x seeds, resumable.
 
-    python benchmarks/adamatch_digits.py                # the measured CPU budget
-    python benchmarks/adamatch_digits.py --steps 5000 --norms batch,context,uan,acn
+    python benchmarks/adamatch_digits.py --data-dir DIR                   # the whole grid
+    python benchmarks/adamatch_digits.py --pairs mnist-mnistm --norms batch,context --seeds 0,1,2
+    python benchmarks/adamatch_digits.py --budget-minutes 60              # what fits, then the page
+    python benchmarks/adamatch_digits.py --page-only                      # rewrite the page only
+    python benchmarks/adamatch_digits.py --wrn-timing                     # WRN-28-2 s/step here
 
-It is `python -m fedctx.adapt sweep` with the benchmark's settings as defaults: the paper's
-optimizer, batch (64 source + 3 x 64 target), threshold and schedule, but an EMA decay of 0.99
-and norm momentum 0.01 (PyTorch convention) because a few hundred steps are far shorter than the
-paper's horizon for 0.999. Extra flags are passed on to the sweep (later flags win).
+Every finished run writes one small JSON, ``docs/results/runs/adamatch/<pair>-<norm>-<scope>-
+seed<k>.json`` (final/best EMA and raw accuracy, the eval curve, s/step, the command, hardware),
+and a run whose JSON exists with the same budget (steps, batch, uratio) is skipped: re-running the
+command resumes the grid. Runs start in priority order (pairs, then scope ``all`` before
+``input``, then norms, then seeds, each in the order given) and only while the projected end stays
+within ``--budget-minutes`` (0: no limit). ``docs/results/adamatch.md`` is then regenerated from
+whatever runs exist: per pair and norm the mean and 95% t-interval over seeds, the paired
+difference to ``batch``, the curves PNG, the missing cells and the projected time to fill them.
+
+Scope ``input`` is the normalization papers' protocol (``--norm-scope input
+--target-eval-context source``: one ``--norm`` layer on the input image, BatchNorm in the CNN,
+target evaluated with the source context); its ``batch`` baseline is the scope-``all`` ``batch``
+run (BatchNorm everywhere), so ``batch`` is not run twice.
+
+:func:`run_benchmark` is the entry point for ``benchmarks/reproduce.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from fedctx.adamatch.cli import main
+REPO = Path(__file__).resolve().parent.parent
+RUNS_DIR = REPO / "docs" / "results" / "runs" / "adamatch"
+PAGE = REPO / "docs" / "results" / "adamatch.md"
+CURVES = REPO / "docs" / "results" / "adamatch_curves.png"
+WORK_DIR = REPO / "results" / "adamatch" / "bench"
 
-DEFAULTS = [
-    "--source", "mnist", "--target", "mnistm", "--norms", "batch,context", "--seeds", "0,1",
-    "--steps", "300", "--batch-size", "64", "--uratio", "3", "--ema", "0.99",
-    "--norm-momentum", "0.01", "--eval-every", "100", "--cpus-per-job", "1", "--num-cpus", "2",
-    "--out", "results/adamatch/bench-mnist-mnistm",
-]
+PAIRS = {"mnist-mnistm": ("mnist", "mnistm"), "mnist-usps": ("mnist", "usps"),
+         "usps-mnist": ("usps", "mnist")}
+NORMS = ("batch", "context", "acn", "uan")
+SCOPES = ("all", "input")
+SEEDS = (0, 1, 2)
+#: Training steps of every benchmark run, chosen from the calibration run (see the page).
+STEPS = 1000
+BATCH, URATIO = 64, 3
+EVAL_EVERY = 100
+#: Steps of the authors' schedule: 8 Mi source images (``train_mimg=8``) / batch 64.
+PAPER_STEPS = (8 << 20) // 64
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    pair: str
+    norm: str
+    scope: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.pair}-{self.norm}-{self.scope}-seed{self.seed}"
+
+    def args(self, steps: int, threads: int, data_dir: str, out: Path) -> list[str]:
+        source, target = PAIRS[self.pair]
+        args = ["--source", source, "--target", target, "--norm", self.norm, "--seed",
+                str(self.seed), "--steps", str(steps), "--batch-size", str(BATCH), "--uratio",
+                str(URATIO), "--eval-every", str(EVAL_EVERY), "--threads", str(threads),
+                "--progress-every", "120", "--out", str(out)]
+        if self.scope == "input":
+            args += ["--norm-scope", "input", "--target-eval-context", "source"]
+        if data_dir:
+            args += ["--data-dir", data_dir]
+        return args
+
+
+def grid(pairs: Sequence[str], norms: Sequence[str], scopes: Sequence[str],
+         seeds: Sequence[int]) -> list[Cell]:
+    """Every cell in priority order: pair, scope (``all`` first), norm, seed. Scope ``input``
+    skips ``batch`` (its baseline is the scope-``all`` batch run)."""
+    return [Cell(p, n, sc, s) for p in pairs for sc in scopes for n in norms for s in seeds
+            if not (sc == "input" and n == "batch")]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def t_quantile(dof: int, q: float = 0.975) -> float:
+    """Quantile ``q`` of Student's t with ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(q, dof))
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and half-width of the 95% confidence interval (t, n-1 dof); ``None`` when n < 2."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, None
+    return mean, t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
+
+
+def paired_difference(runs: dict[int, float], baseline: dict[int, float]
+                      ) -> tuple[float, float | None, int] | None:
+    """Mean and 95% CI half-width of ``runs[seed] - baseline[seed]`` over the seeds both have
+    (same seed = same initialisation, batches and augmentations), and the number of pairs."""
+    seeds = sorted(set(runs) & set(baseline))
+    if not seeds:
+        return None
+    mean, half = mean_ci([runs[s] - baseline[s] for s in seeds])
+    return mean, half, len(seeds)
+
+
+def fmt_ci(mean: float, half: float | None, scale: float = 100.0, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    text = f"{scale * mean:{sign}.2f}"
+    return text + (f" ± {scale * half:.2f}" if half is not None else " (n = 1)")
+
+
+# ---------------------------------------------------------------- runs
+
+
+def run_record(cell: Cell, summary: dict[str, Any], command: list[str], commit: str
+               ) -> dict[str, Any]:
+    """The small committed JSON of one finished run."""
+    cfg = summary["config"]
+
+    def r4(x: float) -> float:
+        return round(float(x), 4)
+
+    return {
+        "pair": cell.pair, "source": cfg["source"], "target": cfg["target"], "norm": cell.norm,
+        "scope": cell.scope, "target_eval_context": cfg["target_eval_context"],
+        "seed": cell.seed, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+        "uratio": cfg["uratio"],
+        "final_target_acc": r4(summary["final_target_acc"]),
+        "final_target_acc_raw": r4(summary["final_target_acc_raw"]),
+        "best_target_acc": r4(summary["best_target_acc"]),
+        "best_target_acc_raw": r4(summary["best_target_acc_raw"]),
+        "final_source_acc": r4(summary["final_source_acc"]),
+        "final_source_acc_raw": r4(summary["final_source_acc_raw"]),
+        "curve": [{k: (e[k] if k == "step" else r4(e[k])) for k in
+                   ("step", "target_acc", "target_acc_raw", "source_acc", "source_acc_raw")}
+                  for e in summary["evals"]],
+        "seconds_per_step": round(summary["seconds_per_step"], 4),
+        "total_seconds": round(summary["total_seconds"], 1),
+        "command": " ".join(["python", "-m", "fedctx.adapt", *command]),
+        "hardware": summary["hardware"], "data": summary["data"], "commit": commit,
+        "config": cfg,
+    }
+
+
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+
+
+def _same_budget(record: dict[str, Any], steps: int) -> bool:
+    return (record.get("steps"), record.get("batch_size"), record.get("uratio")) == (
+        steps, BATCH, URATIO)
+
+
+def done(cell: Cell, runs_dir: Path, steps: int) -> bool:
+    path = runs_dir / f"{cell.name}.json"
+    return path.exists() and _same_budget(json.loads(path.read_text()), steps)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: Path,
+             work_dir: Path, log: bool = True) -> dict[str, Any]:
+    """Train one cell in a subprocess (``python -m fedctx.adapt``); write and return its record."""
+    out = work_dir / cell.name
+    args = cell.args(steps, threads, data_dir, out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "stdout.log").open("w") as logfile:
+        proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *args], cwd=REPO,
+                              stdout=logfile, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = (out / "stdout.log").read_text().strip().splitlines()[-1:] or ["?"]
+        raise RuntimeError(f"{cell.name} failed (exit {proc.returncode}): {tail[0]}")
+    summary = json.loads((out / "summary.json").read_text())
+    shown = [a if a != str(out) else f"results/adamatch/bench/{cell.name}" for a in args]
+    shown = [a if a != data_dir else "DATA" for a in shown]
+    record = run_record(cell, summary, shown, _commit())
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / f"{cell.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    if log:
+        print(f"{cell.name}: target {100 * record['final_target_acc']:.2f}% (EMA) "
+              f"{100 * record['final_target_acc_raw']:.2f}% (raw), "
+              f"{record['seconds_per_step']:.3f} s/step", flush=True)
+    return record
+
+
+def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int) -> float | None:
+    """Projected wall time of ``cell``: ``steps`` x the median s/step (eval included) of finished
+    runs of the same norm and scope, else of the same norm, else of all runs."""
+    for keep in (lambda r: r["norm"] == cell.norm and r["scope"] == cell.scope,
+                 lambda r: r["norm"] == cell.norm, lambda r: True):
+        per_step = [r["total_seconds"] / r["steps"] for r in runs if keep(r)]
+        if per_step:
+            return steps * statistics.median(per_step)
+    return None
+
+
+def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
+                  norms: Sequence[str] = NORMS, scopes: Sequence[str] = SCOPES,
+                  seeds: Sequence[int] = SEEDS, steps: int = STEPS,
+                  budget_minutes: float = 0.0, jobs: int = 2, threads: int = 1,
+                  runs_dir: Path = RUNS_DIR, page: Path = PAGE, work_dir: Path = WORK_DIR,
+                  log: bool = True) -> list[dict[str, Any]]:
+    """Run the missing cells of the grid (``jobs`` at a time, ``threads`` torch threads each)
+    while the projected end stays within ``budget_minutes`` (0: no limit), then regenerate the
+    page. Returns the records of the runs started here."""
+    start = time.monotonic()
+    budget = budget_minutes * 60.0
+    todo = [c for c in grid(pairs, norms, scopes, seeds) if not done(c, runs_dir, steps)]
+    if log:
+        print(f"{len(todo)} run(s) missing of {len(grid(pairs, norms, scopes, seeds))}",
+              flush=True)
+    finished: list[dict[str, Any]] = []
+    running: dict[Future, Cell] = {}
+
+    def fits(cell: Cell) -> bool:
+        if not budget:
+            return True
+        known = [r for r in load_runs(runs_dir) if _same_budget(r, steps)]
+        need = projected_seconds(cell, known, steps) or 0.0
+        return time.monotonic() - start + need <= budget
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while todo or running:
+            while todo and len(running) < max(1, jobs):
+                cell = todo[0]
+                if not fits(cell):
+                    if log:
+                        print(f"budget: not starting {cell.name} (or later cells)", flush=True)
+                    todo = []
+                    break
+                todo.pop(0)
+                if log:
+                    print(f"start {cell.name}", flush=True)
+                running[pool.submit(run_cell, cell, steps=steps, threads=threads,
+                                    data_dir=data_dir, runs_dir=runs_dir, work_dir=work_dir,
+                                    log=log)] = cell
+            if not running:
+                break
+            completed, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in completed:
+                cell = running.pop(fut)
+                try:
+                    finished.append(fut.result())
+                except RuntimeError as err:
+                    print(f"FAILED {err}", file=sys.stderr, flush=True)
+    write_page(runs_dir, page, steps=steps, pairs=pairs, norms=norms, scopes=scopes,
+               seeds=seeds)
+    return finished
+
+
+# ---------------------------------------------------------------- WRN-28-2 timing
+
+
+def wrn28_2(num_classes: int = 10):
+    """WRN-28-2 as in the AdaMatch/FixMatch code (pre-activation blocks, BN + leaky ReLU 0.1,
+    widths 32/64/128, 4 blocks per group), for timing only."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1)
+            self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+            self.act = nn.LeakyReLU(0.1)
+            self.skip = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride)
+
+        def forward(self, x):
+            o = self.act(self.bn1(x))
+            y = self.conv2(self.act(self.bn2(self.conv1(o))))
+            return y + (x if self.skip is None else self.skip(o))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1)]
+    cin = 16
+    for width, stride in ((32, 1), (64, 2), (128, 2)):
+        for i in range(4):
+            layers.append(Block(cin, width, stride if i == 0 else 1))
+            cin = width
+    layers += [nn.BatchNorm2d(cin), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def time_wrn(threads: int = 1, steps: int = 3) -> dict[str, Any]:
+    """Seconds per AdaMatch training step (forward+backward of the joint 512-image batch and of
+    the 128-image source-only pass, 32x32) of WRN-28-2 on this CPU, channels-last."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = wrn28_2().to(memory_format=torch.channels_last)
+    joint = torch.randn(2 * BATCH * (1 + URATIO), 3, 32, 32).contiguous(
+        memory_format=torch.channels_last)
+
+    def step() -> None:
+        loss = model(joint).logsumexp(1).mean() + model(joint[:2 * BATCH]).logsumexp(1).mean()
+        loss.backward()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_step = (time.perf_counter() - t0) / steps
+    return {"wrn28_2_seconds_per_step": per_step, "threads": threads,
+            "params": sum(p.numel() for p in model.parameters()),
+            "paper_steps": PAPER_STEPS, "paper_schedule_hours": per_step * PAPER_STEPS / 3600}
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _hardware_line(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    hw = runs[0]["hardware"]
+    return (f"{hw.get('processor', '?')}, {hw.get('cpu_count', '?')} CPUs, no GPU, torch "
+            f"{hw.get('torch', '?')}, {hw.get('torch_threads', '?')} torch thread(s) per run")
+
+
+def plot_curves(runs: list[dict[str, Any]], pairs: Sequence[str], path: Path) -> None:
+    """Target accuracy (EMA) against step, one colour per norm and scope, a thin line per seed,
+    one panel per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [p for p in pairs if any(r["pair"] == p for r in runs)]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(5.5 * len(present), 4), squeeze=False)
+    colours: dict[str, Any] = {}
+    for ax, pair in zip(axes[0], present, strict=True):
+        for r in sorted((r for r in runs if r["pair"] == pair),
+                        key=lambda r: (r["scope"], r["norm"], r["seed"])):
+            key = r["norm"] + ("" if r["scope"] == "all" else " (input, src ctx)")
+            colour = colours.setdefault(key, f"C{len(colours)}")
+            steps = [e["step"] for e in r["curve"]]
+            ax.plot(steps, [100 * e["target_acc"] for e in r["curve"]], color=colour, lw=1,
+                    ls="-" if r["scope"] == "all" else "--",
+                    label=key if r["seed"] == min(x["seed"] for x in runs if x["pair"] == pair
+                                                  and x["norm"] == r["norm"]
+                                                  and x["scope"] == r["scope"]) else None)
+        ax.set(title=pair.replace("-", " → "), xlabel="step", ylabel="target test acc. (EMA, %)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
+           scopes: Sequence[str]) -> list[str]:
+    groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["norm"], r["scope"]), {})[r["seed"]] = r
+    baseline = {s: r["final_target_acc"] for s, r in groups.get(("batch", "all"), {}).items()}
+    lines = ["| norm | scope (target eval context) | seeds | target acc. EMA (%) mean ± 95% CI "
+             "| target acc. raw (%) | Δ vs batch, paired (points) ± 95% CI | source acc. EMA (%) "
+             "| per-seed target EMA (%) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for scope in scopes:
+        for norm in norms:
+            g = groups.get((norm, scope))
+            if not g:
+                continue
+            seeds = sorted(g)
+            tgt = [g[s]["final_target_acc"] for s in seeds]
+            raw = [g[s]["final_target_acc_raw"] for s in seeds]
+            src = [g[s]["final_source_acc"] for s in seeds]
+            if norm == "batch" and scope == "all":
+                delta = "—"
+            else:
+                diff = paired_difference({s: g[s]["final_target_acc"] for s in seeds}, baseline)
+                delta = ("no batch run with these seeds" if diff is None else
+                         f"{fmt_ci(diff[0], diff[1], signed=True)} (n = {diff[2]})")
+            scope_text = "all (target)" if scope == "all" else "input (source)"
+            lines.append(
+                f"| {norm} | {scope_text} | {', '.join(map(str, seeds))} | "
+                f"{fmt_ci(*mean_ci(tgt))} | {fmt_ci(*mean_ci(raw))} | {delta} | "
+                f"{fmt_ci(*mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
+                f"{statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f} |")
+    return lines
+
+
+#: What the AdaMatch paper reports for these pairs (Berthelot et al. 2021, ICLR 2022). Its
+#: domain-adaptation benchmarks are DigitFive and DomainNet (32x32 and 64x64, WRN-28-2), which
+#: include MNIST, MNIST-M and USPS; the per-pair DigitFive figures were not checked against the
+#: paper's tables in this environment (no copy of the paper here), so none is quoted.
+PAPER_FIGURES: dict[str, str] = {
+    pair: "not quoted: the paper's DigitFive tables were not available to check here"
+    for pair in PAIRS
+}
+
+
+def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
+               pairs: Sequence[str] = tuple(PAIRS), norms: Sequence[str] = NORMS,
+               scopes: Sequence[str] = SCOPES, seeds: Sequence[int] = SEEDS,
+               calibration: Path | None = None, wrn: dict[str, Any] | None = None) -> str:
+    """Regenerate the results page from the run JSONs of budget ``steps``; return its text."""
+    all_runs = load_runs(runs_dir)
+    runs = [r for r in all_runs if _same_budget(r, steps)]
+    other = len(all_runs) - len(runs)
+    curves = page.parent / CURVES.name
+    plot_curves(runs, pairs, curves)
+    extra_path = runs_dir / "extra.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
+    wrn = wrn or extra.get("wrn")
+    cal = extra.get("calibration")
+    head = [
+        "# AdaMatch on digits: measured results",
+        "",
+        "Generated by `python benchmarks/adamatch_digits.py` from the run records in "
+        "[runs/adamatch/](runs/adamatch/) (one JSON per run; a rerun skips existing runs). Real "
+        "data: MNIST (60,000 train / 10,000 test), MNIST-M (the first 20,000 training images, "
+        "all 9,001 test images), USPS (7,291 / 2,007), all as 3×28×28.",
+        "",
+        "## Protocol",
+        "",
+        f"- Budget per run: **{steps} steps** × (batch {BATCH} source + {URATIO}×{BATCH} target "
+        f"images, each weak + strong) = {steps * BATCH:,} labelled and "
+        f"{steps * BATCH * URATIO:,} unlabelled images; evaluation every {EVAL_EVERY} steps on "
+        "the full test sets.",
+        "- Everything else at `python -m fedctx.adapt`'s defaults, i.e. the authors' settings: SGD "
+        "with plain momentum 0.9, lr 0.03·cos(arccos(0.25)·t/T), weight decay 1e-3 on conv and "
+        "linear weights only, τ = 0.9, μ(t) warm-up over the first half, EMA 0.999 with "
+        "TensorFlow's num_updates warm-up, norm momentum 0.001, weak shift 3 px. Digits CNN "
+        "width 16.",
+        "- Reported: the final EMA model's target test accuracy (target context 1 in scope "
+        "`all`; source context 0 in scope `input`), mean over seeds ± half-width of the 95% "
+        "confidence interval (t distribution, n − 1 dof); Δ vs batch: the mean of the per-seed "
+        "differences to the `batch` run with the same seed, with its 95% t-interval (a paired "
+        "comparison: same seed = same initial weights, batches and augmentations).",
+        "- Scope `input` is the normalization papers' protocol (`--norm-scope input "
+        "--target-eval-context source`): `--norm` only on the input image, BatchNorm in the "
+        "CNN, target evaluated with the source context; its baseline is the same `batch` run.",
+        f"- Hardware: {_hardware_line(runs)}. The machine was shared with other jobs, so "
+        "s/step are upper bounds.",
+        "",
+        "Command (the whole grid; `--pairs`, `--norms`, `--scopes`, `--seeds`, "
+        "`--budget-minutes` select a part):",
+        "",
+        "```bash",
+        f"python benchmarks/adamatch_digits.py --data-dir DATA --steps {steps}",
+        "```",
+        "",
+        "One run is `python -m fedctx.adapt --source S --target T --norm N --seed K "
+        f"--steps {steps} --eval-every {EVAL_EVERY} --threads 1` (plus `--norm-scope input "
+        "--target-eval-context source` for scope `input`); each run record holds its exact "
+        "command.",
+        "",
+    ]
+    body: list[str] = []
+    if cal:
+        body += ["## Choice of the step budget (calibration run)", "", cal, ""]
+    for pair in pairs:
+        src, tgt = PAIRS[pair]
+        pr = [r for r in runs if r["pair"] == pair]
+        body += [f"## {src.upper()} → {tgt.upper()}", ""]
+        if pr:
+            body += _table(pr, pair, norms, scopes) + [""]
+        else:
+            body += ["No run yet.", ""]
+        body += [f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
+    if runs:
+        body += ["## Curves", "",
+                 f"![target accuracy vs step]({curves.name})", "",
+                 "Target test accuracy of the EMA model at every evaluation, one line per seed "
+                 "(dashed: scope `input`, evaluated with the source context).", ""]
+    missing = [c for c in grid(pairs, norms, scopes, seeds) if not done(c, runs_dir, steps)]
+    body += ["## Missing cells", ""]
+    if missing:
+        total = 0.0
+        rows = ["| run | projected time (1 thread) |", "|---|---|"]
+        for c in missing:
+            sec = projected_seconds(c, runs, steps)
+            if sec is not None and c.norm == "uan" and not any(r["norm"] == "uan" for r in runs):
+                sec = None
+            total += sec or 0.0
+            rows.append(f"| {c.name} | {'unknown' if sec is None else f'{sec / 60:.0f} min'} |")
+        body += [f"{len(missing)} of {len(grid(pairs, norms, scopes, seeds))} cells are missing; "
+                 f"projected time to fill those with a known s/step: {total / 3600:.1f} h of one "
+                 "core (two runs in parallel on two free cores halve the wall time).", ""] + rows
+        body += [""]
+    else:
+        body += ["None.", ""]
+    if other:
+        body += [f"({other} run record(s) with another budget are in the folder and not shown.)",
+                 ""]
+    if wrn:
+        body += ["## Model cost: digits CNN vs WRN-28-2", "", wrn["text"], ""]
+    text = "\n".join(head + body)
+    page.write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _list(text: str, valid: Sequence[str], flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in valid]
+    if bad or not items:
+        raise SystemExit(f"error: {flag}: invalid value(s) {bad or text!r}; valid choices: "
+                         f"{', '.join(valid)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="", help="data root (default: $FEDCTX_DATA, else "
+                        "fedctx's default)")
+    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--norms", default=",".join(NORMS))
+    parser.add_argument("--scopes", default=",".join(SCOPES))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--budget-minutes", type=float, default=0.0,
+                        help="start no run whose projected end is past this (0: no limit)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument("--page-only", action="store_true", help="only regenerate the page")
+    parser.add_argument("--wrn-timing", action="store_true",
+                        help="measure WRN-28-2 s/step here, store it for the page, and exit")
+    args = parser.parse_args(argv)
+    pairs = _list(args.pairs, tuple(PAIRS), "--pairs")
+    norms = _list(args.norms, NORMS + ("group", "instance", "layer", "scb"), "--norms")
+    scopes = _list(args.scopes, SCOPES, "--scopes")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds: invalid value {args.seeds!r}") from None
+    if args.wrn_timing:
+        print(json.dumps(time_wrn(args.threads), indent=1))
+        return 0
+    if args.page_only:
+        write_page(args.runs_dir, args.page, steps=args.steps, pairs=pairs, norms=norms,
+                   scopes=scopes, seeds=seeds)
+        return 0
+    run_benchmark(data_dir=args.data_dir, pairs=pairs, norms=norms, scopes=scopes, seeds=seeds,
+                  steps=args.steps, budget_minutes=args.budget_minutes, jobs=args.jobs,
+                  threads=args.threads, runs_dir=args.runs_dir, page=args.page)
+    return 0
+
 
 if __name__ == "__main__":
-    raise SystemExit(main(["sweep", *DEFAULTS, *sys.argv[1:]]))
+    raise SystemExit(main())

@@ -13,11 +13,12 @@ RESULT_FILES = ("metrics.jsonl", "summary.json", "curves.png", "grad_variance.pn
                 "embedding.png")
 
 
+@pytest.mark.slow  # reads all of MNIST and MNIST-M: ~30 s alone, minutes on a loaded CPU
 def test_short_real_run_writes_every_result_file(real_data, tmp_path):
     cfg = AdaptConfig(source="mnist", target="mnistm", norm="context", steps=4, batch_size=16,
                       uratio=2, train_samples=256, eval_samples=100, eval_every=2,
                       embed_samples=40, data_dir=str(real_data), out=str(tmp_path / "run"),
-                      device="cpu", threads=2)
+                      device="cpu", threads=1)
     summary = train(cfg, log=False)
     for name in RESULT_FILES:
         assert (tmp_path / "run" / name).stat().st_size > 0, name
@@ -43,6 +44,7 @@ def test_config_rejects_bad_values():
         AdaptConfig(source="usps", target="usps").validate()
 
 
+@pytest.mark.slow  # a subprocess importing torch: 5-30 s
 @pytest.mark.parametrize(("args", "rc", "words"), [
     (["--target", "nowhere"], 2, "valid choices: mnist, usps, mnistm, svhn, synthdigits"),
     (["--source", "svhn", "--target", "mnist", "--data-dir", "{tmp}"], 1, "SVHN not found"),

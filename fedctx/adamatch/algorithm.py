@@ -140,6 +140,27 @@ def adamatch_loss(
     return source_loss + target_weight * target_loss, source_loss, target_loss
 
 
+def ema_decay(decay: float, num_updates: int, warmup: str = "num-updates") -> float:
+    """Decay of the EMA model's update number ``num_updates`` (0 for the first update).
+
+    ``"num-updates"``: ``min(decay, (1 + t) / (10 + t))``, the ``num_updates`` rule of TensorFlow's
+    ``tf.train.ExponentialMovingAverage``: 0.1 at the first update, 0.5 at t = 8, 0.9 at t = 80,
+    and the nominal ``decay`` (0.999) only from t = 8991 on. The EMA model then tracks the
+    recent weights (roughly the last tenth of a run shorter than ~9,000 steps) instead of the
+    initial ones. ``"none"``: the constant ``decay``.
+
+    The AdaMatch authors' ``objax.optimizer.ExponentialMovingAverageModule(momentum=0.999)``
+    starts its averages at **zero** (``jn.zeros_like``) without bias correction (objax's
+    ``debias=False`` default): harmless over their ~30k steps, an untrained (worse: a shrunken)
+    model for the first thousands. See docs/adamatch.md.
+    """
+    if warmup == "none":
+        return decay
+    if warmup == "num-updates":
+        return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+    raise ValueError(f"unknown EMA warm-up {warmup!r}; valid choices: num-updates, none")
+
+
 @torch.no_grad()
 def ema_update_(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     """Move ``ema_model`` towards ``model``: floating parameters *and* buffers (running norm

@@ -11,8 +11,10 @@ from fedctx.norm import use_context
 
 @torch.no_grad()
 def predict(model: nn.Module, split: DomainSplit, context: int, device: torch.device,
-            batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode logits ``(N, K)`` and penultimate features ``(N, F)`` of ``split``.
+            batch: int = 1000, memory_format: torch.memory_format = torch.contiguous_format
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode logits ``(N, K)`` and penultimate features ``(N, F)`` of ``split``, the images
+    laid out in ``memory_format`` (the model's, e.g. ``torch.channels_last``).
 
     Features are the input of the model's last ``nn.Linear`` (captured with a forward hook).
     """
@@ -26,6 +28,7 @@ def predict(model: nn.Module, split: DomainSplit, context: int, device: torch.de
         with use_context(model, context):
             for start in range(0, len(split), batch):
                 x = normalize(to_float(split.images[start:start + batch].to(device)))
+                x = x.contiguous(memory_format=memory_format)
                 logits.append(model(x).cpu())
     finally:
         hook.remove()
@@ -33,7 +36,8 @@ def predict(model: nn.Module, split: DomainSplit, context: int, device: torch.de
     return torch.cat(logits), torch.cat(captured)
 
 
-def accuracy(model: nn.Module, split: DomainSplit, context: int, device: torch.device) -> float:
+def accuracy(model: nn.Module, split: DomainSplit, context: int, device: torch.device,
+             memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Top-1 accuracy of ``model`` on ``split`` with ``context``."""
-    logits, _ = predict(model, split, context, device)
+    logits, _ = predict(model, split, context, device, memory_format=memory_format)
     return float((logits.argmax(1) == split.labels).float().mean())

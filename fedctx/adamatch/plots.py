@@ -66,15 +66,17 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
 
 
 def plot_embedding(model: nn.Module, source: DomainSplit, target: DomainSplit,
-                   device: torch.device, path: Path, samples: int, seed: int) -> None:
+                   device: torch.device, path: Path, samples: int, seed: int,
+                   target_context: int = 1) -> None:
     """PCA of penultimate features of ``samples`` test images per domain (source context 0,
-    target context 1), coloured by domain (left) and by class (right) (UAN paper, Fig. 2)."""
+    target ``target_context``), coloured by domain (left) and by class (right) (UAN paper,
+    Fig. 2)."""
     gen = torch.Generator().manual_seed(seed)
     feats, labels, domains = [], [], []
     for d, split in enumerate((source, target)):
         idx = torch.randperm(len(split), generator=gen)[:samples]
         sub = DomainSplit(split.name, split.images[idx], split.labels[idx])
-        _, f = predict(model, sub, d, device)
+        _, f = predict(model, sub, target_context if d else 0, device)
         feats.append(f)
         labels.append(sub.labels)
         domains.append(torch.full((len(sub),), d))

@@ -1,0 +1,156 @@
+"""AdaMatch training pieces: optimizer (decay, momentum), EMA warm-up, input-scope model,
+batched augmentation, progress output (issue #10: 1.1, 1.6, 1.8, 2.3)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fedctx.adamatch import AdaptConfig, train
+from fedctx.adamatch import algorithm as A
+from fedctx.adamatch.data import DomainSplit
+from fedctx.adamatch.model import InputNormModel
+from fedctx.adamatch.train import AdaMatchState, Domains, build_model, make_optimizer
+from fedctx.norm import ContextAware, use_context
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads run these tiny steps 15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("norm", ["context", "acn"])
+def test_adamatch_optimizer_never_decays_norm_parameters(norm):
+    cfg = AdaptConfig(norm=norm, width=4, weight_decay=0.5, lr=0.1)
+    model = build_model(cfg)
+    norm_layers = [m for m in model.modules() if isinstance(m, ContextAware)]
+    assert norm_layers and all(m.num_contexts == 2 for m in norm_layers)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    norm_names = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, ContextAware)
+                  for k, _ in m.named_parameters()}
+    for n, p in model.named_parameters():
+        if n in norm_names:
+            assert torch.equal(p, before[n]), n
+        elif n.endswith("weight"):
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5), msg=n)
+
+
+def test_default_momentum_is_plain_as_the_authors():
+    cfg = AdaptConfig(width=4, norm="batch")
+    assert cfg.nesterov is False and cfg.momentum == 0.9
+    torch.manual_seed(0)
+    model, ref = build_model(cfg), build_model(cfg)
+    ref.load_state_dict(model.state_dict())
+    ours = make_optimizer(model, cfg)
+    ref_params = list(ref.parameters())
+    theirs = torch.optim.SGD(
+        [{"params": [p for p, d in zip(ref_params, ours.decay_mask, strict=True) if d],
+          "weight_decay": cfg.weight_decay},
+         {"params": [p for p, d in zip(ref_params, ours.decay_mask, strict=True) if not d],
+          "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=False)
+    x = torch.randn(8, 3, 28, 28)
+    for _ in range(3):
+        for m, opt in ((model, ours), (ref, theirs)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(_flat(model), _flat(ref), rtol=0, atol=1e-6)
+
+
+def test_weak_shift_default_is_the_authors_size_over_8():
+    assert AdaptConfig().pad == 28 >> 3 == 3
+
+
+def test_ema_decay_warm_up():
+    assert A.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert A.ema_decay(0.999, 8) == pytest.approx(0.5)
+    assert A.ema_decay(0.999, 100_000) == 0.999
+    assert A.ema_decay(0.999, 0, "none") == 0.999
+
+
+@pytest.mark.parametrize(("warmup", "near_trained"), [("num-updates", True), ("none", False)])
+def test_short_run_ema_is_near_the_trained_model_not_the_init(warmup, near_trained):
+    cfg = AdaptConfig(norm="context", width=4, steps=20, batch_size=8, uratio=1,
+                      ema_warmup=warmup, device="cpu")
+    state = AdaMatchState(cfg, torch.device("cpu"))
+    init = _flat(state.model)
+    xs, ys = _synthetic(8, 0)
+    xt, yt = _synthetic(8, 1)
+    for step in range(cfg.steps):
+        rec = state.step(step, xs, ys, xt, yt)
+    assert rec["ema_decay"] == (0.999 if warmup == "none" else pytest.approx(20 / 29))
+    trained, ema = _flat(state.model), _flat(state.ema_model)
+    to_trained, to_init = (ema - trained).norm(), (ema - init).norm()
+    if near_trained:
+        assert to_trained < 0.25 * to_init
+    else:
+        assert to_init < to_trained
+
+
+def test_input_scope_model_has_the_norm_only_on_the_input():
+    model = build_model(AdaptConfig(norm="acn", norm_scope="input", width=4))
+    assert isinstance(model, InputNormModel)
+    aware = [n for n, m in model.named_modules() if isinstance(m, ContextAware)]
+    assert aware == ["input_norm"]
+    assert model.input_norm.num_contexts == 2
+    body_norms = [m for m in model.body.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
+    assert len(body_norms) == 5
+    x = torch.randn(6, 3, 28, 28)
+    model.eval()
+    with use_context(model, 0):
+        a = model(x)
+    with use_context(model, 1):
+        b = model(x)
+    assert not torch.allclose(a, b)  # the context reaches the input layer
+
+
+def test_augment_is_batched_and_ordered():
+    cfg = AdaptConfig(norm="batch", width=4, batch_size=4, uratio=2, device="cpu")
+    state = AdaMatchState(cfg, torch.device("cpu"))
+    xs, _ = _synthetic(4, 0)
+    xt, _ = _synthetic(8, 1)
+    batch = state.augment(xs, xt)
+    assert batch.shape == (2 * 4 + 2 * 8, 3, 28, 28)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert batch.min() >= -1 and batch.max() <= 1
+
+
+def test_short_run_input_scope_source_context_records_ema_and_raw(tmp_path, capsys):
+    def split(name: str, n: int, seed: int) -> DomainSplit:
+        return DomainSplit(name, *_synthetic(n, seed))
+
+    domains = Domains(split("mnist", 32, 0), split("usps", 32, 1), split("mnist", 40, 2),
+                      split("usps", 40, 3))
+    cfg = AdaptConfig(source="mnist", target="usps", norm="context", norm_scope="input",
+                      target_eval_context="source", steps=4, batch_size=8, uratio=1, width=4,
+                      eval_every=2, embed_samples=20, out=str(tmp_path / "run"), device="cpu",
+                      threads=1, progress_every=1e-9)
+    summary = train(cfg, domains=domains, log=True)
+    text = capsys.readouterr().out
+    assert "step/s" in text and "ETA" in text  # progress lines between evaluations
+    assert "(EMA)" in text and "(raw)" in text
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [e["step"] for e in saved["evals"]] == [2, 4]
+    for key in ("target_acc", "target_acc_raw", "source_acc", "source_acc_raw"):
+        assert all(0.0 <= e[key] <= 1.0 for e in saved["evals"]), key
+    assert saved["final_target_acc_raw"] == saved["evals"][-1]["target_acc_raw"]
+    assert saved["config"]["norm_scope"] == "input" and summary["seconds_per_step"] > 0
