@@ -134,9 +134,9 @@ def test_cifar100_format(tmp_path: Path) -> None:
     for split, n in (("train", 11), ("test", 5)):
         x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         _cifar_pickle(tmp_path / "cifar-100-python" / split, x,
-                      {"fine_labels": list(range(90, 90 + n)), "coarse_labels": [19] * n})
+                      {"fine_labels": list(range(89, 89 + n)), "coarse_labels": [19] * n})
     x, y = read_cifar(tmp_path, train=True, num_classes=100)
-    assert x.shape == (11, 32, 32, 3) and y.tolist() == list(range(90, 101))
+    assert x.shape == (11, 32, 32, 3) and y.tolist() == list(range(89, 100))
     assert read_cifar100_coarse(tmp_path, train=False).tolist() == [19] * 5
 
 

@@ -11,6 +11,7 @@ from fedctx.data.partition import (
 )
 from fedctx.data.sources import (
     READERS,
+    CorruptDataError,
     MissingDataError,
     read_cached,
     read_cifar,
@@ -27,6 +28,7 @@ __all__ = [
     "EMBEDDED_DOMAINS",
     "READERS",
     "ClientData",
+    "CorruptDataError",
     "DomainData",
     "FederatedDataset",
     "MissingDataError",

@@ -21,7 +21,8 @@ CIFAR-100     ``cifar-100-python/{train,test}``: pickles with ``data`` and  32x3
               ``fine_labels`` (and ``coarse_labels``, the 20 superclasses)
 ============  ==========================================================  ================
 
-MNIST and USPS are read by torchvision's own classes. SVHN and CIFAR are *downloaded* by
+MNIST (IDX) and USPS (bzip2 libsvm text) are parsed here with torchvision's logic, every header,
+size and line checked, and downloaded by torchvision's classes. SVHN and CIFAR are *downloaded* by
 torchvision (``download=True``: it fetches and md5-checks the files) but *parsed* here, with the
 same logic as torchvision: torchvision's classes refuse any file whose md5 differs from the
 official release, so they could not read a locally trimmed copy nor the tiny files the tests write
@@ -29,7 +30,12 @@ in the exact format. MNIST-M and SynthDigits have no torchvision class and no st
 they are read by the project's own loaders and must be put on disk by hand.
 
 A data set that is neither on disk nor downloadable raises :class:`MissingDataError` with a
-one-line message naming the data set, the folder looked in and how to get it.
+one-line message naming the data set, the folder looked in and how to get it. A file that is on
+disk but cannot be what it claims (a truncated IDX file, a bad ``usps.bz2``, an unreadable PNG, a
+malformed labels file, a pickle that asks to run code) raises :class:`CorruptDataError`, one line
+naming the file (and the line, for text files). Pickles (CIFAR) are read with
+:mod:`fedctx.data.safe_pickle`, which builds only dicts, lists, strings, numbers and plain numpy
+arrays; file names listed in a labels file must stay inside the data folder.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import functools
 import os
 import pickle
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -56,32 +62,141 @@ def _missing(name: str, folder: Path, expected: str, how: str) -> MissingDataErr
 _DOWNLOAD_HINT = "pass --data-dir to a folder holding it, or --download on a machine with internet"
 
 
-def read_mnist(root: Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST through ``torchvision.datasets.MNIST``: ``(N, 28, 28)`` uint8, ``(N,)`` int64."""
-    from torchvision.datasets import MNIST
+class CorruptDataError(ValueError):
+    """A data file is on disk but is not what it should be; one line naming the file (and the
+    line of a text file) and what is wrong with it."""
 
-    try:
-        ds = MNIST(str(root), train=train, download=download)
-    except (RuntimeError, OSError) as err:
-        raise _missing("MNIST", Path(root) / "MNIST", "raw/*-ubyte IDX files",
-                       _DOWNLOAD_HINT) from err
-    return ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _corrupt(name: str, path: Path, what: object, line: int | None = None) -> CorruptDataError:
+    where = f"{path}, line {line}" if line is not None else f"{path}"
+    return CorruptDataError(f"{name} file {where} is corrupt: {_one_line(what)}; replace it with "
+                            "the original release file")
+
+
+def _check_labels(name: str, path: Path, labels: np.ndarray, num_classes: int) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise _corrupt(name, path, f"label {int(labels[bad[0]])} of sample {int(bad[0])} is not "
+                       f"in 0..{num_classes - 1}")
+
+
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes, 3 (images) or 1 (labels) dims
+
+
+def _check_idx(path: Path, ndim: int) -> list[int]:
+    """Check the IDX header and size of an MNIST file; return its dimensions."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header = fh.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        raise _corrupt("MNIST", path, f"{size} bytes, shorter than an IDX header")
+    magic, *dims = np.frombuffer(header, dtype=">u4").tolist()
+    if magic != _IDX_MAGIC[ndim]:
+        raise _corrupt("MNIST", path, f"IDX magic number {magic:#010x}, expected "
+                       f"{_IDX_MAGIC[ndim]:#010x}")
+    expected = 4 + 4 * ndim + int(np.prod(dims, dtype=object))
+    if size != expected:
+        raise _corrupt("MNIST", path, f"{size} bytes but its header {tuple(dims)} needs "
+                       f"{expected} ({'truncated' if size < expected else 'trailing bytes'})")
+    return dims
+
+
+def read_mnist(root: Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's IDX files (``root/MNIST/raw``): ``(N, 28, 28)`` uint8, ``(N,)`` int64.
+
+    The split's two files are checked (IDX header, size, image/label counts, labels 0-9) and
+    parsed here, so a damaged file is named as corrupt and a copy holding one split reads.
+    Without them, ``torchvision.datasets.MNIST`` downloads them (``download=True``) or reads its
+    legacy ``processed/`` files.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    files = (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte")
+    if not all(f.is_file() for f in files):
+        if not (download or (raw.parent / "processed").is_dir()):
+            raise _missing("MNIST", raw.parent, "raw/*-ubyte IDX files", _DOWNLOAD_HINT)
+        from torchvision.datasets import MNIST
+
+        try:
+            ds = MNIST(str(root), train=train, download=download)
+        except (RuntimeError, OSError) as err:
+            raise _missing("MNIST", Path(root) / "MNIST", "raw/*-ubyte IDX files",
+                           _DOWNLOAD_HINT) from err
+        if not all(f.is_file() for f in files):  # legacy processed/ files
+            return ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+    (n, *size), (n_labels,) = _check_idx(files[0], 3), _check_idx(files[1], 1)
+    if size != [28, 28]:
+        raise _corrupt("MNIST", files[0], f"images of {size[0]}x{size[1]} pixels, expected 28x28")
+    if n != n_labels:
+        raise _corrupt("MNIST", files[1], f"{n_labels} labels for the {n} images of "
+                       f"{files[0].name}")
+    images = np.fromfile(files[0], dtype=np.uint8, offset=16).reshape(n, 28, 28)
+    labels = np.fromfile(files[1], dtype=np.uint8, offset=8).astype(np.int64)
+    _check_labels("MNIST", files[1], labels, 10)
+    return images, labels
 
 
 def read_usps(root: Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """USPS through ``torchvision.datasets.USPS`` (``root/USPS``): ``(N, 16, 16)`` uint8, ``(N,)``.
+    """USPS (``root/USPS/usps.bz2``, ``usps.t.bz2``): ``(N, 16, 16)`` uint8, ``(N,)`` int64.
 
-    7,291 training and 2,007 test images; torchvision maps the libsvm values ``v`` in [-1, 1] to
-    ``(v + 1) / 2 * 255``.
+    7,291 training and 2,007 test images. Parsed here exactly as ``torchvision.datasets.USPS``
+    does (libsvm lines ``label i:v ...``, labels 1-10 -> 0-9, values ``v`` in [-1, 1] ->
+    ``uint8((v + 1) / 2 * 255)``), with every line checked; torchvision downloads the files
+    (``download=True``).
     """
-    from torchvision.datasets import USPS
-
     folder = Path(root) / "USPS"
+    path = folder / ("usps.bz2" if train else "usps.t.bz2")
+    if not path.is_file() and download:
+        from torchvision.datasets import USPS
+
+        try:
+            USPS(str(folder), train=train, download=True)
+        except (RuntimeError, OSError) as err:
+            raise _missing("USPS", folder, path.name, f"download failed ({err})") from err
+    if not path.is_file():
+        raise _missing("USPS", folder, "usps.bz2 and usps.t.bz2", _DOWNLOAD_HINT)
+    return _read_usps_file(path)
+
+
+def _read_usps_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import bz2
+
     try:
-        ds = USPS(str(folder), train=train, download=download)
-    except (RuntimeError, OSError) as err:
-        raise _missing("USPS", folder, "usps.bz2 and usps.t.bz2", _DOWNLOAD_HINT) from err
-    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+        with bz2.open(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, EOFError, ValueError) as err:  # not bzip2, truncated, not text
+        raise _corrupt("USPS", path, f"not bzip2-compressed libsvm text ({type(err).__name__}: "
+                       f"{err})") from err
+    numbered = [(i, line.split()) for i, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise _corrupt("USPS", path, "it holds no image")
+    for number, tokens in numbered:
+        if len(tokens) != 257:
+            raise _corrupt("USPS", path, f"{len(tokens) - 1} pixel values, expected 256 "
+                           "(<label> 1:<v> ... 256:<v>)", number)
+    try:
+        values = np.asarray([[t.rpartition(":")[2] for t in tokens[1:]]
+                             for _, tokens in numbered], dtype=np.float32)
+        labels = np.asarray([tokens[0] for _, tokens in numbered], dtype=np.int64) - 1
+    except ValueError:  # find the first bad line
+        for number, tokens in numbered:
+            try:
+                int(tokens[0])
+                [float(t.rpartition(":")[2]) for t in tokens[1:]]
+            except ValueError as err:
+                raise _corrupt("USPS", path, f"not a number ({err})", number) from None
+        raise
+    bad = np.flatnonzero(~np.isfinite(values).all(1) | (values.min(1) < -1) | (values.max(1) > 1)
+                         | (labels < 0) | (labels > 9))
+    if len(bad):
+        raise _corrupt("USPS", path, "label not in 1..10 or pixel value not in [-1, 1]",
+                       numbered[bad[0]][0])
+    images = ((values.reshape(-1, 16, 16) + 1) / 2 * 255).astype(np.uint8)
+    return images, labels
 
 
 def _read_digits_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -90,13 +205,26 @@ def _read_digits_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Label 10 stands for digit 0 (SVHN's convention) and is mapped to 0.
     """
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
-    mat = loadmat(str(path))
-    images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2))).astype(np.uint8)
-    labels = mat["y"].astype(np.int64).reshape(-1)
+    name = path.parent.name
+    try:
+        mat = loadmat(str(path))
+        x, y = mat["X"], mat["y"]
+    except (MatReadError, OSError, EOFError, ValueError, TypeError, NotImplementedError,
+            IndexError) as err:
+        raise _corrupt(name, path, f"not a MATLAB v5 file ({type(err).__name__}: {err})"
+                       ) from err
+    except KeyError as err:
+        raise _corrupt(name, path, f"no variable {err} (expected X and y)") from err
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise _corrupt(name, path, f"X has shape {x.shape}, expected (32, 32, 3, N)")
+    images = np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2))).astype(np.uint8)
+    labels = y.astype(np.int64).reshape(-1)
     labels[labels == 10] = 0
     if len(images) != len(labels):
-        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+        raise _corrupt(name, path, f"{len(images)} images but {len(labels)} labels")
+    _check_labels(name, path, labels, 10)
     return images, labels
 
 
@@ -149,8 +277,6 @@ def read_mnistm(root: Path, train: bool, download: bool = False) -> tuple[np.nda
     ``<file name> <label>``; only the files listed *and* present are read, so a partial copy
     (e.g. the first 20,000 training images) works. There is no download.
     """
-    from PIL import Image
-
     root = Path(root)
     split = "train" if train else "test"
     folder = root if (root / f"mnist_m_{split}_labels.txt").exists() else root / "mnist_m"
@@ -161,18 +287,67 @@ def read_mnistm(root: Path, train: bool, download: bool = False) -> tuple[np.nda
             "get the original release (Ganin & Lempitsky 2015) and unpack it there")
         raise _missing("MNIST-M", folder, f"{images_dir.name}/ and {labels_file.name}", how)
     names, labels = [], []
-    for line in labels_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        name, label = line.split()
+    for _, name, label in _read_labels_file("MNIST-M", labels_file, 10):
         if (images_dir / name).exists():
             names.append(name)
-            labels.append(int(label))
+            labels.append(label)
     if not names:
         raise _missing("MNIST-M", images_dir, f"the PNGs listed in {labels_file.name}",
                        "unpack the original release there")
-    images = np.stack([np.asarray(Image.open(images_dir / n).convert("RGB")) for n in names])
+    images = np.stack([_read_png("MNIST-M", images_dir / n, (32, 32, 3)) for n in names])
     return images, np.asarray(labels, dtype=np.int64)
+
+
+def _read_labels_file(name: str, path: Path, num_classes: int) -> list[tuple[int, str, int]]:
+    """``(line number, file name, label)`` of each line ``<file name> <label>`` of ``path``.
+
+    A file name must be relative and stay inside the folder it names files of (no ``..``, no
+    absolute path); a label must be an integer in ``0..num_classes-1``. Blank lines are skipped.
+
+    Raises:
+        CorruptDataError: one line naming ``path``, the line number and the problem.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise _corrupt(name, path, f"unreadable labels file ({type(err).__name__}: {err})"
+                       ) from err
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise _corrupt(name, path, f"{len(fields)} columns, expected 2 (<file name> <label>)",
+                           number)
+        file_name, label = fields
+        parts = PurePath(file_name).parts
+        if PurePath(file_name).is_absolute() or ".." in parts or file_name.startswith("~"):
+            raise _corrupt(name, path, f"file name {file_name!r} leaves the data folder", number)
+        try:
+            value = int(label)
+        except ValueError:
+            raise _corrupt(name, path, f"label {label!r} is not an integer", number) from None
+        if not 0 <= value < num_classes:
+            raise _corrupt(name, path, f"label {value} is not in 0..{num_classes - 1}", number)
+        out.append((number, file_name, value))
+    return out
+
+
+def _read_png(name: str, path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The RGB pixels of image ``path``; :class:`CorruptDataError` if unreadable or not
+    ``shape``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise _corrupt(name, path, f"not a readable image ({type(err).__name__}: {err})"
+                       ) from err
+    if pixels.shape != shape:
+        raise _corrupt(name, path, f"image of shape {pixels.shape}, expected {shape}")
+    return pixels
 
 
 _CIFAR = {
@@ -219,14 +394,43 @@ def read_cifar100_coarse(root: Path, train: bool) -> np.ndarray:
 
 
 def _read_cifar_files(files: list[Path], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and ``key`` labels of CIFAR pickles, read with :mod:`fedctx.data.safe_pickle`
+    (never ``pickle.load``: a pickle can run any code it names)."""
+    from fedctx.data import safe_pickle
+
+    name = "CIFAR-10" if files and files[0].parent.name == "cifar-10-batches-py" else "CIFAR-100"
+    classes = {"labels": 10, "fine_labels": 100, "coarse_labels": 20}[key]
     data, labels = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
-        data.append(np.asarray(entry["data"], dtype=np.uint8))
-        labels.extend(entry[key])
+        try:
+            with open(f, "rb") as fh:
+                entry = safe_pickle.load(fh, encoding="latin1")
+        except safe_pickle.UnsafePickleError as err:
+            raise CorruptDataError(
+                f"{name} file {f} is refused: {_one_line(err)}, which a data file never needs "
+                "(only dicts, lists, strings, numbers and numpy arrays are built); not loaded"
+            ) from err
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError, MemoryError, RecursionError) as err:
+            raise _corrupt(name, f, f"not a complete pickle ({type(err).__name__}: {err})"
+                           ) from err
+        if not isinstance(entry, dict) or "data" not in entry or key not in entry:
+            raise _corrupt(name, f, f"expected a dict with 'data' and {key!r}")
+        x = entry["data"]
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2
+                and x.shape[1] == 3072):
+            what = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise _corrupt(name, f, f"'data' is {what}, expected uint8 (N, 3072)")
+        y = entry[key]
+        if not (isinstance(y, list | np.ndarray) and len(y) == len(x)
+                and all(type(v) is int or isinstance(v, np.integer) for v in y)):
+            raise _corrupt(name, f, f"{key!r} is not a list of {len(x)} integers")
+        y = np.asarray(y, dtype=np.int64)
+        _check_labels(name, f, y, classes)
+        data.append(x)
+        labels.append(y)
     images = np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)
+    return np.ascontiguousarray(images), np.concatenate(labels)
 
 
 def to_digits_form(images: np.ndarray, size: int = 28) -> torch.Tensor:
