@@ -65,6 +65,8 @@ def main() -> None:
             + ("—" if policy == "average" else diff.format(100, 1)) + " |")
         if policy != "average":
             sentences.append("- " + verdict(diff, f"`{policy}`", "`average`"))
+    bank_vs_fedbn = paired_difference(by_seed(records["per-context"]), by_seed(records["local"]))
+    sentences.append("- " + verdict(bank_vs_fedbn, "`per-context`", "`local` (FedBN)"))
     spread = [max(r["accuracy"] for r in records[p]) - min(r["accuracy"] for r in records[p])
               for p in POLICIES if records[p]]
     lines += ["", "What the intervals support:", "", *sentences, "",
@@ -72,7 +74,7 @@ def main() -> None:
               f"{max(spread) * 100:.1f} points (largest max − min over seeds). With the same seed, "
               "a run reproduces its metrics exactly on this machine (tests/test_simulate_cli.py); "
               "other machines and torch builds may differ in the last float bits.", "",
-              "Seconds per run: " + ", ".join(
+              "Seconds per run (measured while other jobs shared the two cores): " + ", ".join(
                   f"{p} {sum(r['wall_seconds'] for r in records[p]) / len(records[p]):.0f}"
                   for p in POLICIES if records[p]) + ".", ""]
     page = RESULTS / "norm_policies.md"
