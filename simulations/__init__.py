@@ -11,18 +11,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedctx.config import CONFIG_DIR, SimConfig
+from fedctx.config import CONFIG_DIR, ConfigError, SimConfig
 from fedctx.data import FederatedDataset
+
+#: Models (``fedctx.models.MODELS``) that run on 28x28 and on 32x32 images: the digits CNN's
+#: classifier is sized for 28x28, the ViT's position embedding for 32x32, the CIFAR ResNets pool
+#: globally and take either.
+MODELS_28 = ("digits-cnn", "resnet20", "resnet32", "resnet18")
+MODELS_32 = ("resnet20", "resnet32", "resnet18", "vit-tiny")
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """``build(config) -> FederatedDataset`` plus the model used by default."""
+    """``build(config) -> FederatedDataset`` plus the model used by default, the models that fit
+    its images (``models``) and the shape of one image (``input_shape``)."""
 
     name: str
     description: str
     build: Callable[[SimConfig], FederatedDataset]
     model: str = "digits-cnn"
+    models: tuple[str, ...] = MODELS_28
+    input_shape: tuple[int, ...] = (3, 28, 28)
+
+    def check_model(self, name: str) -> str:
+        """The model a run uses: ``name``, or the default when empty.
+
+        Raises:
+            ConfigError: (a ``ValueError``) one line naming the models that fit this scenario,
+                when ``name`` is unknown or built for other images.
+        """
+        from fedctx.models import MODELS
+
+        if not name:
+            return self.model
+        if name in self.models:
+            return name
+        size = "x".join(str(n) for n in self.input_shape[1:])
+        why = (f"unknown model {name!r}" if name not in MODELS else
+               f"model {name!r} does not fit scenario {self.name!r} ({size} images)")
+        raise ConfigError(f"--model: {why}; compatible models for {self.name!r}: "
+                          f"{', '.join(self.models)}")
 
     def defaults(self) -> dict[str, Any]:
         """Options from ``configs/<name>.toml`` if that file exists (else none)."""

@@ -18,7 +18,7 @@ import torch
 
 from fedctx.config import SimConfig
 from fedctx.data import ClientData, FederatedDataset
-from fedctx.data.partition import assign_domains, domain_split
+from fedctx.data.partition import assign_domains, clients_per_domain, domain_split, max_clients
 from fedctx.data.sources import MissingDataError, default_data_dir, read_cached, to_digits_form
 
 PER_CLIENT = 743
@@ -59,6 +59,27 @@ def read_domains(names: list[str], config: SimConfig) -> tuple[dict[str, Arrays]
     return found, list(errors)
 
 
+def check_clients_fit(config: SimConfig, train_sizes: list[int], names: list[str],
+                      per_client: int) -> None:
+    """Refuse, in one line, a ``--batch-size`` above ``per_client`` (a client would hold fewer
+    images than one batch) or more ``--clients`` than the domains' training splits can fill with
+    ``per_client`` images each (naming the largest ``--clients`` that works). Arithmetic only:
+    runs before any array of clients is made."""
+    if config.batch_size > per_client:
+        raise ValueError(f"--batch-size {config.batch_size}: each client holds {per_client} "
+                         f"training images, fewer than one batch; use --batch-size <= "
+                         f"{per_client}")
+    capacity = [n // per_client for n in train_sizes]
+    for name, n, cap, count in zip(names, train_sizes, capacity,
+                                   clients_per_domain(config.clients, len(names)), strict=True):
+        if count > cap:
+            best = max_clients(capacity)
+            fix = (f"the largest --clients that works is {best}" if best >= len(names) else
+                   f"{name} cannot fill one client")
+            raise ValueError(f"--clients {config.clients}: {name} would need {count} clients x "
+                             f"{per_client} images but has {n} training images; {fix}")
+
+
 def _sample(labels: np.ndarray, n: int, rng: np.random.Generator, what: str) -> np.ndarray:
     if n > len(labels):
         raise ValueError(f"{what}: {n} samples needed but only {len(labels)} available; use fewer "
@@ -71,8 +92,12 @@ def digit_federation(names: list[str], config: SimConfig, per_client: int = PER_
     """One domain per client (round-robin over the domains present), ``per_client`` training
     images each; contexts = domains; images ``(3, 28, 28)`` in [-1, 1] (see ``to_digits_form``).
     """
+    from simulations import get_scenario
+
+    get_scenario(config.scenario).check_model(config.model)  # fail before any data is read
     raw, missing = read_domains(names, config)
     present = [n for n in names if n in raw]
+    check_clients_fit(config, [len(raw[n][1]) for n in present], present, per_client)
     owner = assign_domains(config.clients, len(present))
     xs, ys, ds, test = [], [], [], {}
     for k, name in enumerate(present):

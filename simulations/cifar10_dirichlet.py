@@ -1,7 +1,8 @@
 """``cifar10-dirichlet``: CIFAR-10 with Dirichlet label skew (Hsu et al. 2019), one context.
 
 All 50,000 training images are split among the clients with, per class, shares drawn from
-Dirichlet(:data:`ALPHA` = 0.5) (every client gets at least :data:`MIN_PER_CLIENT` images); the
+Dirichlet(:data:`ALPHA` = 0.5) (every client gets at least :data:`MIN_PER_CLIENT` images, and
+``--clients`` is refused when the mean share is under one ``--batch-size``); the
 10,000 test images are the test set of the single context ``cifar10``. Images: float32
 ``(3, 32, 32)`` in [-1, 1] (``(x / 255 - 0.5) / 0.5``). Read from ``--data-dir`` (else
 ``$FEDCTX_DATA``, else ``./data``) in torchvision's ``cifar-10-batches-py`` layout; ``--download``
@@ -15,9 +16,9 @@ import torch
 
 from fedctx.config import SimConfig
 from fedctx.data import ClientData, FederatedDataset
-from fedctx.data.partition import dirichlet_split
+from fedctx.data.partition import check_batch_fits, dirichlet_split
 from fedctx.data.sources import read_cached, to_cifar_form
-from simulations import Scenario
+from simulations import MODELS_32, Scenario
 from simulations._common import data_root
 
 ALPHA = 0.5
@@ -25,9 +26,11 @@ MIN_PER_CLIENT = 10
 
 
 def build(config: SimConfig) -> FederatedDataset:
+    SCENARIO.check_model(config.model)  # fail before any data is read
     root = str(data_root(config))
     x_tr, y_tr = read_cached("cifar10", root, True, config.download)
     x_te, y_te = read_cached("cifar10", root, False, config.download)
+    check_batch_fits(config.clients, [len(y_tr)], config.batch_size, average=True)
     parts = dirichlet_split(y_tr, config.clients, ALPHA, np.random.default_rng(config.seed),
                             min_size=min(MIN_PER_CLIENT, len(y_tr) // config.clients))
     clients = [ClientData(to_cifar_form(x_tr[p]), torch.from_numpy(y_tr[p]),
@@ -42,4 +45,6 @@ SCENARIO = Scenario(
     description="CIFAR-10, Dirichlet(0.5) label skew over clients, one context",
     build=build,
     model="resnet20",
+    models=MODELS_32,
+    input_shape=(3, 32, 32),
 )

@@ -3,7 +3,8 @@
 Domains (contexts): MNIST, USPS, MNIST-M (real subsets shipped in the package) and colour-inverted
 MNIST (derived from a disjoint MNIST subset). Client ``i`` holds domain ``i % 4``; a domain's
 1,000 training images are split IID among its clients. Each domain's 300 test images are the
-server's test set for that context. With ``--data-dir``, the MNIST domain is read from the real
+server's test set for that context; a client must hold at least one batch (``--clients`` up to
+124 at ``--batch-size 32``). With ``--data-dir``, the MNIST domain is read from the real
 MNIST there instead (same per-class counts, drawn with the run's seed).
 """
 
@@ -17,7 +18,7 @@ import torch
 from fedctx.config import SimConfig
 from fedctx.data import ClientData, FederatedDataset, load_embedded_digits
 from fedctx.data.embedded import TEST_PER_CLASS, TRAIN_PER_CLASS, to_common_form
-from fedctx.data.partition import assign_domains, iid_split
+from fedctx.data.partition import assign_domains, check_batch_fits, iid_split
 from fedctx.data.sources import read_mnist
 from simulations import Scenario
 
@@ -33,12 +34,14 @@ def _real_mnist(root: Path, download: bool, rng: np.random.Generator):
 
 
 def build(config: SimConfig) -> FederatedDataset:
+    SCENARIO.check_model(config.model)  # fail before any data is read
     domains = load_embedded_digits()
     names = list(domains)
     rng = np.random.default_rng(config.seed)
     if config.data_dir:
         x_tr, y_tr, x_te, y_te = _real_mnist(Path(config.data_dir), config.download, rng)
         domains["mnist"] = type(domains["mnist"])("mnist", x_tr, y_tr, x_te, y_te)
+    check_batch_fits(config.clients, [len(domains[n].y_train) for n in names], config.batch_size)
     owner = assign_domains(config.clients, len(names))
     clients: list[ClientData | None] = [None] * config.clients
     for k, name in enumerate(names):

@@ -29,7 +29,7 @@ dependency set small.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,45 @@ def assign_domains(num_clients: int, num_domains: int) -> np.ndarray:
             f"{num_domains}"
         )
     return np.arange(num_clients) % num_domains
+
+
+def clients_per_domain(num_clients: int, num_domains: int) -> list[int]:
+    """How many clients :func:`assign_domains` gives each domain (arithmetic, no array)."""
+    return [max(0, (num_clients - k + num_domains - 1) // num_domains)
+            for k in range(num_domains)]
+
+
+def max_clients(capacities: Sequence[int]) -> int:
+    """The largest number of clients whose round-robin assignment (:func:`assign_domains`) gives
+    domain ``k`` at most ``capacities[k]`` clients: ``min_k(capacities[k] * D + k)``."""
+    d = len(capacities)
+    return min(c * d + k for k, c in enumerate(capacities))
+
+
+def check_batch_fits(num_clients: int, domain_sizes: Sequence[int], batch_size: int,
+                     average: bool = False) -> None:
+    """Refuse a split that leaves a client fewer images than one mini-batch.
+
+    Domains are dealt round-robin (:func:`assign_domains`) and a domain's ``domain_sizes[k]``
+    images are cut near-equally among its clients (:func:`iid_split`), so the smallest client of
+    domain ``k`` holds ``size_k // clients_k`` images. Checked arithmetically, before any split.
+    ``average=True`` words it as the mean share, for splits whose sizes vary (Dirichlet).
+
+    Raises:
+        ValueError: one line saying how many images a client would hold and the largest
+            ``--clients`` that works (or the ``--batch-size`` that would, when even one client
+            per domain is too few).
+    """
+    counts = clients_per_domain(num_clients, len(domain_sizes))
+    held = min(n // c for n, c in zip(domain_sizes, counts, strict=True) if c)
+    if held >= batch_size:
+        return
+    best = max_clients([n // batch_size for n in domain_sizes])
+    fix = (f"the largest --clients that works is {best}" if best >= len(domain_sizes) else
+           f"use --batch-size <= {min(domain_sizes)}")
+    raise ValueError(f"--clients {num_clients}: a client would hold {held} training images"
+                     f"{' on average' if average else ''}, fewer than one batch (--batch-size "
+                     f"{batch_size}); {fix}")
 
 
 def iid_split(num_samples: int, num_parts: int, rng: np.random.Generator) -> list[np.ndarray]:
