@@ -49,9 +49,14 @@ def flag_of(name: str) -> str:
 
 
 def check_fields(obj: Any, error: type[ConfigError] = ConfigError) -> None:
-    """Check every field of the options dataclass ``obj`` against its choices and bounds."""
+    """Check every field of the options dataclass ``obj`` against its choices and bounds; a
+    float must be finite (``inf`` and ``nan`` pass or fail bounds by accident)."""
+    import math
+
     for f in fields(obj):
         value, meta, flag = getattr(obj, f.name), f.metadata, flag_of(f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{flag}: invalid value {value!r}; must be a finite number")
         choices = meta.get("choices")
         if callable(choices):
             choices = tuple(choices())
@@ -74,21 +79,45 @@ def _coerce(name: str, kind: type, value: Any, error: type[ConfigError] = Config
             raise ValueError(value)
         if kind is int and isinstance(value, float | bool):
             raise ValueError(value)
-        return kind(value)
+        if kind is str and not isinstance(value, str):  # a TOML number, array or table
+            raise ValueError(value)
+        out = kind(value)
     except (TypeError, ValueError):
         raise error(f"{flag_of(name)}: invalid value {value!r}; expected {kind.__name__}"
                     ) from None
+    if kind is float and out - out != 0:  # inf, -inf, nan (also "1e999")
+        raise error(f"{flag_of(name)}: invalid value {value!r}; must be a finite number")
+    return out
 
 
 def load_options_file(cls: type, path: Path, error: type[ConfigError] = ConfigError
                       ) -> dict[str, Any]:
-    """Read a TOML file whose top-level keys are ``cls``'s option names (``-`` or ``_``)."""
+    """Read a TOML file whose top-level keys are ``cls``'s option names (``-`` or ``_``).
+
+    One-line ``error`` for a path that is missing, a directory or not a regular file (a FIFO or
+    device could block the read), unreadable, not UTF-8, not TOML, or that sets no option.
+    """
+    path = Path(path)
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        if path.is_dir():
+            raise error(f"--config: {path} is a directory, not a TOML file")
+        if path.exists() and not path.is_file():
+            raise error(f"--config: {path} is not a regular file")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise error(f"--config: file not found: {path}") from None
+    except OSError as err:
+        raise error(f"--config: cannot read {path}: {err.strerror or err}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"--config: {path} is not UTF-8 text (byte {err.start} is "
+                    f"{data[err.start]:#04x})") from None
     except tomllib.TOMLDecodeError as err:
-        raise error(f"--config: {path} is not valid TOML: {err}") from None
+        raise error(f"--config: {path} is not valid TOML: {' '.join(str(err).split())}"
+                    ) from None
+    if not raw:
+        raise error(f"--config: {path} is empty (it sets no option)")
     known = {f.name: _TYPES[f.type] for f in fields(cls)}
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -165,7 +194,10 @@ class SimConfig:
     width: int = option(16, "model width (channels of the first conv)", min=1)
     eval_every: int = option(1, "evaluate the global model every this many rounds (and after "
                            "the last)", min=1)
-    seed: int = option(0, "random seed: same seed, same sampling and metrics", min=0)
+    # < 2**32: numpy's legacy seed range; it keeps the derived torch seeds (seed * 1_000_003 +
+    # round * 10_007 + client < 2**64) and Flower's signed 64-bit run config in range.
+    seed: int = option(0, "random seed (0 to 4294967295): same seed, same sampling and metrics",
+                       min=0, lt=2**32)
     out: str = option("", "results folder (empty: results/<scenario>-<norm>-<policy>-seed<seed>)")
     data_dir: str = option("", "folder holding real data sets (torchvision layout); empty: the "
                          "scenario's default / embedded data")
