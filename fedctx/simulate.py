@@ -2,10 +2,13 @@
 
 Example: ``python -m fedctx.simulate --clients 20`` runs the embedded ``digits`` scenario.
 Options: defaults < the scenario's ``configs/<scenario>.toml`` < ``--config FILE`` < flags.
+It runs fedctx's Flower App (the same ServerApp and ClientApp as ``flwr run .``) with the
+resolved options as Flower's run config.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +39,9 @@ def parse_config(argv: list[str] | None = None) -> SimConfig:
     if implied and args.norm_policy is None and "norm_policy" not in file_values:
         config.norm_policy = implied
     if not config.out:
-        config.out = (f"results/{config.scenario}-{config.norm}-{config.norm_policy}-"
-                      f"{config.strategy.replace(':', '.')}-seed{config.seed}")
+        from fedctx.federated.run_config import default_out
+
+        config.out = default_out(config)
     return config
 
 
@@ -66,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fedctx.data.sources import MissingDataError
-    from fedctx.federated.client import make_client_app
     from fedctx.federated.engine import run_in_process, run_on_ray
-    from fedctx.federated.runtime import load_data
-    from fedctx.federated.server import make_server_app
-    from fedctx.results import RunRecorder
+    from fedctx.federated.run_config import to_run_config
+    from fedctx.federated.runtime import get_runtime
+    from fedctx.federated.server import STARTED_ENV
 
+    run_config = to_run_config(config)
     try:
-        data = load_data(config)  # fail fast on missing data, before Ray starts
+        data = get_runtime(run_config).data  # fail fast on missing data, before Ray starts
     except (MissingDataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -81,26 +85,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
           f"{config.norm!r}, policy {config.norm_policy!r}, strategy {config.strategy!r}; "
           f"{config.rounds} rounds, {config.fraction:.0%} of clients per round", flush=True)
-    recorder = RunRecorder(Path(config.out), config.rounds, started=t0)
-    server_app, client_app = make_server_app(config, recorder), make_client_app(config)
+    os.environ[STARTED_ENV] = str(t0)
+    error: BaseException | None = None
     try:
         if config.backend == "inprocess":
-            run_in_process(server_app, client_app, num_clients=config.clients,
-                           verbose=config.verbose)
+            run_in_process(run_config, num_clients=config.clients, verbose=config.verbose)
         else:
             print("Starting Ray and the Flower simulation engine...", flush=True)
-            run_on_ray(server_app, client_app, num_clients=config.clients,
+            run_on_ray(run_config, num_clients=config.clients,
                        cpus_per_client=config.cpus_per_client,
                        gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,
                        ray_address=config.ray_address, verbose=config.verbose)
     except Exception as err:  # noqa: BLE001 - reported below with the saved-rounds hint
-        recorder.error = recorder.error or err
+        error = err.__cause__ or err
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished rounds are saved: resume with --resume --out "
               f"{config.out}", file=sys.stderr)
         return 130
-    if recorder.error is not None or recorder.summary is None:
-        reason = recorder.error or "the simulation engine stopped before the last round"
+    if error is not None or not (Path(config.out) / "summary.json").exists():
+        reason = error or "the simulation engine stopped before the last round"
         print(f"error: run failed: {reason}\nfinished rounds are saved in {config.out}; "
               "continue with --resume", file=sys.stderr)
         return 1

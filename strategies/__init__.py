@@ -1,8 +1,9 @@
 """Aggregation strategies for the shared (non-normalization) weights, found by name.
 
 A strategy is any Flower Message-API strategy (``flwr.serverapp.strategy.Strategy``). fedctx
-calls its ``configure_train`` / ``aggregate_train`` for the shared weights and applies the run's
-norm policy around it. Names resolve, in order, to:
+wraps it in :class:`fedctx.federated.norm_strategy.NormPolicyStrategy`: the strategy samples the
+nodes (seeded by the wrapper) and aggregates the shared weights, the run's norm policy handles
+the normalization tensors. Names resolve, in order, to:
 
 1. the built-ins below (Flower's own classes with fedctx defaults);
 2. plugins registered in the entry-point group ``fedctx.strategies`` (``name = "pkg.mod:obj"``);
@@ -30,10 +31,14 @@ ENTRY_POINT_GROUP = "fedctx.strategies"
 
 
 def strategy_kwargs(config: SimConfig) -> dict[str, Any]:
-    """Keyword arguments every Flower strategy gets: fedctx samples clients itself, so the
-    strategy sees exactly the sampled nodes and must use them all."""
-    return {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
-            "min_evaluate_nodes": 0, "min_available_nodes": 1}
+    """Keyword arguments every Flower strategy gets: it samples ``--fraction`` of the
+    ``--clients`` nodes (at least ``--min-clients``) once all have connected. Federated
+    evaluation asks every node (the norm policy keeps those that trained) when the clients hold
+    their own normalization (``local``, ``stats-local``); otherwise the server evaluates."""
+    client_side = config.norm_policy in ("local", "stats-local")
+    return {"fraction_train": config.fraction, "min_train_nodes": config.min_clients,
+            "min_available_nodes": config.clients,
+            "fraction_evaluate": 1.0 if client_side else 0.0, "min_evaluate_nodes": 0}
 
 
 def _builtin(cls: type[fl.Strategy], norm_policy: str | None = None, **defaults: Any):

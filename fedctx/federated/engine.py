@@ -1,17 +1,24 @@
-"""The one place that calls Flower's simulation engine (Ray backend).
+"""The one place that calls Flower's simulation engine (Ray backend) for
+``python -m fedctx.simulate``.
 
-Flower 1.41 marks ``flwr.simulation.run_simulation`` deprecated in favour of ``flwr run``; every
-fedctx entry point goes through :func:`run_on_ray`, so a move to the new API is one change here.
+It runs fedctx's Flower App (``fedctx.federated.server:app``, ``fedctx.federated.client:app``)
+exactly as ``flwr run`` does in a local simulation (Flower's ``_run_simulation`` with the apps
+loaded by reference and the run config read from an app folder), minus the detached SuperLink
+process that ``flwr run`` starts, which doubles start-up time here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+SERVER_APP = "fedctx.federated.server:app"
+CLIENT_APP = "fedctx.federated.client:app"
+RunConfig = dict[str, bool | int | float | str]
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -21,17 +28,33 @@ def quiet_flower(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run_in_process(server_app: ServerApp, client_app: ClientApp, *, num_clients: int,
-                   verbose: bool = False) -> None:
-    """Run ``server_app`` against an :class:`~fedctx.federated.local.InProcessGrid` (no Ray)."""
+def run_in_process(run_config: RunConfig, *, num_clients: int, verbose: bool = False) -> None:
+    """Run fedctx's ServerApp against an :class:`~fedctx.federated.local.InProcessGrid` of its
+    ClientApp (no Ray), both with ``run_config``."""
     from flwr.app import Context, RecordDict
 
+    from fedctx.federated.client import app as client_app
     from fedctx.federated.local import InProcessGrid
+    from fedctx.federated.server import app as server_app
 
     quiet_flower(verbose)
-    grid = InProcessGrid(client_app, num_clients)
+    grid = InProcessGrid(client_app, num_clients, run_config=run_config)
     server_app(grid, Context(run_id=grid.run_id, node_id=1, node_config={}, state=RecordDict(),
-                             run_config={}))
+                             run_config=dict(run_config)))
+
+
+def write_app_config(folder: Path, run_config: RunConfig) -> None:
+    """A Flower App folder whose ``pyproject.toml`` names fedctx's apps and holds
+    ``run_config`` as ``[tool.flwr.app.config]`` (how Flower hands a run config to apps)."""
+    def value(v: bool | int | float | str) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+    lines = ["[project]", 'name = "fedctx-run"', 'version = "0.1.0"', "",
+             "[tool.flwr.app]", 'publisher = "fedctx"', "",
+             "[tool.flwr.app.components]", f'serverapp = "{SERVER_APP}"',
+             f'clientapp = "{CLIENT_APP}"', "", "[tool.flwr.app.config]",
+             *(f'"{k}" = {value(v)}' for k, v in run_config.items())]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
 DISPATCH_POLL_S = 0.005
@@ -83,16 +106,18 @@ def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     }
 
 
-def run_on_ray(server_app: ServerApp, client_app: ClientApp, *, num_clients: int,
-               cpus_per_client: float, gpus_per_client: float, num_cpus: int = 0,
-               ray_address: str = "", verbose: bool = False) -> None:
-    """Run ``server_app`` with ``num_clients`` simulated clients on Ray.
+def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: float,
+               gpus_per_client: float, num_cpus: int = 0, ray_address: str = "",
+               verbose: bool = False) -> None:
+    """Run fedctx's apps with ``num_clients`` simulated SuperNodes on Ray.
 
     With ``ray_address``, join that Ray cluster (``ray.init(address=...)``) and let Flower place
     clients on any of its nodes; otherwise start a local Ray instance with ``num_cpus`` CPUs.
     """
     import ray
-    from flwr.simulation import run_simulation
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     quiet_flower(verbose)
     backend_config: dict[str, object] = {
@@ -106,8 +131,14 @@ def run_on_ray(server_app: ServerApp, client_app: ClientApp, *, num_clients: int
         backend_config["init_args"] = ray_init_args(num_cpus, verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _speed_up_flower_dispatch()
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="fedctx-app-") as folder, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=num_clients, backend_name="ray",
-                       backend_config=backend_config, verbose_logging=verbose)
+        write_app_config(Path(folder), run_config)
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                          run_config=dict(run_config))
+        _run_simulation(server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,
+                        num_supernodes=num_clients, backend_name="ray",
+                        backend_config=backend_config, app_dir=folder, is_app=True,
+                        server_app_context=context, verbose_logging=verbose,
+                        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)

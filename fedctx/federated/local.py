@@ -23,7 +23,8 @@ class InProcessGrid:
     ``context.state``) across rounds, as a SuperNode does.
     """
 
-    def __init__(self, client_app: ClientApp, num_clients: int, run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, num_clients: int, run_id: int = 1,
+                 run_config: dict | None = None) -> None:
         self.client_app = client_app
         self.run_id = run_id
         TaskIdentity.run_id = run_id
@@ -32,7 +33,7 @@ class InProcessGrid:
         self.contexts = {
             1000 + pid: Context(run_id=run_id, node_id=1000 + pid,
                                 node_config={"partition-id": pid, "num-partitions": num_clients},
-                                state=RecordDict(), run_config={})
+                                state=RecordDict(), run_config=dict(run_config or {}))
             for pid in range(num_clients)
         }
 

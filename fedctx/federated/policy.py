@@ -71,8 +71,9 @@ class ServerNormState:
         entries = list(self.bank.values())
         return weighted_average(entries, [1.0] * len(entries))
 
-    def outgoing(self, context: int) -> Tensors:
-        """Norm tensors sent to a client of ``context`` (it may replace some with its own)."""
+    def outgoing(self, context: int | None) -> Tensors:
+        """Norm tensors sent to a client of ``context`` (it may replace some with its own);
+        ``None``: a client of unknown context (per-context: the mean of the bank)."""
         if self.policy is NormPolicy.PER_CONTEXT:
             return self.bank[context] if context in self.bank else self._bank_mean()
         return self.global_norm

@@ -1,14 +1,15 @@
 """What a process needs to run clients or the server: data and model, built once per process.
 
-Ray keeps simulated-client workers alive across rounds, so caching here means each worker reads
-and partitions the data once and builds the model once, then reloads weights in place.
+Ray keeps simulated-client workers alive across rounds, so each worker reads and partitions the
+data once and builds the model once, then reloads weights in place. The one per-process object
+is rebuilt when the run config changes (a new run in the same process).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,36 +17,26 @@ from torch import nn
 from fedctx.config import SimConfig
 from fedctx.data import FederatedDataset
 from fedctx.federated.params import StateSplit, split_state
+from fedctx.federated.run_config import from_run_config
 from fedctx.models import MODELS, make_model
 from simulations import get_scenario
-
-_DATA_KEYS = ("scenario", "clients", "seed", "data_dir", "download", "allow_missing_domains")
-_MODEL_KEYS = ("model", "norm", "width", "seed")
 
 
 @dataclass
 class Runtime:
+    config: SimConfig
     data: FederatedDataset
     model: nn.Module
     split: StateSplit
     device: torch.device
 
 
-_DATA: dict[str, FederatedDataset] = {}
-_RUNTIMES: dict[str, Runtime] = {}
-
-
-def _key(config: SimConfig, names: tuple[str, ...]) -> str:
-    d = config.to_dict()
-    return json.dumps({k: d.get(k) for k in names}, sort_keys=True)
+_CURRENT: tuple[tuple, Runtime] | None = None
 
 
 def load_data(config: SimConfig) -> FederatedDataset:
-    """The scenario's federated data for ``config`` (cached per process)."""
-    key = _key(config, _DATA_KEYS)
-    if key not in _DATA:
-        _DATA[key] = get_scenario(config.scenario).build(config)
-    return _DATA[key]
+    """The scenario's federated data for ``config``."""
+    return get_scenario(config.scenario).build(config)
 
 
 def build_model(config: SimConfig, data: FederatedDataset) -> nn.Module:
@@ -66,12 +57,15 @@ def pick_device(config: SimConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def get_runtime(config: SimConfig) -> Runtime:
-    """Data, model and state split for ``config``, built once per process."""
-    key = _key(config, _DATA_KEYS + _MODEL_KEYS + ("gpus_per_client",))
-    if key not in _RUNTIMES:
+def get_runtime(run_config: dict[str, Any]) -> Runtime:
+    """This process's runtime for ``run_config`` (Flower's ``context.run_config``)."""
+    global _CURRENT
+    key = tuple(sorted(run_config.items()))
+    if _CURRENT is None or _CURRENT[0] != key:
+        _CURRENT = None  # free the previous run's data first
+        config = from_run_config(run_config)
         data = load_data(config)
         device = pick_device(config)
         model = build_model(config, data).to(device)
-        _RUNTIMES[key] = Runtime(data, model, split_state(model), device)
-    return _RUNTIMES[key]
+        _CURRENT = (key, Runtime(config, data, model, split_state(model), device))
+    return _CURRENT[1]
