@@ -31,6 +31,7 @@ def parse_config(argv: list[str] | None = None) -> SimConfig:
         raise ConfigError(f"--scenario: {err}") from None
     base = scenario.defaults()
     config = resolve(args, base)
+    scenario.check_model(config.model)
     try:
         strategies.resolve_strategy(config.strategy)
         implied = strategies.implied_norm_policy(config.strategy)

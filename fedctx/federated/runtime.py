@@ -41,7 +41,7 @@ def load_data(config: SimConfig) -> FederatedDataset:
 
 def build_model(config: SimConfig, data: FederatedDataset) -> nn.Module:
     """The run's model, initialised from ``config.seed`` (identical in every process)."""
-    name = config.model or get_scenario(config.scenario).model
+    name = get_scenario(config.scenario).check_model(config.model)
     kwargs: dict[str, object] = {"norm": config.norm, "num_contexts": data.num_contexts,
                                  "num_classes": data.num_classes}
     if name in MODELS and "width" in inspect.signature(MODELS[name]).parameters:
