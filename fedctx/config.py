@@ -1,4 +1,5 @@
-"""Typed experiment configuration: defaults < config file (TOML) < command-line flags."""
+"""Typed experiment configuration: defaults < scenario file < the norm's training defaults <
+config file (TOML) < command-line flags."""
 
 from __future__ import annotations
 
@@ -240,6 +241,35 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def norm_defaults(norm: str) -> dict[str, Any]:
+    """The training options the norm registry recommends for ``norm`` (``SimConfig`` names;
+    empty for an unknown name, which validation then reports)."""
+    from fedctx.norm import available, train_defaults
+
+    if norm not in available():
+        return {}
+    values = train_defaults(norm)
+    known = {f.name for f in fields(SimConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"norm {norm!r} declares training defaults for unknown options "
+                          f"{unknown}; valid options: {', '.join(sorted(known))}")
+    return values
+
+
 def resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> SimConfig:
-    """Merge defaults < ``base`` (e.g. a scenario's config file) < --config file < flags."""
-    return resolve_options(SimConfig, args, base)
+    """Merge defaults < ``base`` (e.g. a scenario's config file) < the norm's training defaults
+    < --config file < flags.
+
+    The norm's training defaults (``fedctx.norm.train_defaults``, e.g. a smaller ``lr`` for a
+    norm without batch statistics) are those of the norm the run ends up with (flag, config
+    file, ``base`` or default, in that order of precedence); they replace the built-in and
+    scenario defaults but never a value given in a ``--config`` file or a flag, and they are
+    part of the resolved configuration (``config.json``).
+    """
+    base = dict(base or {})
+    file_values = (load_options_file(SimConfig, args.config)
+                   if getattr(args, "config", None) else {})
+    norm = (getattr(args, "norm", None) or file_values.get("norm") or base.get("norm")
+            or SimConfig.norm)
+    return resolve_options(SimConfig, args, {**base, **norm_defaults(str(norm))})

@@ -128,3 +128,45 @@ def test_docs_table_lists_every_layer() -> None:
     text = doc.read_text()
     for name in ALL:
         assert f"`{name}`" in text, name
+
+
+def test_norm_train_defaults_sit_between_scenario_defaults_and_config_file(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """defaults < scenario < the norm's declared train_defaults < --config file < flags."""
+    from fedctx import config
+    from fedctx.norm import factory
+
+    spec = factory.NormSpec(factory.norm_spec("batch").builder, {"lr": 0.007, "momentum": 0.5},
+                            "test")
+    monkeypatch.setitem(factory._REGISTRY, "test-norm", spec)
+    assert fn.train_defaults("test-norm") == {"lr": 0.007, "momentum": 0.5}
+    parser = config.build_parser("t", "t")
+    scenario = {"lr": 0.05, "momentum": 0.9, "rounds": 3}
+
+    def resolved(*argv: str) -> config.SimConfig:
+        return config.resolve(parser.parse_args(list(argv)), scenario)
+
+    c = resolved("--norm", "test-norm")
+    assert (c.lr, c.momentum, c.rounds) == (0.007, 0.5, 3)  # above the scenario's defaults
+    assert c.to_dict()["lr"] == 0.007  # what config.json records
+    assert resolved("--norm", "batch").lr == 0.05  # other norms: the scenario's value
+    assert resolved("--norm", "test-norm", "--lr", "0.2").lr == 0.2  # a flag wins
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('norm = "test-norm"\nmomentum = 0.8\n')
+    c = resolved("--config", str(cfg))  # the norm named in a config file counts too
+    assert (c.lr, c.momentum) == (0.007, 0.8)  # and the file's own values win
+    bad = factory.NormSpec(spec.builder, {"learning_rate": 1.0})
+    monkeypatch.setitem(factory._REGISTRY, "bad-norm", bad)
+    with pytest.raises(config.ConfigError, match="unknown options"):
+        resolved("--norm", "bad-norm")
+
+
+def test_every_norm_declares_its_training_defaults_in_the_docs() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "norms.md").read_text()
+    section = text.split("## Training defaults per norm", 1)[1].split("\n## ", 1)[0]
+    for name in available():
+        for key, value in fn.train_defaults(name).items():
+            assert f"| `{name}` |" in section and f"`{key} = {value}`" in section, (name, key)

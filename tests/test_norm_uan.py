@@ -13,7 +13,8 @@ from fedctx.norm.uan import batch_moments_uan
 
 
 def _reference(x: torch.Tensor, m: UnsupervisedAdaptiveNorm, e=None, v=None):
-    """Float64, explicit loop over components: tau, batch (or given) moments, output."""
+    """Float64, explicit loop over components: tau (the authors' ``g / (sum g + eps)``, or the
+    softmax), batch (or given) moments, output."""
     eps = m.eps
     pi = m.prior.double().detach()
     mu, var = m.mean.double().detach(), m.var.double().detach()
@@ -21,7 +22,8 @@ def _reference(x: torch.Tensor, m: UnsupervisedAdaptiveNorm, e=None, v=None):
     view = (1, -1) + (1,) * (x.dim() - 2)
     logits = [math.log(pi[k]) - (x - mu[k].view(view)) ** 2 / (2 * (var[k].view(view) + eps))
               for k in k_all]
-    tau = torch.softmax(torch.stack(logits), dim=0)
+    g = torch.exp(torch.stack(logits))
+    tau = g / (g.sum(0) + (eps if m.assignment == "authors" else 0.0))  # authors: + eps
     dims = [0] + list(range(2, x.dim()))
     es, vs, out = [], [], 0
     for k in k_all:
@@ -65,9 +67,10 @@ def test_default_is_batch_with_registered_buffers() -> None:
     assert "moments='batch'" in repr(m) and "momentum=0.1" in repr(m)
 
 
-@pytest.mark.parametrize("shape", [(6, 5, 3, 4), (7, 5)])
-def test_batch_moments_match_loop_reference_and_running_stats(shape) -> None:
-    m = _module()
+@pytest.mark.parametrize("shape,assignment", [((6, 5, 3, 4), "authors"), ((7, 5), "authors"),
+                                              ((6, 5, 3, 4), "softmax")])
+def test_batch_moments_match_loop_reference_and_running_stats(shape, assignment) -> None:
+    m = _module(assignment=assignment)
     x = torch.randn(shape) * 1.5 + 0.3
     y = m(x)
     ref, e, v = _reference(x.double(), m)
@@ -98,14 +101,15 @@ def test_eval_after_training_on_a_fixed_distribution_matches_train() -> None:
     torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
 
 
-def test_gradcheck_batch_moments() -> None:
+@pytest.mark.parametrize("assignment", ["authors", "softmax"])
+def test_gradcheck_batch_moments(assignment: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     var = (torch.rand(3, 2, dtype=torch.float64) + 0.3).requires_grad_()
     prior = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda *a: batch_moments_uan(*a, 1e-3), (x, mean, var, prior)
+        lambda *a: batch_moments_uan(*a, 1e-3, assignment), (x, mean, var, prior)
     )
 
 
@@ -130,6 +134,7 @@ def test_bfloat16_autocast_close_to_float32() -> None:
     assert m.running_mean.dtype == torch.float32
 
 
+@pytest.mark.slow  # ~30 s on 2 CPU cores (60 SGD steps of a CNN with uan)
 def test_digits_cnn_with_uan_fits_a_fixed_batch() -> None:
     from fedctx.data import load_embedded_digits
     from fedctx.models import make_model

@@ -6,6 +6,13 @@ Normalization modules: ``torch.nn`` batch/instance/group/layer/local-response no
 layer class defined in :mod:`fedctx.norm` except convolutions and linear layers (e.g.
 ``WSConv2d``'s weight is a shared weight). Tensors of sub-modules of a normalization module belong
 to it too.
+
+Transient state is never model state: a module may declare buffers that only make sense inside
+the process that trains it (``transient_buffers``, a class attribute; e.g. the cross-iteration
+history of ``CrossIterationBatchNorm``). They must be registered non-persistent, so they are in
+no ``state_dict`` and therefore in no role of the split: never sent, averaged or kept.
+:func:`split_state` checks this and refuses a model whose declared transient buffer is
+persistent.
 """
 
 from __future__ import annotations
@@ -51,8 +58,27 @@ class StateSplit:
         return self.norm_affine + self.norm_stats
 
 
+def transient_keys(model: nn.Module) -> tuple[str, ...]:
+    """Names of the buffers ``model``'s modules declare transient (``transient_buffers``)."""
+    keys = []
+    for prefix, m in model.named_modules():
+        for name in getattr(type(m), "transient_buffers", ()):
+            keys.append(f"{prefix}.{name}" if prefix else name)
+    return tuple(keys)
+
+
 def split_state(model: nn.Module) -> StateSplit:
-    """Classify every ``state_dict`` key of ``model`` as shared, norm affine or norm statistics."""
+    """Classify every ``state_dict`` key of ``model`` as shared, norm affine or norm statistics.
+
+    Raises:
+        ValueError: a buffer declared transient (``transient_buffers``) is in the state dict
+            (registered persistent), so it would be sent and aggregated.
+    """
+    state_keys = set(model.state_dict(keep_vars=True))
+    leaked = [k for k in transient_keys(model) if k in state_keys]
+    if leaked:
+        raise ValueError(f"transient buffers {leaked[:3]} are in the state dict; register them "
+                         "with persistent=False (they must not be aggregated across clients)")
     norm_prefixes = [name for name, m in model.named_modules() if is_norm_module(m)]
     param_names = {name for name, _ in model.named_parameters()}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedctx.norm import make_norm
+from fedctx.norm import NormAct, conv2d_class, make_norm_act
 
 SPATIAL_ONLY_NORMS = frozenset({"instance", "adain"})
 
@@ -18,6 +18,11 @@ class DigitsCNN(nn.Module):
     channel counts (FedBN uses 64, 64, 128 and FC 2048, 512; the default here is a quarter, so a
     federated round on two CPU cores takes about a second). Norms that normalize over spatial
     positions only (``instance``, ``adain``) are used after the convs; the FC layers then have none.
+
+    Every norm here is followed by a ReLU, so each is built with
+    :func:`fedctx.norm.make_norm_act` (``proxy``: Proxy Norm fuses the ReLU, no second one);
+    the convolutions are :func:`fedctx.norm.conv2d_class` of the norm (``weightstd``:
+    weight-standardized). State-dict keys are the same for every norm.
     """
 
     def __init__(
@@ -32,28 +37,49 @@ class DigitsCNN(nn.Module):
     ) -> None:
         super().__init__()
         c1, c2, c3, f1, f2 = width, width, 2 * width, 8 * width, 4 * width
+        conv = conv2d_class(norm)  # WSConv2d for ``weightstd``
 
-        def norm2d(c: int) -> nn.Module:
-            return make_norm(norm, c, dims=2, num_contexts=num_contexts, **norm_options)
+        def block2d(c: int) -> NormAct:  # every norm here is followed by a ReLU
+            return make_norm_act(norm, c, "relu", dims=2, num_contexts=num_contexts,
+                                 **norm_options)
 
-        def norm1d(c: int) -> nn.Module:
+        def block1d(c: int) -> NormAct:
             if norm in SPATIAL_ONLY_NORMS:  # nothing to normalize over in an (N, C) feature
-                return nn.Identity()
-            return make_norm(norm, c, dims=0, num_contexts=num_contexts, **norm_options)
+                return NormAct(nn.Identity(), nn.ReLU(inplace=True))
+            return make_norm_act(norm, c, "relu", dims=0, num_contexts=num_contexts,
+                                 **norm_options)
 
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2), norm2d(c1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5, padding=2), norm2d(c2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 5, padding=2), norm2d(c3), nn.ReLU(inplace=True),
+            conv(in_channels, c1, 5, padding=2), *block2d(c1), nn.MaxPool2d(2),
+            conv(c1, c2, 5, padding=2), *block2d(c2), nn.MaxPool2d(2),
+            conv(c2, c3, 5, padding=2), *block2d(c3),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c3 * 7 * 7, f1), norm1d(f1), nn.ReLU(inplace=True),
-            nn.Linear(f1, f2), norm1d(f2), nn.ReLU(inplace=True),
+            nn.Linear(c3 * 7 * 7, f1), *block1d(f1),
+            nn.Linear(f1, f2), *block1d(f2),
             nn.Linear(f2, num_classes),
         )
+
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (Kaiming-normal, fan-in, ReLU) weights and zero biases for every conv and hidden
+        linear layer; the output layer keeps PyTorch's default.
+
+        PyTorch's default (uniform with variance ``1 / (3 fan_in)``) shrinks the activations'
+        variance about 6x per ReLU layer, which only a norm that rescales by activation
+        statistics undoes: with ``none`` (and ``acn``/``scb``, near identity at init) the
+        logits of this 5-layer net started ~1e-4 of the input scale and training barely left
+        chance (measured, default scenario, seed 0: ``none`` 0.17 -> 0.75, ``acn`` 0.12 ->
+        0.54 after 8 rounds; ``context`` 0.84 -> 0.85). He init keeps the variance through
+        ReLU layers, as the ResNets here do.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear) and m is not self.classifier[-1]:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

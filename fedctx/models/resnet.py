@@ -13,35 +13,47 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedctx.norm import make_norm
+from fedctx.norm import NormAct, conv2d_class, make_norm_act
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a norm after each and a (projected) residual."""
+    """Two 3x3 convs with a norm after each and a (projected) residual.
+
+    ``conv1 -> bn1 -> act1`` is a norm -> activation pair (``make(c, "relu")``); ``bn2`` (before
+    the residual addition) and the shortcut's norm have no activation after them
+    (``make(c, None)``); the ReLU after the addition is not a norm's activation.
+    """
 
     def __init__(
-        self, c_in: int, c_out: int, stride: int, make: Callable[[int], nn.Module]
+        self, c_in: int, c_out: int, stride: int, make: Callable[[int, str | None], NormAct],
+        conv: type[nn.Conv2d] = nn.Conv2d,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = make(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = make(c_out)
+        self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1, self.act1 = make(c_out, "relu")
+        self.conv2 = conv(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = make(c_out, None).norm
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), make(c_out)
+                conv(c_in, c_out, 1, stride, bias=False), make(c_out, None).norm
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
     """ResNet for ``(N, 3, 32, 32)`` inputs; ``norm`` is any :func:`fedctx.norm.available` name.
+
+    Norms are built with :func:`fedctx.norm.make_norm_act`: a norm followed by a ReLU (stem,
+    first norm of each block) as a norm -> activation pair, the others (before the residual
+    addition, on the shortcut) with no activation, so ``proxy`` is Proxy Norm only where an
+    activation follows and its base GroupNorm elsewhere. Convolutions are
+    :func:`fedctx.norm.conv2d_class` of the norm (``weightstd``: ``WSConv2d``).
 
     Args:
         num_classes: output logits.
@@ -65,18 +77,20 @@ class CifarResNet(nn.Module):
         if len(stages) != len(widths):
             raise ValueError("stages and widths must have the same length")
 
-        def make(c: int) -> nn.Module:
-            return make_norm(norm, c, dims=2, num_contexts=num_contexts, **norm_options)
+        def make(c: int, activation: str | None) -> NormAct:
+            return make_norm_act(norm, c, activation, dims=2, num_contexts=num_contexts,
+                                 **norm_options)
 
+        conv = conv2d_class(norm)  # WSConv2d for ``weightstd``
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), make(widths[0]),
-            nn.ReLU(inplace=True),
+            conv(in_channels, widths[0], 3, 1, 1, bias=False), *make(widths[0], "relu"),
         )
         blocks: list[nn.Module] = []
         c_in = widths[0]
         for i, (n, c) in enumerate(zip(stages, widths, strict=True)):
             for j in range(n):
-                blocks.append(BasicBlock(c_in, c, 2 if (j == 0 and i > 0) else 1, make=make))
+                blocks.append(BasicBlock(c_in, c, 2 if (j == 0 and i > 0) else 1, make=make,
+                                         conv=conv))
                 c_in = c
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -8,6 +8,12 @@ standard ViT). Any other name is built with ``dims=1`` and applied to the tokens
 ``(N, D, T)``, so batch-style norms (``batch``, ``context``, ...) take statistics per feature
 ``D`` over ``N * T`` (over ``N_k * T`` for context ``k``), as in the Context Normalization paper
 (whose PyTorch port normalized over ``T`` instead, a bug).
+
+No norm in this ViT is followed by an activation (pre-norms feed attention and the MLP, whose
+GELU follows a linear layer), so every token norm is built with
+``fedctx.norm.make_norm_act(norm, D, None)``: ``proxy`` (Proxy Norm replaces a norm ->
+activation pair) is therefore its plain base GroupNorm here. With ``weightstd`` the patch
+embedding is a weight-standardized convolution (``WSConv2d``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedctx.norm import make_norm
+from fedctx.norm import conv2d_class, make_norm_act
 
 
 class TokenNorm(nn.Module):
@@ -29,7 +35,8 @@ class TokenNorm(nn.Module):
         if self.layer_norm:
             self.norm = nn.LayerNorm(dim, **options)
         else:
-            self.norm = make_norm(norm, dim, dims=1, num_contexts=num_contexts, **options)
+            self.norm = make_norm_act(norm, dim, None, dims=1, num_contexts=num_contexts,
+                                      **options).norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer_norm:
@@ -85,7 +92,7 @@ class ViT(nn.Module):
         def make(d: int) -> nn.Module:
             return TokenNorm(d, norm, num_contexts, **norm_options)
 
-        self.patch = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.patch = conv2d_class(norm)(in_channels, dim, patch_size, patch_size)
         tokens = (image_size // patch_size) ** 2 + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)

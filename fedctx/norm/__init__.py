@@ -4,7 +4,7 @@ Public API: :func:`make_norm`, :func:`available`, :func:`norm_layer`, :func:`use
 layer classes. See ``docs/norms.md``.
 """
 
-from fedctx.norm.acn import AdaptiveContextNorm, adaptive_context_norm
+from fedctx.norm.acn import AdaptiveContextNorm, SupervisedClusterNorm, adaptive_context_norm
 from fedctx.norm.adain import ConditionalInstanceNorm
 from fedctx.norm.batchgroup import BatchGroupNorm
 from fedctx.norm.context import (
@@ -16,19 +16,31 @@ from fedctx.norm.context import (
 )
 from fedctx.norm.convert import convert_norms
 from fedctx.norm.crossiter import CrossIterationBatchNorm
-from fedctx.norm.factory import available, make_norm, norm_layer, register_norm
+from fedctx.norm.factory import (
+    ACTIVATION_MODULES,
+    NormAct,
+    NormSpec,
+    available,
+    conv2d_class,
+    make_norm,
+    make_norm_act,
+    norm_layer,
+    norm_spec,
+    register_norm,
+    train_defaults,
+)
 from fedctx.norm.ghost import GhostBatchNorm
 from fedctx.norm.mixture import MixtureNorm, fit_gmm
 from fedctx.norm.proxy import ProxyNorm
 from fedctx.norm.routing import ContextAware, Contexts, use_context
 from fedctx.norm.uan import (
-    SupervisedClusterNorm,
     UnsupervisedAdaptiveNorm,
     unsupervised_adaptive_norm,
 )
 from fedctx.norm.weightstd import WSConv2d, WSGroupNorm, convert_ws_convs, standardize_weight
 
 __all__ = [
+    "ACTIVATION_MODULES",
     "AdaptiveContextNorm",
     "BatchGroupNorm",
     "ConditionalInstanceNorm",
@@ -41,6 +53,8 @@ __all__ = [
     "CrossIterationBatchNorm",
     "GhostBatchNorm",
     "MixtureNorm",
+    "NormAct",
+    "NormSpec",
     "ProxyNorm",
     "SupervisedClusterNorm",
     "UnsupervisedAdaptiveNorm",
@@ -49,13 +63,17 @@ __all__ = [
     "adaptive_context_norm",
     "available",
     "context_batch_norm",
+    "conv2d_class",
     "convert_norms",
     "convert_ws_convs",
     "fit_gmm",
     "make_norm",
+    "make_norm_act",
     "norm_layer",
+    "norm_spec",
     "register_norm",
     "standardize_weight",
+    "train_defaults",
     "unsupervised_adaptive_norm",
     "use_context",
 ]

@@ -65,15 +65,31 @@ def grouped_moments(
     return mean, var, counts
 
 
-def default_groups(num_features: int, wanted: int = 32) -> int:
-    """The largest divisor of ``num_features`` that is ``<= wanted`` (GroupNorm's default here)."""
-    return max(g for g in range(1, min(wanted, num_features) + 1) if num_features % g == 0)
+#: Least channels per group of the default group count for ``(N, C)`` features (``dims=0``):
+#: without spatial positions a group's statistics are over its ``C / G`` values only, and
+#: GroupNorm's 32 groups would normalize a 64-feature layer in pairs (each pair becomes
+#: ``(+1, -1)`` up to the affine: the layer keeps one sign per pair and cannot learn).
+MIN_FLAT_GROUP_SIZE = 16
 
 
-def resolve_groups(num_features: int, num_groups: int | None) -> int:
-    """``num_groups`` (``None``: :func:`default_groups`), checked to divide ``num_features``."""
+def default_groups(num_features: int, wanted: int = 32, dims: int = 2) -> int:
+    """GroupNorm's default group count here.
+
+    The largest divisor of ``num_features`` that is ``<= wanted`` (Wu & He 2018: 32 groups);
+    for ``(N, C)`` features (``dims=0``) also at most ``num_features // MIN_FLAT_GROUP_SIZE``
+    (at least 16 values per group; a layer of fewer than 32 features gets one group, LayerNorm).
+    """
+    limit = min(wanted, num_features)
+    if dims == 0:
+        limit = max(1, min(limit, num_features // MIN_FLAT_GROUP_SIZE))
+    return max(g for g in range(1, limit + 1) if num_features % g == 0)
+
+
+def resolve_groups(num_features: int, num_groups: int | None, dims: int = 2) -> int:
+    """``num_groups`` (``None``: :func:`default_groups` for ``dims``), checked to divide
+    ``num_features``."""
     if num_groups is None:
-        num_groups = default_groups(num_features)
+        num_groups = default_groups(num_features, dims=dims)
     if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
         raise ValueError(f"num_groups={num_groups!r} must divide num_features={num_features}")
     return num_groups

@@ -1,7 +1,12 @@
 """Adaptive Context Normalization (ACN, also SCB-Norm / CN-X).
 
 Faye et al., "Adaptive Context Normalization: A Boost for Deep Learning in Image Processing",
-ICIP 2024 (arXiv:2409.04759). Each context *k* owns a mean ``mu_k`` and a log-scale ``s_k`` per
+ICIP 2024 (arXiv:2409.04759). The same computation is published as SCB-Norm (supervised
+cluster-based normalization, the clusters being the contexts): in the authors' code both are
+this layer, so ``make_norm('scb', ...)`` and ``make_norm('acn', ...)`` build the same class
+(:data:`SupervisedClusterNorm` is an alias of :class:`AdaptiveContextNorm`).
+
+Each context *k* owns a mean ``mu_k`` and a log-scale ``s_k`` per
 channel, learned by backpropagation as ordinary weights; no batch statistics are used, so the
 output of a sample does not depend on the rest of the batch::
 
@@ -101,3 +106,7 @@ class AdaptiveContextNorm(ContextAware):
 
     def extra_repr(self) -> str:
         return describe(self, "num_contexts", "eps", "affine")
+
+
+#: SCB-Norm (supervised cluster-based normalization): ACN's computation in the authors' code.
+SupervisedClusterNorm = AdaptiveContextNorm

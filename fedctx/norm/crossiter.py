@@ -16,9 +16,26 @@ stored (the paper's "naive" cross-iteration baseline) and carry no gradient; onl
 iteration's ``mu_t, nu_t`` are differentiated.
 
 Other choices (each tested): ``window = 4``; history is only used after ``burnin`` training
-iterations (default 0) and only from entries already filled; running statistics for evaluation
-are updated from ``mu_bar`` and ``var_bar`` with ``nn.BatchNorm``'s momentum convention.
-No loop over the window: the history is a ``(window - 1, C)`` buffer rolled each step.
+iterations (default 0) and only from entries already filled. No loop over the window: the
+history is a ``(window - 1, C)`` buffer rolled each step.
+
+Running statistics for evaluation (``running_stats=``): ``"batch"`` (default, the authors' code,
+``CBatchNorm2d``): updated from the **current** batch's mean and unbiased variance, as
+``nn.BatchNorm``; ``"window"`` (fedctx's former default): from ``mu_bar`` and ``var_bar``
+(variance made unbiased with the current batch's count). Both use ``nn.BatchNorm``'s momentum
+convention.
+
+The history (``hist_mean``, ``hist_sqmean``, ``hist_valid``) is **transient**: statistics of
+the last iterations of *this* model's own training, as the authors' code keeps them (Python
+lists, not saved). The buffers are registered non-persistent, so they are not in
+``state_dict()``: they are never sent, averaged across clients or checkpointed (averaging
+another client's stale statistics would mix domains and iterations), and loading a state
+(``load_state_dict``: new weights, e.g. a federated round's global model) clears them, since
+statistics computed under the old weights are stale.
+
+Other differences from the authors' code: entries whose ``nu - mu^2`` is negative are clamped
+with the paper's ``max(nu, mu^2)`` (the code drops them from the average); ``eps`` is added to
+the variance as ``nn.BatchNorm`` (the code's default adds it to the standard deviation).
 """
 
 from __future__ import annotations
@@ -43,7 +60,13 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         window: iterations averaged, the current one included.
         burnin: training iterations before the history is used.
         eps, momentum, affine: as in ``nn.BatchNorm``.
+        running_stats: ``"batch"`` (the current batch's statistics, the authors' code) or
+            ``"window"`` (the window's ``mu_bar, var_bar``).
     """
+
+    #: Buffers that are per-process training state, never model state (non-persistent: not in
+    #: ``state_dict``, so never aggregated across clients; cleared by ``load_state_dict``).
+    transient_buffers: tuple[str, ...] = ("hist_mean", "hist_sqmean", "hist_valid")
 
     def __init__(
         self,
@@ -53,22 +76,34 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         eps: float = 1e-5,
         momentum: float = 0.1,
         affine: bool = True,
+        running_stats: str = "batch",
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
+        if running_stats not in ("batch", "window"):
+            raise ValueError(f"running_stats must be 'batch' or 'window', got {running_stats!r}")
         super().__init__(num_features, eps, momentum, affine)
         self.window = window
         self.burnin = burnin
+        self.running_stats = running_stats
         h = max(window - 1, 1)
-        self.register_buffer("hist_mean", torch.zeros(h, num_features))
-        self.register_buffer("hist_sqmean", torch.zeros(h, num_features))
-        self.register_buffer("hist_valid", torch.zeros(h, dtype=torch.bool))
+        self.register_buffer("hist_mean", torch.zeros(h, num_features), persistent=False)
+        self.register_buffer("hist_sqmean", torch.zeros(h, num_features), persistent=False)
+        self.register_buffer("hist_valid", torch.zeros(h, dtype=torch.bool), persistent=False)
 
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
+    def reset_history(self) -> None:
+        """Forget the previous iterations' statistics."""
         self.hist_mean.zero_()
         self.hist_sqmean.zero_()
         self.hist_valid.zero_()
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self.reset_history()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.reset_history()  # statistics computed under the previous weights are stale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -99,8 +134,12 @@ class CrossIterationBatchNorm(BatchStatsNorm):
                     self.hist_sqmean[0] = nu.detach().to(self.hist_sqmean.dtype)
                     self.hist_valid[0] = True
                 m = x.numel() / c
-                momentum_update(self.running_mean, mean.detach(), self.momentum)
-                momentum_update(self.running_var, var.detach() * (m / max(m - 1, 1)), self.momentum)
+                if self.running_stats == "batch":
+                    cur_mean, cur_var = mu.detach(), (nu - mu.square()).detach().clamp_min(0)
+                else:
+                    cur_mean, cur_var = mean.detach(), var.detach()
+                momentum_update(self.running_mean, cur_mean, self.momentum)
+                momentum_update(self.running_var, cur_var * (m / max(m - 1, 1)), self.momentum)
         else:
             mean, var = self.running_mean.to(sd), self.running_var.to(sd)
         scale = torch.rsqrt(var + self.eps)
@@ -108,4 +147,4 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         return torch.addcmul(shift.view(view), xs, scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return describe(self, "window", "burnin", "eps", "momentum", "affine")
+        return describe(self, "window", "burnin", "eps", "momentum", "affine", "running_stats")

@@ -7,10 +7,17 @@ its own statistics; evaluation uses running statistics as ``nn.BatchNorm``::
 
     y_i = gamma * (x_i - mu_g) / sqrt(var_g + eps) + beta,    g = floor(i / virtual_batch_size)
 
-Choices (each tested): a last, smaller ghost batch takes the remainder; the running statistics
-are updated once per forward with the mean over ghost batches of their mean and unbiased
-variance (PyTorch momentum convention); ``N <= virtual_batch_size`` is exactly ``nn.BatchNorm``.
-No loop over ghost batches: it is the context-batch-norm kernel with context ``i // size``.
+Choices (each tested): a last, smaller ghost batch takes the remainder;
+``N <= virtual_batch_size`` is exactly ``nn.BatchNorm``. No loop over ghost batches: it is the
+context-batch-norm kernel with context ``i // size``.
+
+Running statistics (``running_stats=``, PyTorch momentum convention, unbiased variance):
+``"sequential"`` (default) matches the authors' code (Hoffer et al.'s ``main_gbn.py`` runs the
+model on each ghost batch in turn with a plain ``BatchNorm``, so the running statistics take one
+momentum step per ghost batch, in batch order): with ``G`` ghost batches and ``m`` the momentum,
+``running <- (1 - m)^G running + sum_g m (1 - m)^(G - 1 - g) stat_g``, computed in closed form.
+``"mean"`` (fedctx's former default) takes one step per forward with the mean over ghost
+batches of their statistics.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ class GhostBatchNorm(BatchStatsNorm):
         num_features: channels ``C``.
         virtual_batch_size: samples per ghost batch (default 32).
         eps, momentum, affine: as in ``nn.BatchNorm``.
+        running_stats: ``"sequential"`` (one momentum step per ghost batch, the authors' code)
+            or ``"mean"`` (one step with the mean of the ghost batches' statistics).
     """
 
     def __init__(
@@ -38,11 +47,17 @@ class GhostBatchNorm(BatchStatsNorm):
         eps: float = 1e-5,
         momentum: float = 0.1,
         affine: bool = True,
+        running_stats: str = "sequential",
     ) -> None:
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size}")
+        if running_stats not in ("sequential", "mean"):
+            raise ValueError(
+                f"running_stats must be 'sequential' or 'mean', got {running_stats!r}"
+            )
         super().__init__(num_features, eps, momentum, affine)
         self.virtual_batch_size = virtual_batch_size
+        self.running_stats = running_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
@@ -64,9 +79,16 @@ class GhostBatchNorm(BatchStatsNorm):
         with torch.no_grad():
             sizes = (torch.bincount(ids, minlength=groups) * xf.shape[-1]).to(var.dtype)
             unbiased = var * (sizes / (sizes - 1).clamp_min(1)).unsqueeze(1)
-            momentum_update(self.running_mean, mean.mean(0), self.momentum)
-            momentum_update(self.running_var, unbiased.mean(0), self.momentum)
+            if self.running_stats == "mean":
+                momentum_update(self.running_mean, mean.mean(0), self.momentum)
+                momentum_update(self.running_var, unbiased.mean(0), self.momentum)
+            else:  # G sequential steps in closed form: weights m (1 - m)^(G - 1 - g)
+                keep = 1.0 - self.momentum
+                powers = torch.arange(groups - 1, -1, -1, device=x.device, dtype=var.dtype)
+                w = (self.momentum * keep ** powers).unsqueeze(1)  # (G, 1)
+                for buf, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
+                    buf.copy_((keep ** groups * buf + (w * stat).sum(0)).to(buf.dtype))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return describe(self, "virtual_batch_size", "eps", "momentum", "affine")
+        return describe(self, "virtual_batch_size", "eps", "momentum", "affine", "running_stats")
