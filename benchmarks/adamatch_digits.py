@@ -163,7 +163,8 @@ def run_record(cell: Cell, summary: dict[str, Any], command: list[str], commit: 
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-seed*.json"))
+            if not p.name.startswith("calibration")]
 
 
 def _same_budget(record: dict[str, Any], steps: int) -> bool:
@@ -321,13 +322,49 @@ def time_wrn(threads: int = 1, steps: int = 3) -> dict[str, Any]:
         loss.backward()
 
     step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     per_step = (time.perf_counter() - t0) / steps
-    return {"wrn28_2_seconds_per_step": per_step, "threads": threads,
-            "params": sum(p.numel() for p in model.parameters()),
-            "paper_steps": PAPER_STEPS, "paper_schedule_hours": per_step * PAPER_STEPS / 3600}
+    cpu_per_step = (time.process_time() - c0) / steps
+    return {"wrn28_2_seconds_per_step": per_step, "wrn28_2_cpu_seconds_per_step": cpu_per_step,
+            "threads": threads, "params": sum(p.numel() for p in model.parameters()),
+            "paper_steps": PAPER_STEPS,
+            "paper_schedule_cpu_hours": cpu_per_step * PAPER_STEPS / 3600}
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def record_calibration(run_dir: Path, runs_dir: Path, command: str) -> dict[str, Any]:
+    """Store the eval curve of a long calibration run (finished or still running: the
+    ``{"eval": ...}`` lines of its ``metrics.jsonl``) as ``runs_dir/calibration.json``."""
+    cfg = json.loads((run_dir / "summary.json").read_text())["config"] if (
+        run_dir / "summary.json").exists() else None
+    evals = [json.loads(line)["eval"] for line in (run_dir / "metrics.jsonl").read_text()
+             .splitlines() if line.startswith('{"eval"')]
+    record = {"run": run_dir.name, "command": command, "finished": cfg is not None,
+              "curve": [{k: (e[k] if k == "step" else round(e[k], 4)) for k in
+                         ("step", "target_acc", "target_acc_raw", "source_acc")} for e in evals],
+              "elapsed_s": round(evals[-1]["elapsed_s"], 1) if evals else 0.0}
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "calibration.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _calibration_lines(cal: dict[str, Any]) -> list[str]:
+    total = cal["command"].split("--steps ")[1].split()[0]
+    state = "finished" if cal["finished"] else (
+        f"**not finished** when this page was written (step {cal['curve'][-1]['step']} of "
+        f"{total})")
+    lines = [f"One long run chooses the budget: `{cal['command']}` ({state}; "
+             f"{cal['elapsed_s'] / 60:.0f} min of wall time on the shared machine).", "",
+             "| step | target acc. EMA (%) | target acc. raw (%) | source acc. EMA (%) |",
+             "|---|---|---|---|"]
+    for e in cal["curve"]:
+        lines.append(f"| {e['step']} | {100 * e['target_acc']:.2f} | "
+                     f"{100 * e['target_acc_raw']:.2f} | {100 * e['source_acc']:.2f} |")
+    return lines
 
 
 # ---------------------------------------------------------------- the page
@@ -408,6 +445,12 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     return lines
 
 
+#: Reading notes written into the page (kept here so the page regenerates with them).
+NOTES: dict[str, str] = {
+    "calibration": "",
+    "model": "",
+}
+
 #: What the AdaMatch paper reports for these pairs (Berthelot et al. 2021, ICLR 2022). Its
 #: domain-adaptation benchmarks are DigitFive and DomainNet (32x32 and 64x64, WRN-28-2), which
 #: include MNIST, MNIST-M and USPS; the per-pair DigitFive figures were not checked against the
@@ -428,10 +471,9 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
     other = len(all_runs) - len(runs)
     curves = page.parent / CURVES.name
     plot_curves(runs, pairs, curves)
-    extra_path = runs_dir / "extra.json"
-    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
-    wrn = wrn or extra.get("wrn")
-    cal = extra.get("calibration")
+    cal_path, wrn_path = runs_dir / "calibration.json", runs_dir / "wrn28_2_timing.json"
+    cal = json.loads(cal_path.read_text()) if cal_path.exists() else None
+    wrn = wrn or (json.loads(wrn_path.read_text()) if wrn_path.exists() else None)
     head = [
         "# AdaMatch on digits: measured results",
         "",
@@ -477,7 +519,8 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
     ]
     body: list[str] = []
     if cal:
-        body += ["## Choice of the step budget (calibration run)", "", cal, ""]
+        body += ["## Choice of the step budget (calibration run)", ""]
+        body += _calibration_lines(cal) + ["", NOTES.get("calibration", ""), ""]
     for pair in pairs:
         src, tgt = PAIRS[pair]
         pr = [r for r in runs if r["pair"] == pair]
@@ -513,7 +556,18 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         body += [f"({other} run record(s) with another budget are in the folder and not shown.)",
                  ""]
     if wrn:
-        body += ["## Model cost: digits CNN vs WRN-28-2", "", wrn["text"], ""]
+        body += ["## Model cost: digits CNN vs WRN-28-2", "",
+                 f"WRN-28-2 ({wrn['params']:,} parameters, the paper's model; built in "
+                 "`wrn28_2()` here, 32×32 inputs, channels-last) takes "
+                 f"**{wrn['wrn28_2_cpu_seconds_per_step']:.1f} CPU-seconds per AdaMatch step** "
+                 f"on this CPU with {wrn['threads']} thread (forward + backward of the 512-image "
+                 "joint batch and the 128-image source-only pass; "
+                 f"{wrn['wrn28_2_seconds_per_step']:.0f} s of wall time on the loaded machine). "
+                 f"The authors' schedule, {wrn['paper_steps']:,} steps (8 Mi source images / 64), "
+                 f"would take **{wrn['paper_schedule_cpu_hours']:,.0f} CPU-hours** "
+                 f"(≈ {wrn['paper_schedule_cpu_hours'] / 24:.0f} days on one core). "
+                 "`python benchmarks/adamatch_digits.py --wrn-timing` measures it.", "",
+                 NOTES.get("model", ""), ""]
     text = "\n".join(head + body)
     page.write_text(text)
     return text
@@ -549,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-only", action="store_true", help="only regenerate the page")
     parser.add_argument("--wrn-timing", action="store_true",
                         help="measure WRN-28-2 s/step here, store it for the page, and exit")
+    parser.add_argument("--calibration", type=Path, default=None, metavar="RUN_DIR",
+                        help="store the eval curve of this long run (its results folder) for "
+                        "the page, and exit")
+    parser.add_argument("--calibration-command", default="",
+                        help="the command of the --calibration run, shown on the page")
     args = parser.parse_args(argv)
     pairs = _list(args.pairs, tuple(PAIRS), "--pairs")
     norms = _list(args.norms, NORMS + ("group", "instance", "layer", "scb"), "--norms")
@@ -558,7 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"error: --seeds: invalid value {args.seeds!r}") from None
     if args.wrn_timing:
-        print(json.dumps(time_wrn(args.threads), indent=1))
+        result = time_wrn(args.threads)
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
+        (args.runs_dir / "wrn28_2_timing.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.calibration:
+        record_calibration(args.calibration, args.runs_dir, args.calibration_command)
         return 0
     if args.page_only:
         write_page(args.runs_dir, args.page, steps=args.steps, pairs=pairs, norms=norms,

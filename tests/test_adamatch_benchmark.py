@@ -1,0 +1,102 @@
+"""benchmarks/adamatch_digits.py: statistics, grid order, resume, and the generated page."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "adamatch_digits.py"
+_spec = importlib.util.spec_from_file_location("adamatch_digits", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("adamatch_digits", bench)  # dataclasses look their module up
+_spec.loader.exec_module(bench)
+
+
+def _record(pair: str, norm: str, scope: str, seed: int, acc: float, steps: int = 1000) -> dict:
+    return {"pair": pair, "norm": norm, "scope": scope, "seed": seed, "steps": steps,
+            "batch_size": bench.BATCH, "uratio": bench.URATIO, "final_target_acc": acc,
+            "final_target_acc_raw": acc + 0.01, "final_source_acc": 0.98,
+            "curve": [{"step": 500, "target_acc": acc - 0.1}, {"step": steps, "target_acc": acc}],
+            "seconds_per_step": 0.5, "total_seconds": 0.6 * steps,
+            "hardware": {"processor": "test CPU", "cpu_count": 2, "torch": "x",
+                         "torch_threads": 1}}
+
+
+def _write(runs_dir: Path, records: list[dict]) -> None:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        name = f"{r['pair']}-{r['norm']}-{r['scope']}-seed{r['seed']}.json"
+        (runs_dir / name).write_text(json.dumps(r))
+
+
+def test_mean_ci_is_the_t_interval():
+    mean, half = bench.mean_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6)
+    # t(0.975, 2 dof) = 4.302653; sample std 0.1; n = 3
+    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert bench.mean_ci([0.4]) == (0.4, None)
+
+
+def test_paired_difference_uses_common_seeds_only():
+    mean, half, n = bench.paired_difference({0: 0.7, 1: 0.8, 2: 0.9}, {0: 0.6, 1: 0.6})
+    assert n == 2 and mean == pytest.approx(0.15)
+    assert half == pytest.approx(12.706205 * math.sqrt(0.005) / math.sqrt(2), rel=1e-5)
+    assert bench.paired_difference({3: 0.5}, {0: 0.5}) is None
+
+
+def test_grid_priority_and_input_scope_has_no_batch():
+    cells = bench.grid(["mnist-mnistm", "usps-mnist"], ["batch", "context"], ["all", "input"],
+                       [0, 1])
+    names = [c.name for c in cells]
+    assert names[:4] == ["mnist-mnistm-batch-all-seed0", "mnist-mnistm-batch-all-seed1",
+                         "mnist-mnistm-context-all-seed0", "mnist-mnistm-context-all-seed1"]
+    assert "mnist-mnistm-batch-input-seed0" not in names
+    assert names[4] == "mnist-mnistm-context-input-seed0" and len(cells) == 12
+    args = cells[4].args(100, 1, "", Path("o"))
+    assert args[args.index("--norm-scope") + 1] == "input"
+    assert args[args.index("--target-eval-context") + 1] == "source"
+
+
+def test_resume_skips_finished_runs_of_the_same_budget(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.6),
+                  _record("mnist-mnistm", "context", "all", 0, 0.7, steps=500)])
+    started = []
+    monkeypatch.setattr(bench, "run_cell", lambda cell, **kw: started.append(cell.name) or
+                        _record(cell.pair, cell.norm, cell.scope, cell.seed, 0.5))
+    bench.run_benchmark(pairs=["mnist-mnistm"], norms=["batch", "context"], scopes=["all"],
+                        seeds=[0], steps=1000, jobs=1, runs_dir=runs, page=tmp_path / "p.md",
+                        log=False)
+    assert started == ["mnist-mnistm-context-all-seed0"]  # other budget: not a finished cell
+
+
+def test_budget_stops_starting_runs(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.6)])  # 0.6 s/step known
+    monkeypatch.setattr(bench, "run_cell", lambda cell, **kw: pytest.fail("started"))
+    bench.run_benchmark(pairs=["mnist-mnistm"], norms=["batch"], scopes=["all"], seeds=[0, 1],
+                        steps=1000, budget_minutes=5, jobs=1, runs_dir=runs,
+                        page=tmp_path / "p.md", log=False)  # 600 s projected > 300 s
+
+
+def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
+    runs = tmp_path / "runs" / "adamatch"
+    _write(runs, [_record("mnist-mnistm", "batch", "all", s, a) for s, a in
+                  ((0, 0.60), (1, 0.62), (2, 0.64))]
+           + [_record("mnist-mnistm", "context", "all", s, a) for s, a in
+              ((0, 0.65), (1, 0.66), (2, 0.70))]
+           + [_record("mnist-mnistm", "acn", "input", 0, 0.55)])
+    page = tmp_path / "adamatch.md"
+    text = bench.write_page(runs, page, steps=1000, pairs=["mnist-mnistm", "usps-mnist"],
+                            norms=["batch", "context", "acn"], scopes=["all", "input"],
+                            seeds=[0, 1, 2])
+    half = 4.302653 * 0.02 / math.sqrt(3)
+    assert f"| batch | all (target) | 0, 1, 2 | 62.00 ± {100 * half:.2f} |" in text
+    assert "+5.00 ± " in text  # context - batch, paired over 3 seeds
+    assert "| acn | input (source) | 0 | 55.00 (n = 1) |" in text
+    assert "usps-mnist-batch-all-seed0" in text  # a missing cell, listed with its time
+    assert "No run yet." in text and "not quoted" in text
+    assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
