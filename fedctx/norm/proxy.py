@@ -23,9 +23,11 @@ transformer's pre-norms) the model uses the plain base norm (GroupNorm / LayerNo
 this module with ``nn.Identity`` as the activation, ``make_norm_act('proxy', C, None)`` the base
 norm; every fedctx model builds its norms through it.
 
-Defaults, beside Graphcore's TensorFlow implementation (``proxy_norm`` utilities of the paper's
-code release: ``get_rand(num_rand=200)``, ``make_pn_optimiser(..., proxy_epsilon=0.03)``,
-``proxy_initialiser`` with ``beta, gamma = 0, 1`` and ``betat, gammat = 0, 0``):
+Defaults, beside Graphcore's TensorFlow implementation (``get_rand(num_rand=200)``,
+``make_pn_optimiser(..., proxy_epsilon=0.03)``, ``proxy_initialiser`` with ``beta, gamma = 0, 1``
+and ``betat, gammat = 0, 0``; read from a 2021 Graphcore-copyright file of those utilities in a
+public code index; the repository graphcore-research/proxy-norm itself could not be fetched
+here, so its exact path and any later change there are unverified):
 
 ===============================  ===================  ==========================================
 choice                           fedctx               Graphcore

