@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # one TOML file per scenario
 NORM_POLICIES = ("average", "local", "stats-local", "per-context")
 
 
@@ -40,7 +39,10 @@ def norm_names() -> list[str]:
 
 
 def scenario_names() -> list[str]:
-    from simulations import available
+    """Valid ``--scenario`` values. The scenarios (an upper layer: they build data with this
+    module's :class:`SimConfig`) are imported only when a configuration is validated, never when
+    this module is, so ``fedctx.config`` and ``fedctx.scenarios`` do not import each other."""
+    from fedctx.scenarios import available
 
     return available()
 
@@ -173,7 +175,7 @@ def resolve_options(cls: type, args: argparse.Namespace, base: dict[str, Any] | 
 class SimConfig:
     """Every option of ``python -m fedctx.simulate``; each is also a ``--flag``."""
 
-    scenario: str = option("digits", "named scenario (data + contexts + model), see simulations/",
+    scenario: str = option("digits", "named scenario (data, contexts, model), see fedctx.scenarios",
                          choices=scenario_names)
     clients: int = option(20, "number of simulated clients (Flower SuperNodes)", min=1)
     rounds: int = option(8, "federated rounds", min=1)

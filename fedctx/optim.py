@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedctx.federated.params import is_norm_module
+from fedctx.norm import is_norm_module
 
 #: Module types whose ``weight`` is a kernel (decayed); subclasses count (e.g. ``WSConv2d``).
 KERNEL_MODULES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
@@ -35,7 +35,7 @@ def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
     projection of ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``, which are
     linear kernels stored on the attention module itself). Never selected: biases, embeddings and
     other free parameters, and anything owned by a normalization module or one of its sub-modules
-    (:func:`fedctx.federated.params.is_norm_module`: ``torch.nn`` norms and every layer of
+    (:func:`fedctx.norm.is_norm_module`: ``torch.nn`` norms and every layer of
     :mod:`fedctx.norm`), even a linear layer inside a norm.
 
     Returns:

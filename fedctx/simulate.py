@@ -18,8 +18,8 @@ from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file
 
 def parse_config(argv: list[str] | None = None) -> SimConfig:
     """Resolve the run's configuration from ``argv``; :class:`ConfigError` on bad input."""
-    import simulations
-    import strategies
+    from fedctx import scenarios as simulations
+    from fedctx import strategies
 
     parser = build_parser("python -m fedctx.simulate", __doc__.splitlines()[0])
     args = parser.parse_args(argv)

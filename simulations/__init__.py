@@ -1,17 +1,21 @@
-"""Named scenarios: a recipe of data + domains (contexts) + partition + default model.
+"""Named scenarios (``fedctx.scenarios``, the repository's ``simulations/`` folder): a recipe of
+data + domains (contexts) + partition + default model.
 
-A scenario is a :class:`Scenario` registered here; its default options live in
-``configs/<name>.toml`` (used as the base that ``--config`` and flags override).
+A scenario is a :class:`Scenario` registered here; its default options live in the package data
+``fedctx.configs`` (the repository's ``configs/<name>.toml``), used as the base that ``--config``
+and flags override. ``python -m fedctx.scenarios show <scenario>`` draws a scenario's data.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from typing import Any
 
-from fedctx.config import CONFIG_DIR, ConfigError, SimConfig
+from fedctx.config import ConfigError, SimConfig
 from fedctx.data import FederatedDataset
 
 #: Models (``fedctx.models.MODELS``) that run on 28x28 and on 32x32 images: the digits CNN's
@@ -53,20 +57,29 @@ class Scenario:
                           f"{', '.join(self.models)}")
 
     def defaults(self) -> dict[str, Any]:
-        """Options from ``configs/<name>.toml`` if that file exists (else none)."""
+        """Options from ``fedctx.configs``' ``<name>.toml`` if that file exists (else none)."""
         from fedctx.config import load_config_file
 
-        path = CONFIG_DIR / f"{self.name}.toml"
-        return load_config_file(path) if path.exists() else {}
+        resource = config_file(self.name)
+        if not resource.is_file():
+            return {}
+        with importlib.resources.as_file(resource) as path:
+            return load_config_file(path)
+
+
+def config_file(name: str) -> Traversable:
+    """The default-options file of scenario ``name`` (package data of ``fedctx.configs``, the
+    repository's ``configs/`` folder); it may not exist."""
+    return importlib.resources.files("fedctx.configs") / f"{name}.toml"
 
 
 _MODULES = {
-    "digits": "simulations.digits",
-    "digits5": "simulations.digits5",
-    "mnist-usps": "simulations.adaptation_pairs:MNIST_USPS",
-    "mnist-mnistm": "simulations.adaptation_pairs:MNIST_MNISTM",
-    "mnist-svhn": "simulations.adaptation_pairs:MNIST_SVHN",
-    "cifar10-dirichlet": "simulations.cifar10_dirichlet",
+    "digits": "fedctx.scenarios.digits",
+    "digits5": "fedctx.scenarios.digits5",
+    "mnist-usps": "fedctx.scenarios.adaptation_pairs:MNIST_USPS",
+    "mnist-mnistm": "fedctx.scenarios.adaptation_pairs:MNIST_MNISTM",
+    "mnist-svhn": "fedctx.scenarios.adaptation_pairs:MNIST_SVHN",
+    "cifar10-dirichlet": "fedctx.scenarios.cifar10_dirichlet",
 }
 
 

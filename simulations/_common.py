@@ -92,7 +92,7 @@ def digit_federation(names: list[str], config: SimConfig, per_client: int = PER_
     """One domain per client (round-robin over the domains present), ``per_client`` training
     images each; contexts = domains; images ``(3, 28, 28)`` in [-1, 1] (see ``to_digits_form``).
     """
-    from simulations import get_scenario
+    from fedctx.scenarios import get_scenario
 
     get_scenario(config.scenario).check_model(config.model)  # fail before any data is read
     raw, missing = read_domains(names, config)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from simulations import Scenario
-from simulations._common import digit_federation
+from fedctx.scenarios import Scenario
+from fedctx.scenarios._common import digit_federation
 
 
 def _pair(target: str, label: str) -> Scenario:

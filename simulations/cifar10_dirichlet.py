@@ -18,8 +18,8 @@ from fedctx.config import SimConfig
 from fedctx.data import ClientData, FederatedDataset
 from fedctx.data.partition import check_batch_fits, dirichlet_split
 from fedctx.data.sources import read_cached, to_cifar_form
-from simulations import MODELS_32, Scenario
-from simulations._common import data_root
+from fedctx.scenarios import MODELS_32, Scenario
+from fedctx.scenarios._common import data_root
 
 ALPHA = 0.5
 MIN_PER_CLIENT = 10

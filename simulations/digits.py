@@ -20,7 +20,7 @@ from fedctx.data import ClientData, FederatedDataset, load_embedded_digits
 from fedctx.data.embedded import TEST_PER_CLASS, TRAIN_PER_CLASS, to_common_form
 from fedctx.data.partition import assign_domains, check_batch_fits, iid_split
 from fedctx.data.sources import read_mnist
-from simulations import Scenario
+from fedctx.scenarios import Scenario
 
 
 def _real_mnist(root: Path, download: bool, rng: np.random.Generator):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from fedctx.config import SimConfig
 from fedctx.data import FederatedDataset
-from simulations import Scenario
-from simulations._common import digit_federation
+from fedctx.scenarios import Scenario
+from fedctx.scenarios._common import digit_federation
 
 DOMAINS = ["mnist", "svhn", "usps", "synthdigits", "mnistm"]
 

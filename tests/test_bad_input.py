@@ -16,7 +16,7 @@ import torch
 from test_data_corrupt import _write_mnist
 from test_data_sources import write_cifar10, write_digits_mat
 
-import simulations
+from fedctx import scenarios as simulations
 from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
 from fedctx.data.partition import check_batch_fits, clients_per_domain, max_clients
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_data_sources import write_cifar10, write_digits_mat, write_svhn
 
-import simulations
+from fedctx import scenarios as simulations
 from fedctx.config import SimConfig, build_parser, resolve
 from fedctx.data import FederatedDataset, MissingDataError
-from fedctx.data.__main__ import main as data_main
+from fedctx.scenarios.__main__ import main as data_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType
 
-import strategies
+from fedctx import strategies
 from fedctx.config import SimConfig
 from fedctx.federated.client import app as client_app
 from fedctx.federated.local import InProcessGrid

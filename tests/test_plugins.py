@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import strategies
+from fedctx import strategies
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIAL = REPO / "docs" / "strategies.md"
@@ -36,7 +36,7 @@ def test_tutorial_plugin_installs_and_runs(tmp_path: Path, python: str) -> None:
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(project)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(site)}
-    listing = subprocess.run([python, "-c", "import strategies; print(strategies.available())"],
+    listing = subprocess.run([python, "-c", "import fedctx.strategies as s; print(s.available())"],
                              env=env, capture_output=True, text=True, check=True)
     assert "ctx-weighted" in listing.stdout
     out = tmp_path / "run"

@@ -2,10 +2,10 @@
 type (never by a substring of the name, which is how FedBN's code decides and how it breaks for
 models that name their layers otherwise).
 
-Normalization modules: ``torch.nn`` batch/instance/group/layer/local-response norms, and every
-layer class defined in :mod:`fedctx.norm` except convolutions and linear layers (e.g.
-``WSConv2d``'s weight is a shared weight). Tensors of sub-modules of a normalization module belong
-to it too.
+Normalization modules (:func:`fedctx.norm.is_norm_module`): ``torch.nn`` batch/instance/group/
+layer/local-response norms, and every layer class defined in :mod:`fedctx.norm` except
+convolutions and linear layers (e.g. ``WSConv2d``'s weight is a shared weight). Tensors of
+sub-modules of a normalization module belong to it too.
 
 Transient state is never model state: a module may declare buffers that only make sense inside
 the process that trains it (``transient_buffers``, a class attribute; e.g. the cross-iteration
@@ -22,22 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_TORCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """Whether ``module``'s own parameters and buffers are normalization state."""
-    if isinstance(module, _TORCH_NORMS):
-        return True
-    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-        return False
-    return type(module).__module__.startswith("fedctx.norm")
+from fedctx.norm import is_norm_module
 
 
 @dataclass(frozen=True)

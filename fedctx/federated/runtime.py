@@ -19,7 +19,7 @@ from fedctx.data import FederatedDataset
 from fedctx.federated.params import StateSplit, split_state
 from fedctx.federated.run_config import from_run_config
 from fedctx.models import MODELS, make_model
-from simulations import get_scenario
+from fedctx.scenarios import get_scenario
 
 
 @dataclass

@@ -25,7 +25,7 @@ from fedctx.federated.run_config import from_run_config
 from fedctx.federated.runtime import build_model, get_runtime
 from fedctx.federated.training import evaluate
 from fedctx.results import RunRecorder, atomic_torch_save
-from strategies import resolve_strategy
+from fedctx.strategies import resolve_strategy
 
 CHECKPOINT = "checkpoint.pt"
 STARTED_ENV = "FEDCTX_STARTED"  # set by ``python -m fedctx.simulate``: the command's start time

@@ -4,6 +4,8 @@ Public API: :func:`make_norm`, :func:`available`, :func:`norm_layer`, :func:`use
 layer classes. See ``docs/norms.md``.
 """
 
+from torch import nn
+
 from fedctx.norm.acn import AdaptiveContextNorm, SupervisedClusterNorm, adaptive_context_norm
 from fedctx.norm.adain import ConditionalInstanceNorm
 from fedctx.norm.batchgroup import BatchGroupNorm
@@ -39,6 +41,27 @@ from fedctx.norm.uan import (
 )
 from fedctx.norm.weightstd import WSConv2d, WSGroupNorm, convert_ws_convs, standardize_weight
 
+_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Whether ``module``'s own parameters and buffers are normalization state: ``torch.nn``
+    batch/instance/group/layer/local-response/RMS norms, and every layer class defined in
+    :mod:`fedctx.norm` except convolutions and linear layers (e.g. ``WSConv2d``'s weight is a
+    shared weight). Used by the state split (:mod:`fedctx.federated.params`) and weight decay
+    (:mod:`fedctx.optim`) alike."""
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        return False
+    return type(module).__module__.startswith("fedctx.norm")
+
 __all__ = [
     "ACTIVATION_MODULES",
     "AdaptiveContextNorm",
@@ -67,6 +90,7 @@ __all__ = [
     "convert_norms",
     "convert_ws_convs",
     "fit_gmm",
+    "is_norm_module",
     "make_norm",
     "make_norm_act",
     "norm_layer",

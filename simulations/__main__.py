@@ -1,4 +1,4 @@
-"""``python -m fedctx.data show <scenario> --clients N [--out DIR] [--data-dir D]``.
+"""``python -m fedctx.scenarios show <scenario> --clients N [--out DIR] [--data-dir D]``.
 
 Builds the scenario's federated data exactly as a simulation would (same seed, same partition)
 and writes two PNGs to ``--out`` (default ``results/data-<scenario>``):
@@ -12,18 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedctx import scenarios
 from fedctx.config import ConfigError, SimConfig
 from fedctx.data.sources import MissingDataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    import simulations
-
-    parser = argparse.ArgumentParser(prog="python -m fedctx.data",
+    parser = argparse.ArgumentParser(prog="python -m fedctx.scenarios",
                                      description="Look at a scenario's data.")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="write sample-image and label-count PNGs of a scenario")
-    show.add_argument("scenario", choices=simulations.available())
+    show.add_argument("scenario", choices=scenarios.available())
     show.add_argument("--clients", type=int, default=None,
                       help="number of clients (default: the scenario's config file)")
     show.add_argument("--seed", type=int, default=None, help="partition seed (default: 0)")
@@ -39,10 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def show(args: argparse.Namespace) -> list[Path]:
     """Build ``args.scenario`` and write its two PNGs; returns their paths."""
-    import simulations
     from fedctx.data.plots import save_label_heatmap, save_sample_grid
 
-    scenario = simulations.get_scenario(args.scenario)
+    scenario = scenarios.get_scenario(args.scenario)
     values = {k: v for k, v in scenario.defaults().items() if k in ("clients", "seed")}
     given = {"clients": args.clients, "seed": args.seed, "data_dir": args.data_dir}
     values.update({k: v for k, v in given.items() if v is not None})
