@@ -43,11 +43,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO / "docs" / "results" / "runs" / "adamatch"
 PAGE = REPO / "docs" / "results" / "adamatch.md"
-CURVES = REPO / "docs" / "results" / "adamatch_curves.png"
+CURVES = REPO / "docs" / "results" / "adamatch_curves.png"  # + _<steps> per budget
 WORK_DIR = REPO / "results" / "adamatch" / "bench"
 
 PAIRS = {"mnist-mnistm": ("mnist", "mnistm"), "mnist-usps": ("mnist", "usps"),
          "usps-mnist": ("usps", "mnist")}
+DISPLAY = {"mnist": "MNIST", "mnistm": "MNIST-M", "usps": "USPS"}
 NORMS = ("batch", "context", "acn", "uan")
 SCOPES = ("all", "input")
 SEEDS = (0, 1, 2)
@@ -156,6 +157,7 @@ def run_record(cell: Cell, summary: dict[str, Any], command: list[str], commit: 
                   for e in summary["evals"]],
         "seconds_per_step": round(summary["seconds_per_step"], 4),
         "total_seconds": round(summary["total_seconds"], 1),
+        "cpu_seconds": round(summary.get("cpu_seconds", float("nan")), 1),
         "command": " ".join(["python", "-m", "fedctx.adapt", *command]),
         "hardware": summary["hardware"], "data": summary["data"], "commit": commit,
         "config": cfg,
@@ -163,8 +165,12 @@ def run_record(cell: Cell, summary: dict[str, Any], command: list[str], commit: 
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-seed*.json"))
-            if not p.name.startswith("calibration")]
+    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-seed*-steps*.json"))]
+
+
+def record_path(runs_dir: Path, cell: Cell, steps: int) -> Path:
+    """``<pair>-<norm>-<scope>-seed<k>-steps<N>.json``: budgets never overwrite each other."""
+    return runs_dir / f"{cell.name}-steps{steps}.json"
 
 
 def _same_budget(record: dict[str, Any], steps: int) -> bool:
@@ -173,7 +179,7 @@ def _same_budget(record: dict[str, Any], steps: int) -> bool:
 
 
 def done(cell: Cell, runs_dir: Path, steps: int) -> bool:
-    path = runs_dir / f"{cell.name}.json"
+    path = record_path(runs_dir, cell, steps)
     return path.exists() and _same_budget(json.loads(path.read_text()), steps)
 
 
@@ -202,7 +208,7 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     shown = [a if a != data_dir else "DATA" for a in shown]
     record = run_record(cell, summary, shown, _commit())
     runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / f"{cell.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    record_path(runs_dir, cell, steps).write_text(json.dumps(record, indent=1) + "\n")
     if log:
         print(f"{cell.name}: target {100 * record['final_target_acc']:.2f}% (EMA) "
               f"{100 * record['final_target_acc_raw']:.2f}% (raw), "
@@ -445,10 +451,14 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     return lines
 
 
+#: Norms too slow to project from another norm's time (uan: 57x BatchNorm per layer on CPU).
+SLOW = frozenset({"uan", "scb", "mixture"})
+
 #: Reading notes written into the page (kept here so the page regenerates with them).
 NOTES: dict[str, str] = {
     "calibration": "",
     "model": "",
+    "projection": "",
 }
 
 #: What the AdaMatch paper reports for these pairs (Berthelot et al. 2021, ICLR 2022). Its
@@ -468,9 +478,8 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
     """Regenerate the results page from the run JSONs of budget ``steps``; return its text."""
     all_runs = load_runs(runs_dir)
     runs = [r for r in all_runs if _same_budget(r, steps)]
-    other = len(all_runs) - len(runs)
-    curves = page.parent / CURVES.name
-    plot_curves(runs, pairs, curves)
+    budgets = sorted({r["steps"] for r in all_runs if r["batch_size"] == BATCH
+                      and r["uratio"] == URATIO} | {steps}, key=lambda b: (b != steps, -b))
     cal_path, wrn_path = runs_dir / "calibration.json", runs_dir / "wrn28_2_timing.json"
     cal = json.loads(cal_path.read_text()) if cal_path.exists() else None
     wrn = wrn or (json.loads(wrn_path.read_text()) if wrn_path.exists() else None)
@@ -484,10 +493,11 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         "",
         "## Protocol",
         "",
-        f"- Budget per run: **{steps} steps** × (batch {BATCH} source + {URATIO}×{BATCH} target "
-        f"images, each weak + strong) = {steps * BATCH:,} labelled and "
-        f"{steps * BATCH * URATIO:,} unlabelled images; evaluation every {EVAL_EVERY} steps on "
-        "the full test sets.",
+        f"- Budget per run: **{steps} steps** (the benchmark's default, from the calibration run "
+        f"below) × (batch {BATCH} source + {URATIO}×{BATCH} target images, each weak + strong) "
+        f"= {steps * BATCH:,} labelled and {steps * BATCH * URATIO:,} unlabelled images; "
+        f"evaluation every {EVAL_EVERY} steps on the full test sets. Runs of other budgets "
+        "that exist are shown in their own sections.",
         "- Everything else at `python -m fedctx.adapt`'s defaults, i.e. the authors' settings: SGD "
         "with plain momentum 0.9, lr 0.03·cos(arccos(0.25)·t/T), weight decay 1e-3 on conv and "
         "linear weights only, τ = 0.9, μ(t) warm-up over the first half, EMA 0.999 with "
@@ -521,40 +531,54 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
     if cal:
         body += ["## Choice of the step budget (calibration run)", ""]
         body += _calibration_lines(cal) + ["", NOTES.get("calibration", ""), ""]
-    for pair in pairs:
-        src, tgt = PAIRS[pair]
-        pr = [r for r in runs if r["pair"] == pair]
-        body += [f"## {src.upper()} → {tgt.upper()}", ""]
-        if pr:
-            body += _table(pr, pair, norms, scopes) + [""]
-        else:
-            body += ["No run yet.", ""]
-        body += [f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
-    if runs:
-        body += ["## Curves", "",
-                 f"![target accuracy vs step]({curves.name})", "",
-                 "Target test accuracy of the EMA model at every evaluation, one line per seed "
-                 "(dashed: scope `input`, evaluated with the source context).", ""]
+    for budget in budgets:
+        b_runs = [r for r in all_runs if _same_budget(r, budget)]
+        title = f"## Results at {budget} steps" + ("" if budget == steps else
+                                                   " (not the benchmark's budget)")
+        body += [title, ""]
+        if budget != steps:
+            body += [NOTES.get(f"budget-{budget}", f"Runs of {budget} steps; the benchmark's "
+                                                   f"budget is {steps}."), ""]
+        for pair in pairs:
+            src, tgt = PAIRS[pair]
+            pr = [r for r in b_runs if r["pair"] == pair]
+            body += [f"### {DISPLAY[src]} → {DISPLAY[tgt]}", ""]
+            body += (_table(pr, pair, norms, scopes) if pr else ["No run yet."]) + [""]
+            if budget == steps:
+                body += [f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
+        if b_runs:
+            curves = page.parent / CURVES.name.replace(".png", f"_{budget}.png")
+            plot_curves(b_runs, pairs, curves)
+            body += [f"![target accuracy vs step, {budget}-step runs]({curves.name})", "",
+                     "Target test accuracy of the EMA model at every evaluation, one line per "
+                     "seed (dashed: scope `input`, evaluated with the source context).", ""]
     missing = [c for c in grid(pairs, norms, scopes, seeds) if not done(c, runs_dir, steps)]
     body += ["## Missing cells", ""]
     if missing:
-        total = 0.0
-        rows = ["| run | projected time (1 thread) |", "|---|---|"]
+        groups: dict[tuple[str, str, str], list[Cell]] = {}
         for c in missing:
-            sec = projected_seconds(c, runs, steps)
-            if sec is not None and c.norm == "uan" and not any(r["norm"] == "uan" for r in runs):
-                sec = None
-            total += sec or 0.0
-            rows.append(f"| {c.name} | {'unknown' if sec is None else f'{sec / 60:.0f} min'} |")
-        body += [f"{len(missing)} of {len(grid(pairs, norms, scopes, seeds))} cells are missing; "
-                 f"projected time to fill those with a known s/step: {total / 3600:.1f} h of one "
-                 "core (two runs in parallel on two free cores halve the wall time).", ""] + rows
-        body += [""]
+            groups.setdefault((c.pair, c.norm, c.scope), []).append(c)
+        total, unknown = 0.0, []
+        rows = ["| pair | norm | scope | missing seeds | projected wall time per run here |",
+                "|---|---|---|---|---|"]
+        for (pair, norm, scope), cells in groups.items():
+            sec = projected_seconds(cells[0], all_runs, steps)
+            if sec is not None and not any(r["norm"] == norm for r in all_runs) and norm in SLOW:
+                sec = None  # no measurement of this norm: another norm's time would mislead
+            if sec is None:
+                unknown.append(norm)
+            total += (sec or 0.0) * len(cells)
+            rows.append(f"| {pair} | {norm} | {scope} | "
+                        f"{', '.join(str(c.seed) for c in cells)} | "
+                        f"{'not measured' if sec is None else f'{sec / 60:.0f} min'} |")
+        body += [f"{len(missing)} of {len(grid(pairs, norms, scopes, seeds))} runs are missing. "
+                 f"Projected at the wall time measured here (one thread per run, machine shared "
+                 f"with other jobs): **{total / 3600:.1f} h** of one core for those with a "
+                 "measured norm" + (f" (not counted: {', '.join(sorted(set(unknown)))}, "
+                                    "never timed in an AdaMatch run here)" if unknown else "")
+                 + ". " + NOTES.get("projection", ""), ""] + rows + [""]
     else:
         body += ["None.", ""]
-    if other:
-        body += [f"({other} run record(s) with another budget are in the folder and not shown.)",
-                 ""]
     if wrn:
         body += ["## Model cost: digits CNN vs WRN-28-2", "",
                  f"WRN-28-2 ({wrn['params']:,} parameters, the paper's model; built in "

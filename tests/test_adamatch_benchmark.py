@@ -28,7 +28,7 @@ def _record(pair: str, norm: str, scope: str, seed: int, acc: float, steps: int 
 def _write(runs_dir: Path, records: list[dict]) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     for r in records:
-        name = f"{r['pair']}-{r['norm']}-{r['scope']}-seed{r['seed']}.json"
+        name = f"{r['pair']}-{r['norm']}-{r['scope']}-seed{r['seed']}-steps{r['steps']}.json"
         (runs_dir / name).write_text(json.dumps(r))
 
 
@@ -97,6 +97,17 @@ def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
     assert f"| batch | all (target) | 0, 1, 2 | 62.00 ± {100 * half:.2f} |" in text
     assert "+5.00 ± " in text  # context - batch, paired over 3 seeds
     assert "| acn | input (source) | 0 | 55.00 (n = 1) |" in text
-    assert "usps-mnist-batch-all-seed0" in text  # a missing cell, listed with its time
+    assert "| usps-mnist | batch | all | 0, 1, 2 | 10 min |" in text  # missing, with its time
     assert "No run yet." in text and "not quoted" in text
-    assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
+    assert (tmp_path / "adamatch_curves_1000.png").stat().st_size > 0
+
+
+def test_page_shows_other_budgets_in_their_own_section(tmp_path):
+    runs = tmp_path / "runs"
+    _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.60, steps=500),
+                  _record("mnist-mnistm", "batch", "all", 0, 0.70, steps=3000)])
+    text = bench.write_page(runs, tmp_path / "p.md", steps=3000, pairs=["mnist-mnistm"],
+                            norms=["batch"], scopes=["all"], seeds=[0])
+    assert text.index("## Results at 3000 steps") < text.index("## Results at 500 steps")
+    assert "| 70.00 (n = 1) |" in text and "| 60.00 (n = 1) |" in text
+    assert "None." in text  # the one cell of the 3000-step grid exists

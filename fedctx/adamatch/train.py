@@ -286,6 +286,7 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
     records: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     start = last_progress = time.perf_counter()
+    cpu_start = time.process_time()
     eval_seconds = 0.0
     with (out / "metrics.jsonl").open("w") as metrics:
         for step in range(cfg.steps):
@@ -314,6 +315,7 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
                 say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
                     f"{rec['mask_rate']:.2f}  {rate:.2f} step/s  ETA {_duration(eta)}")
     total_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start  # all threads of this process, evaluation included
     train_s = total_s - eval_seconds
 
     plot_curves(records, evals, out / "curves.png", title=f"{cfg.source}->{cfg.target} "
@@ -331,6 +333,7 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
         "best_target_acc_raw": max(e["target_acc_raw"] for e in evals),
         "evals": evals,
         "train_seconds": train_s, "eval_seconds": eval_seconds, "total_seconds": total_s,
+        "cpu_seconds": cpu_s,
         "seconds_per_step": train_s / cfg.steps, "steps_per_second": cfg.steps / train_s,
         "data": {"root": str(Path(cfg.data_dir) if cfg.data_dir else default_data_dir()),
                  **{k: len(getattr(domains, k)) for k in
