@@ -22,7 +22,7 @@ class DigitsCNN(nn.Module):
     Every norm here is followed by a ReLU, so each is built with
     :func:`fedctx.norm.make_norm_act` (``proxy``: Proxy Norm fuses the ReLU, no second one);
     the convolutions are :func:`fedctx.norm.conv2d_class` of the norm (``weightstd``:
-    weight-standardized). State-dict keys are the same for every norm.
+    weight-standardized). Module names are the same for every norm.
     """
 
     def __init__(
