@@ -218,6 +218,10 @@ class SimConfig:
     ray_address: str = option("", "join an existing Ray cluster at this address instead of "
                             "starting a local one")
     resume: bool = option(False, "continue the run in --out from its last finished round")
+    overwrite: bool = option(False, "replace the results of another run in an existing --out "
+                             "(only the files fedctx writes are removed)")
+    plugin_path: str = option("", "folders (os.pathsep-separated) a module:Class --strategy "
+                              "may be imported from; empty: installed modules only")
     verbose: bool = option(False, "show Flower's and Ray's own logs")
 
     def validate(self) -> SimConfig:

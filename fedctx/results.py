@@ -28,6 +28,110 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the round before: kept to fall back on
+# Everything a run writes in its folder (``--overwrite`` removes these and nothing else).
+RESULT_FILES = (CHECKPOINT, PREVIOUS_CHECKPOINT, "metrics.jsonl", "summary.json", "model.pt",
+                "accuracy.png", "label_counts.png", "config.json")
+CLIENT_STATE = "client_state"
+
+
+def results_in(out: Path) -> list[str]:
+    """The files of a run's results that ``out`` holds (a run's record, not just its plots)."""
+    out = Path(out)
+    return [n for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, "metrics.jsonl", "summary.json")
+            if (out / n).exists()]
+
+
+def clear_results(out: Path) -> None:
+    """Remove what a run wrote in ``out`` (``--overwrite``): :data:`RESULT_FILES` and the
+    clients' kept state; any other file stays."""
+    out = Path(out)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+        (out / (name + ".tmp")).unlink(missing_ok=True)
+    state = out / CLIENT_STATE
+    if state.is_dir():
+        for f in state.glob("client*.*"):
+            f.unlink()
+        if not any(state.iterdir()):
+            state.rmdir()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and why."""
+
+
+def save_checkpoint(state: dict[str, Any], out: Path, keep_previous: bool = True) -> None:
+    """Write ``out/checkpoint.pt`` atomically; the one it replaces becomes
+    ``checkpoint.prev.pt`` (unless ``keep_previous`` is false: it is not a good one)."""
+    path, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    if keep_previous and path.exists():
+        link = previous.with_name(previous.name + ".tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links
+            import shutil
+
+            shutil.copyfile(path, link)
+        os.replace(link, previous)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True`` (only
+    tensors and plain types); :class:`CheckpointError` names a corrupt or truncated one."""
+    import zipfile
+
+    if path.exists() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path.name} is corrupt: truncated or not a PyTorch file "
+                              f"({path.stat().st_size} bytes)")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated zip, unpickling error, unsafe type
+        reason = " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())
+        raise CheckpointError(f"{path.name} is corrupt: {reason[:300]}") from None
+    keys = ("round", "arrays", "strategy", "history", "config")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path.name} is corrupt: not a fedctx checkpoint (it lacks "
+                              f"{', '.join(missing)})")
+    if len(state["history"]) != state["round"]:
+        raise CheckpointError(f"{path.name} is corrupt: round {state['round']} with "
+                              f"{len(state['history'])} recorded rounds")
+    return state
+
+
+def load_checkpoint(out: Path) -> tuple[dict[str, Any], str | None]:
+    """The run's last good checkpoint and, when ``checkpoint.pt`` could not be used, a note that
+    says so and which round's ``checkpoint.prev.pt`` is used instead. ``FileNotFoundError`` if
+    there is none; :class:`CheckpointError` if neither can be read."""
+    out = Path(out)
+    path, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    try:
+        return read_checkpoint(path), None
+    except FileNotFoundError:
+        if not previous.exists():
+            raise FileNotFoundError(f"no checkpoint in {out}") from None
+        problem = f"{CHECKPOINT} is missing"
+    except CheckpointError as err:
+        problem = str(err)
+        if not previous.exists():
+            raise CheckpointError(f"{problem} (in {out}); no earlier checkpoint to fall "
+                                  "back on") from None
+    try:
+        state = read_checkpoint(previous)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise CheckpointError(f"{problem} (in {out}), and {err}") from None
+    return state, (f"{problem}; resuming from the previous round's {PREVIOUS_CHECKPOINT} "
+                   f"(round {state['round']})")
+
+
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A GitHub-flavoured Markdown table (readable in a terminal too)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -42,7 +146,7 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 class RunRecorder:
     """Writes a run's results folder and prints its progress."""
 
-    def __init__(self, out: Path, total_rounds: int, stream=sys.stdout,
+    def __init__(self, out: Path, total_rounds: int, stream=None,
                  started: float | None = None) -> None:
         self.out = Path(out)
         self.total_rounds = total_rounds
@@ -58,7 +162,7 @@ class RunRecorder:
         return self.out / "metrics.jsonl"
 
     def say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stdout, flush=True)
 
     def start(self, config: dict[str, Any], history: list[dict[str, Any]] | None = None) -> None:
         """Create the folder, write ``config.json``; on resume, rewrite the finished rounds."""
@@ -68,9 +172,17 @@ class RunRecorder:
         atomic_write_text(self.metrics_path,
                           "".join(json.dumps(r) + "\n" for r in self.history))
 
-    def round(self, record: dict[str, Any]) -> None:
-        """Append one round's metrics (fsynced) and print its progress line."""
+    def round(self, record: dict[str, Any], commit: Any = None) -> None:
+        """Record one round: first ``commit()`` (the checkpoint, whose history holds the round),
+        then append its metrics (fsynced) and print its progress line, so a round shown or
+        listed in ``metrics.jsonl`` is always one that ``--resume`` sees."""
         self.history.append(record)
+        if commit is not None:
+            try:
+                commit()
+            except BaseException:
+                self.history.pop()
+                raise
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

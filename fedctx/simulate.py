@@ -32,41 +32,277 @@ def parse_config(argv: list[str] | None = None) -> SimConfig:
     base = scenario.defaults()
     config = resolve(args, base)
     scenario.check_model(config.model)
+    if config.resume and config.overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite replaces it: "
+                          "give one of them")
     try:
-        strategies.resolve_strategy(config.strategy)
-        implied = strategies.implied_norm_policy(config.strategy)
+        strategies.resolve_strategy(config.strategy, plugin_path=config.plugin_path)
+        implied = strategies.implied_norm_policy(config.strategy, plugin_path=config.plugin_path)
     except ValueError as err:
         raise ConfigError(f"--strategy: {err}") from None
     if implied and args.norm_policy is None and "norm_policy" not in file_values:
         config.norm_policy = implied
     if not config.out:
-        from fedctx.federated.run_config import default_out
+        from fedctx.federated.run_config import numbered_out
 
-        config.out = default_out(config)
+        config.out = numbered_out(config)
+    if config.resume:
+        given = {k for k, v in vars(args).items() if v is not None} | set(file_values)
+        config = resumed_config(config, given & set(SimConfig.__dataclass_fields__))
     return config
 
 
-def prepare_out(config: SimConfig) -> None:
+class RunFinished(Exception):
+    """``--resume`` of a run that has finished every round asked for."""
+
+
+def resumed_config(config: SimConfig, given: set[str]) -> SimConfig:
+    """The configuration saved with the run in ``config.out``, with the options ``given`` on
+    the command line or in ``--config`` that cannot change results and ``--rounds`` (to extend
+    the run); :class:`ConfigError` names an option that contradicts the saved run."""
+    from fedctx.federated.run_config import RUNTIME_OPTIONS
+    from fedctx.results import CheckpointError, load_checkpoint
+
     out = Path(config.out)
-    if config.resume:
-        if not (out / "checkpoint.pt").exists():
-            raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume first")
+    try:
+        ckpt, _ = load_checkpoint(out)
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume first"
+                          ) from None
+    except CheckpointError as err:
+        raise ConfigError(f"--resume: {err}") from None
+    known = SimConfig.__dataclass_fields__
+    saved = {k: v for k, v in ckpt["config"].items() if k in known}
+    differ = [k for k in sorted(given) if k not in RUNTIME_OPTIONS and k != "rounds"
+              and k in saved and getattr(config, k) != saved[k]]
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"--resume: --{k.replace('_', '-')} {getattr(config, k)} contradicts "
+                          f"the run in {out} ({k.replace('_', '-')} = {saved[k]!r}); resume "
+                          "without it, or start a new run in another --out")
+    values = {**saved, **{k: getattr(config, k) for k in given if k in RUNTIME_OPTIONS}}
+    values.update(out=config.out, resume=True, overwrite=False)
+    if "rounds" in given:
+        values["rounds"] = config.rounds
+    finished = int(ckpt["round"])
+    if values["rounds"] < finished:
+        raise ConfigError(f"--resume: --rounds {values['rounds']} is fewer than the "
+                          f"{finished} rounds the run in {out} has finished")
+    resumed = SimConfig(**values).validate()
+    if finished >= resumed.rounds and (out / "summary.json").exists():
+        raise RunFinished(f"fedctx: the run in {out} has finished all its {finished} rounds; "
+                          f"nothing to resume (--resume --rounds N, N > {finished}, extends it)")
+    return resumed
+
+
+def check_out(config: SimConfig) -> None:
+    """One-line :class:`ConfigError` for an ``--out`` that is a file, cannot be written, or
+    (without ``--resume`` or ``--overwrite``) holds files already. Changes nothing."""
+    import tempfile
+
+    from fedctx.results import results_in
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out} is not writable ({parent}: "
+                          f"{err.strerror or err})") from None
+    if config.resume or config.overwrite or not out.is_dir():
         return
-    if out.exists():
-        for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt",
-                     "accuracy.png", "config.json"):
-            (out / name).unlink(missing_ok=True)
-        state = out / "client_state"
-        if state.is_dir():
-            for f in state.iterdir():
-                f.unlink()
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        found = results_in(out)
+        what = (f"another run's results ({', '.join(found)})" if found else
+                f"files of yours ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        raise ConfigError(f"--out {out} holds {what}; give a new --out, --resume to continue "
+                          "a run, or --overwrite to replace a run's results")
+
+
+def prepare_out(config: SimConfig) -> None:
+    """Create ``--out``; with ``--overwrite``, remove the files a run wrote there (only those).
+    Called once every option, the data and the model are known to be valid."""
+    from fedctx.results import clear_results
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.overwrite and not config.resume:
+        clear_results(out)
+
+
+def saved_rounds(out: Path) -> int:
+    """How many finished rounds ``--resume`` would find in ``out`` (``metrics.jsonl`` lists
+    only rounds whose checkpoint is written)."""
+    try:
+        return sum(1 for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line)
+    except OSError:
+        return 0
+
+
+def resume_hint(out: Path, prefix: str = "continue with") -> str:
+    """The line that tells how to continue, or ``""`` when no finished round exists."""
+    n = saved_rounds(out)
+    if not n:
+        return ""
+    rounds = "round 1 is" if n == 1 else f"rounds 1-{n} are"
+    return f"\n{rounds} saved in {out}; {prefix} --resume --out {out}"
+
+
+def check_resources(config: SimConfig) -> None:
+    """One-line :class:`ConfigError`, before Ray starts, for resources no client can get: a GPU
+    share with no GPU visible, more CPUs per client than the Ray instance has, a Ray address
+    where no cluster answers (a bounded wait)."""
+    if config.gpus_per_client > 0 and not config.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--gpus-per-client {config.gpus_per_client}: no GPU is visible "
+                              "to this process; use --gpus-per-client 0")
+    if config.backend != "ray":
+        return
+    if not config.ray_address:
+        cores = config.num_cpus or os.cpu_count() or 1
+        if config.cpus_per_client > cores:
+            raise ConfigError(f"--cpus-per-client {config.cpus_per_client} exceeds the {cores} "
+                              "CPUs of the local Ray instance (--num-cpus, else this machine's "
+                              "cores): no client could start")
+        return
+    address = config.ray_address.removeprefix("ray://")
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {config.ray_address!r}: expected HOST:PORT "
+                          "(e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"--ray-address {config.ray_address}: no Ray cluster answers there "
+                          f"({err.strerror or err}); start one with `ray start --head` or fix "
+                          "the address") from None
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def _raised_in(error: BaseException, source: str | None) -> bool:
+    """Whether ``error`` (or what caused it) passed through code under ``source``."""
+    if not source:
+        return False
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(source):
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def report_failure(error: BaseException, config: SimConfig, plugin: str | None) -> None:
+    """How a run that raised is reported: the user's plugin code with its traceback, anything
+    else in one line; the resume line only when a finished round is saved."""
+    import traceback
+
+    from fedctx.federated.norm_strategy import StrategyStateError
+
+    if isinstance(error, StrategyStateError):
+        print(f"error: {error}", file=sys.stderr)
+        return
+    if _raised_in(error, plugin):
+        print(f"error: strategy plugin {config.strategy!r} raised {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        print("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
+        print(resume_hint(Path(config.out), "fix the plugin, then continue with").lstrip(),
+              file=sys.stderr)
+        return
+    print(f"error: run failed: {type(error).__name__}: {error}{resume_hint(Path(config.out))}",
+          file=sys.stderr)
+
+
+def _interrupted(config: SimConfig | None) -> int:
+    """After Ctrl-C: further ones are ignored; say what is saved (the truth), exit 130."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config is None:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+    else:
+        hint = resume_hint(Path(config.out))
+        print("\ninterrupted" + (hint or "; no round had finished, nothing to resume"),
+              file=sys.stderr, flush=True)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; its exit status (0, 1 run failed, 2 bad input, 130 interrupted)."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    holder: list[SimConfig] = []
+    try:
+        return _main(argv, holder)
+    except KeyboardInterrupt:
+        status = _interrupted(holder[0] if holder else None)
+        if holder and holder[0].backend == "ray" and _ray_started():
+            _exit_now(status)  # Flower's ServerApp thread would keep the process alive
+        return status
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGINT, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _exit_now(status: int, timeout: float = 5.0) -> None:
+    """Stop Ray (at most ``timeout`` seconds), then leave at once: Flower's ServerApp thread,
+    waiting for replies that will never come, must not keep the process alive."""
+    import threading
+
+    def stop() -> None:
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001, S110 - leaving anyway
+            pass
+
+    worker = threading.Thread(target=stop, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
     t0 = time.time()
     try:
         config = parse_config(argv)
-        prepare_out(config)
+        holder.append(config)
+        check_out(config)
+    except RunFinished as done:
+        print(done)
+        return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -74,13 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     from fedctx.federated.engine import run_in_process, run_on_ray
     from fedctx.federated.run_config import to_run_config
     from fedctx.federated.runtime import get_runtime
-    from fedctx.federated.server import STARTED_ENV
+    from fedctx.federated.server import STARTED_ENV, make_strategy
 
     run_config = to_run_config(config)
     try:
-        data = get_runtime(run_config).data  # fail fast on missing data, before Ray starts
+        rt = get_runtime(run_config)  # data and model: fail fast, before Ray starts
+        check_resources(config)
     except (MissingDataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    data = rt.data
+    from fedctx import strategies
+
+    plugin = strategies.plugin_source(config.strategy, plugin_path=config.plugin_path)
+    try:
+        make_strategy(config, rt.model)
+    except Exception as err:  # noqa: BLE001 - the plugin's own code: shown with its traceback
+        report_failure(err, config, plugin)
+        return 1 if _raised_in(err, plugin) else 2
+    try:
+        prepare_out(config)  # only now: every option, the data and the model are valid
+    except OSError as err:
+        print(f"error: --out {config.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"fedctx: scenario {config.scenario!r}: {config.clients} clients over "
           f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
@@ -97,16 +348,14 @@ def main(argv: list[str] | None = None) -> int:
                        cpus_per_client=config.cpus_per_client,
                        gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,
                        ray_address=config.ray_address, verbose=config.verbose)
-    except Exception as err:  # noqa: BLE001 - reported below with the saved-rounds hint
-        error = err.__cause__ or err
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished rounds are saved: resume with --resume --out "
-              f"{config.out}", file=sys.stderr)
-        return 130
-    if error is not None or not (Path(config.out) / "summary.json").exists():
-        reason = error or "the simulation engine stopped before the last round"
-        print(f"error: run failed: {reason}\nfinished rounds are saved in {config.out}; "
-              "continue with --resume", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - reported below
+        error = err.__cause__ if isinstance(err.__cause__, Exception) else err
+    if error is not None:
+        report_failure(error, config, plugin)
+        return 1
+    if not (Path(config.out) / "summary.json").exists():
+        print("error: run failed: the simulation engine stopped before the last round"
+              + resume_hint(Path(config.out)), file=sys.stderr)
         return 1
     print(f"Done in {time.time() - t0:.1f}s.")
     return 0

@@ -7,7 +7,9 @@ the normalization tensors. Names resolve, in order, to:
 
 1. the built-ins below (Flower's own classes with fedctx defaults);
 2. plugins registered in the entry-point group ``fedctx.strategies`` (``name = "pkg.mod:obj"``);
-3. ``module:Class`` given directly on the command line.
+3. ``module:Class``: a module that is installed, or one under a folder of ``--plugin-path``;
+   never one that merely sits in the current directory (a config file is data: naming a
+   strategy in it must not run whatever ``.py`` file the working directory holds).
 
 A plugin object is a ``Strategy`` subclass (built with the keyword arguments of
 :func:`strategy_kwargs`) or a factory ``(config: SimConfig) -> Strategy``. A plugin may set a class
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -74,19 +78,55 @@ def available() -> list[str]:
     return sorted(set(BUILTIN) | set(_plugins()))
 
 
-def _load_object(spec: str) -> Any:
+def _import_path(plugin_path: str) -> list[str]:
+    """``sys.path`` for importing a ``module:Class`` strategy: the ``plugin_path`` folders, then
+    ``sys.path`` without the entry Python adds for the current directory (``''`` or its path,
+    before any other; the same folder named again later, e.g. in ``PYTHONPATH``, stays)."""
+    cwd = os.getcwd()
+    path = list(sys.path)
+    for i, entry in enumerate(path):
+        if entry in ("", ".") or os.path.abspath(entry) == cwd:
+            del path[i]
+            break
+    extra = [os.path.abspath(p) for p in plugin_path.split(os.pathsep) if p]
+    return extra + path
+
+
+def _load_object(spec: str, plugin_path: str = "") -> Any:
     module_name, _, attr = spec.partition(":")
+    saved = sys.path[:]
+    sys.path[:] = _import_path(plugin_path)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
+    except ModuleNotFoundError as err:
+        where = f"under --plugin-path {plugin_path}" if plugin_path else "installed"
+        raise ValueError(f"cannot load strategy {spec!r}: {err} ({where}; a module in the "
+                         "current directory needs --plugin-path .)") from None
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot load strategy {spec!r}: {err}") from None
+    finally:
+        sys.path[:] = saved
     return obj
 
 
-def resolve_strategy(name: str) -> Callable[[SimConfig], fl.Strategy]:
-    """A factory ``(config) -> Strategy`` for ``name``; ``ValueError`` naming valid choices."""
+def plugin_source(name: str, plugin_path: str = "") -> str | None:
+    """The file (or package folder) of a plugin strategy's code; ``None`` for a built-in."""
+    if name.lower() in BUILTIN:
+        return None
+    obj = resolve_strategy(name, plugin_path=plugin_path)
+    obj = getattr(obj, "plugin_class", obj)
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    if module is None or not getattr(module, "__file__", None):
+        return None
+    file = os.path.abspath(module.__file__)
+    return os.path.dirname(file) if hasattr(module, "__path__") else file
+
+
+def resolve_strategy(name: str, plugin_path: str = "") -> Callable[[SimConfig], fl.Strategy]:
+    """A factory ``(config) -> Strategy`` for ``name``; ``ValueError`` naming valid choices.
+    ``plugin_path``: folders a ``module:Class`` name may be imported from (``--plugin-path``)."""
     lowered = name.lower()
     if lowered in BUILTIN:
         return BUILTIN[lowered]
@@ -94,7 +134,7 @@ def resolve_strategy(name: str) -> Callable[[SimConfig], fl.Strategy]:
     if name in plugins:
         obj = plugins[name].load()
     elif ":" in name:
-        obj = _load_object(name)
+        obj = _load_object(name, plugin_path)
     else:
         raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(available())} "
                          "(or module:Class)")
@@ -107,12 +147,13 @@ def resolve_strategy(name: str) -> Callable[[SimConfig], fl.Strategy]:
             return cls(**kwargs)
 
         factory.norm_policy = getattr(cls, "norm_policy", None)  # type: ignore[attr-defined]
+        factory.plugin_class = cls  # type: ignore[attr-defined]
         return factory
     if callable(obj):
         return obj
     raise ValueError(f"strategy {name!r} is neither a Strategy subclass nor a factory")
 
 
-def implied_norm_policy(name: str) -> str | None:
+def implied_norm_policy(name: str, plugin_path: str = "") -> str | None:
     """The norm policy a strategy name implies (``fedbn`` -> ``local``), if any."""
-    return getattr(resolve_strategy(name), "norm_policy", None)
+    return getattr(resolve_strategy(name, plugin_path), "norm_policy", None)

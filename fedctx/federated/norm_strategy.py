@@ -101,6 +101,130 @@ def check_record(arrays: Tensors, reference: Tensors, required: Iterable[str],
     return None
 
 
+class StrategyStateError(TypeError):
+    """A strategy attribute that a checkpoint cannot hold; the message names it."""
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def encode_state(value: Any, where: str) -> Any:
+    """``value`` as tensors and plain types only (``torch.load(weights_only=True)`` reads it
+    back): NumPy arrays and scalars, Flower records, Python and NumPy random generators,
+    lists, tuples and dicts of these. :class:`StrategyStateError` names anything else."""
+    import numpy as np
+
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return {"__npscalar__": value.dtype.str, "value": value.item()}
+    if isinstance(value, ArrayRecord):
+        return {"__arrayrecord__": {k: v.detach().cpu()
+                                    for k, v in value.to_torch_state_dict().items()}}
+    if isinstance(value, MetricRecord | ConfigRecord):
+        return {f"__{type(value).__name__}__": encode_state(dict(value), where)}
+    if isinstance(value, random.Random):
+        return {"__random__": encode_state(value.getstate(), where)}
+    if isinstance(value, np.random.Generator):
+        return {"__np_generator__": encode_state(value.bit_generator.state, where)}
+    if isinstance(value, list | tuple):
+        items = [encode_state(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else {"__tuple__": items}
+    if isinstance(value, dict) and all(isinstance(k, _PLAIN) for k in value):
+        return {"__dict__": [[k, encode_state(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+    raise StrategyStateError(f"{where} ({type(value).__name__}) cannot be saved in a checkpoint "
+                             "(tensors, arrays, Flower records and plain types can); give the "
+                             "strategy state_dict() and load_state_dict(state) methods that "
+                             "declare its state")
+
+
+def decode_state(value: Any) -> Any:
+    """The inverse of :func:`encode_state`."""
+    import numpy as np
+
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__ndarray__" in value:
+        return value["__ndarray__"].numpy().copy()
+    if "__npscalar__" in value:
+        return np.dtype(value["__npscalar__"]).type(value["value"])
+    if "__arrayrecord__" in value:
+        return ArrayRecord(dict(value["__arrayrecord__"]))
+    if "__MetricRecord__" in value:
+        return MetricRecord(decode_state(value["__MetricRecord__"]))
+    if "__ConfigRecord__" in value:
+        return ConfigRecord(decode_state(value["__ConfigRecord__"]))
+    if "__random__" in value:
+        rng = random.Random()
+        rng.setstate(_tuples(decode_state(value["__random__"])))
+        return rng
+    if "__np_generator__" in value:
+        state = decode_state(value["__np_generator__"])
+        rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+        rng.bit_generator.state = state
+        return rng
+    if "__tuple__" in value:
+        return tuple(decode_state(v) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {k: decode_state(v) for k, v in value["__dict__"]}
+    return {k: decode_state(v) for k, v in value.items()}
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _is_setting(value: Any) -> bool:
+    """A callable set up at construction (an aggregation function, a class, a logger...)."""
+    return callable(value) or isinstance(value, logging.Logger)
+
+
+def strategy_state(strategy: Strategy, initial: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The state of ``strategy`` (and of the strategies it wraps) for a checkpoint: what its
+    ``state_dict()`` declares, if it has one; else its attributes, except callables it held
+    since construction (``initial``: id -> attributes then). :class:`StrategyStateError` names
+    an attribute that cannot be saved."""
+    name = type(strategy).__name__
+    if callable(getattr(strategy, "state_dict", None)):
+        return {"declared": encode_state(strategy.state_dict(), f"{name}.state_dict()")}
+    before = initial.get(id(strategy), {})
+    attributes: dict[str, Any] = {}
+    for attr, value in vars(strategy).items():
+        if isinstance(value, Strategy):
+            attributes[attr] = {"__strategy__": strategy_state(value, initial)}
+        elif _is_setting(value) and before.get(attr, object()) is value:
+            continue
+        else:
+            attributes[attr] = encode_state(value, f"strategy attribute {name}.{attr}")
+    return {"attributes": attributes}
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Restore :func:`strategy_state` into ``strategy``."""
+    if "declared" in state:
+        strategy.load_state_dict(decode_state(state["declared"]))
+        return
+    for attr, value in state["attributes"].items():
+        if isinstance(value, dict) and "__strategy__" in value:
+            load_strategy_state(getattr(strategy, attr), value["__strategy__"])
+        else:
+            setattr(strategy, attr, decode_state(value))
+
+
+def _strategy_chain(strategy: Any) -> list[Strategy]:
+    chain = []
+    while isinstance(strategy, Strategy) and strategy not in chain:
+        chain.append(strategy)
+        strategy = next((v for v in vars(strategy).values() if isinstance(v, Strategy)), None)
+    return chain
+
+
 class _NodesInOrder:
     """The grid, listing its nodes by partition id (then node id): with a seeded ``random``, the
     inner strategy's sampling then depends only on (seed, round) and the partition ids, not on
@@ -154,6 +278,8 @@ class NormPolicyStrategy(Strategy):
         self.registered_at: float | None = None
         self._arrays_key = _inner_attr(strategy, "arrayrecord_key", "arrays")
         self._asked: set[int] = set()
+        # the attributes at construction: callables among them are settings, not state
+        self._initial = {id(s): dict(vars(s)) for s in _strategy_chain(strategy)}
 
     # ------------------------------------------------------------------ nodes
     def client_key(self, node_id: int) -> int:
@@ -376,15 +502,17 @@ class NormPolicyStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: norm state, clients that hold their own norm state
-        (by partition id) and the inner strategy's attributes (FedAdam's moments, ...)."""
+        (by partition id) and the inner strategy's state (FedAdam's moments, ...).
+
+        Only tensors and plain types (``torch.load(weights_only=True)`` reads them); an inner
+        attribute that cannot be saved is a :class:`StrategyStateError` naming it (a strategy
+        declares its state with ``state_dict()`` / ``load_state_dict(state)``)."""
         return {"norm": self.norm.state_dict(), "trained": sorted(self.trained),
-                "inner": self.strategy.__dict__.copy()}
+                "inner": strategy_state(self.strategy, self._initial)}
 
     def load_state_dict(self, state: dict[str, Any], finished_rounds: int) -> None:
-        """Restore :meth:`state_dict`; the next ``start()`` continues after ``finished_rounds``
-        (``state["inner"]`` may be ``None``: the inner strategy then starts fresh)."""
+        """Restore :meth:`state_dict`; the next ``start()`` continues after ``finished_rounds``."""
         self.norm.load_state_dict(state["norm"])
         self.trained = set(state["trained"])
-        if state.get("inner") is not None:
-            self.strategy.__dict__.update(state["inner"])
+        load_strategy_state(self.strategy, state["inner"])
         self.round_offset = finished_rounds

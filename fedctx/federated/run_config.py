@@ -40,7 +40,51 @@ def from_run_config(run_config: dict[str, Any]) -> SimConfig:
     return config
 
 
+# Options that choose where and how a run executes, never what it computes: they may differ
+# between a run and its ``--resume`` (``rounds`` may grow too: it extends the run).
+RUNTIME_OPTIONS = frozenset({
+    "out", "resume", "overwrite", "verbose", "backend", "num_cpus", "cpus_per_client",
+    "gpus_per_client", "ray_address", "data_dir", "download", "plugin_path",
+})
+
+
+def experiment_options(config: SimConfig | dict[str, Any]) -> dict[str, Any]:
+    """The options that decide a run's results (every option but :data:`RUNTIME_OPTIONS`)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in values.items() if k not in RUNTIME_OPTIONS}
+
+
+def config_hash(config: SimConfig) -> str:
+    """8 hex digits of the options that decide the results, ``rounds`` aside (a run extended
+    with ``--resume --rounds N`` stays the same experiment)."""
+    import hashlib
+    import json
+
+    key = {k: v for k, v in experiment_options(config).items() if k != "rounds"}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def default_out(config: SimConfig) -> str:
-    """``results/<scenario>-<norm>-<policy>-<strategy>-seed<seed>``."""
+    """``results/<scenario>-<norm>-<policy>-<strategy>-seed<seed>-<hash>``: the hash
+    (:func:`config_hash`) covers every other option that changes results, so two different
+    experiments never share a name. ``python -m fedctx.simulate`` adds a counter
+    (:func:`numbered_out`) so that a repeated experiment never lands in a used folder."""
     return (f"results/{config.scenario}-{config.norm}-{config.norm_policy}-"
-            f"{config.strategy.replace(':', '.')}-seed{config.seed}")
+            f"{config.strategy.replace(':', '.').replace('/', '.')}-seed{config.seed}-"
+            f"{config_hash(config)}")
+
+
+def numbered_out(config: SimConfig) -> str:
+    """:func:`default_out`, then ``-2``, ``-3``, ...: the first that is free (absent or an empty
+    folder) for a new run; for ``--resume``, the last one used (a new run's name if none)."""
+    from pathlib import Path
+
+    base = default_out(config)
+    names = [base] + [f"{base}-{n}" for n in range(2, 10_000)]
+    used = []
+    for name in names:
+        path = Path(name)
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return used[-1] if config.resume and used else name
+        used.append(name)
+    return used[-1]

@@ -24,10 +24,19 @@ from fedctx.federated.norm_strategy import NormPolicyStrategy, RoundReport
 from fedctx.federated.run_config import from_run_config
 from fedctx.federated.runtime import build_model, get_runtime
 from fedctx.federated.training import evaluate
-from fedctx.results import RunRecorder, atomic_torch_save
+from fedctx.results import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    RunRecorder,
+    atomic_torch_save,
+    clear_results,
+    load_checkpoint,
+    results_in,
+    save_checkpoint,
+)
 from fedctx.strategies import resolve_strategy
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "PREVIOUS_CHECKPOINT", "Experiment", "app", "make_strategy"]
 STARTED_ENV = "FEDCTX_STARTED"  # set by ``python -m fedctx.simulate``: the command's start time
 
 app = ServerApp()
@@ -43,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def make_strategy(config: SimConfig, model) -> NormPolicyStrategy:  # noqa: ANN001
     """The run's Flower strategy wrapped with its norm policy."""
-    inner = resolve_strategy(config.strategy)(config)
+    inner = resolve_strategy(config.strategy, plugin_path=config.plugin_path)(config)
     return NormPolicyStrategy(
         inner, model, config.norm_policy, seed=config.seed, min_replies=config.min_clients,
         evaluate_when=lambda r: r % config.eval_every == 0 or r == config.rounds)
@@ -60,26 +69,28 @@ class Experiment:
         fresh = build_model(config, self.rt.data)  # the seeded initial weights
         self.arrays = {k: v.detach().cpu().clone() for k, v in fresh.state_dict().items()}
         self.strategy = make_strategy(config, fresh)
+        self.previous_is_good = True  # whether checkpoint.pt may become checkpoint.prev.pt
 
     # ----------------------------------------------------------------- checkpointing
     def save_checkpoint(self, server_round: int) -> None:
+        """Commit ``server_round``: weights, strategy state and every recorded round, as
+        tensors and plain types only; the replaced checkpoint becomes ``checkpoint.prev.pt``."""
         state = {"round": server_round, "arrays": self.arrays,
                  "strategy": self.strategy.state_dict(), "history": self.recorder.history,
                  "config": self.config.to_dict()}
-        try:
-            atomic_torch_save(state, self.out / CHECKPOINT)
-        except Exception:  # noqa: BLE001 - a strategy with unpicklable state resumes fresh
-            state["strategy"]["inner"] = None
-            atomic_torch_save(state, self.out / CHECKPOINT)
+        save_checkpoint(state, self.out, keep_previous=self.previous_is_good)
+        self.previous_is_good = True
 
     def load_checkpoint(self) -> list[dict[str, Any]]:
-        import torch
-
-        path = self.out / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-        ckpt = torch.load(path, weights_only=False)
-        self.arrays = ckpt["arrays"]
+        try:
+            ckpt, note = load_checkpoint(self.out)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}; start without "
+                                    "--resume") from None
+        if note:
+            self.recorder.say(f"warning: {note}")
+            self.previous_is_good = False  # checkpoint.pt is bad: keep the good previous one
+        self.arrays = dict(ckpt["arrays"])
         self.strategy.load_state_dict(ckpt["strategy"], finished_rounds=int(ckpt["round"]))
         return list(ckpt["history"])
 
@@ -144,11 +155,17 @@ class Experiment:
                 record.update(accuracy_per_client=per_client, clients_evaluated=len(per_client))
             record.update(accuracy=self.overall(accs), accuracy_per_context=accs)
         record["seconds"] = time.time() - report.started
-        self.recorder.round(record)
-        self.save_checkpoint(server_round)
+        self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
         return MetricRecord({"accuracy": record["accuracy"]}) if "accuracy" in record else None
 
     def run(self, grid: Grid) -> None:
+        if not self.config.resume:
+            if self.config.overwrite:
+                clear_results(self.out)
+            elif found := results_in(self.out):
+                raise FileExistsError(
+                    f"--out {self.out} holds another run's results ({', '.join(found)}); give "
+                    "a new --out, --resume to continue it or --overwrite to replace it")
         history = self.load_checkpoint() if self.config.resume else []
         self.recorder.start(self.config.to_dict(), history)
         if history:
