@@ -176,23 +176,28 @@ def check_resources(config: SimConfig) -> None:
                               "cores): no client could start")
         return
     address = config.ray_address.removeprefix("ray://")
-    if address == "auto":
-        return
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if address != "auto" and (not host or not port.isdigit()):
         raise ConfigError(f"--ray-address {config.ray_address!r}: expected HOST:PORT "
                           "(e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
     import socket
 
+    from fedctx.federated.engine import join_ray_cluster
+
     try:
-        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
-    except OSError as err:
+        if address != "auto":
+            socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+
+        join_ray_cluster(config.ray_address, config.verbose, RAY_JOIN_TIMEOUT_S)
+    except (OSError, RuntimeError) as err:  # ConnectionError, TimeoutError, Ray's RpcError
+        reason = " ".join(str(getattr(err, "strerror", None) or err).split())[:200]
         raise ConfigError(f"--ray-address {config.ray_address}: no Ray cluster answers there "
-                          f"({err.strerror or err}); start one with `ray start --head` or fix "
-                          "the address") from None
+                          f"({reason}); start one with `ray start --head` or fix the address"
+                          ) from None
 
 
-RAY_CONNECT_TIMEOUT_S = 5.0
+RAY_CONNECT_TIMEOUT_S = 5.0  # the TCP probe
+RAY_JOIN_TIMEOUT_S = 30.0  # joining the cluster (Ray retries for about 20 s)
 
 
 def _raised_in(error: BaseException, source: str | None) -> bool:
@@ -252,16 +257,27 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = signal.getsignal(signal.SIGINT)
     holder: list[SimConfig] = []
+    if threading_main():
+        signal.signal(signal.SIGINT, _first_ctrl_c)
     try:
-        return _main(argv, holder)
+        status = _main(argv, holder)
     except KeyboardInterrupt:
+        # Ctrl-C stays ignored: a second one must not interrupt the way out
         status = _interrupted(holder[0] if holder else None)
         if holder and holder[0].backend == "ray" and _ray_started():
             _exit_now(status)  # Flower's ServerApp thread would keep the process alive
         return status
-    finally:
-        if threading_main():
-            signal.signal(signal.SIGINT, handler)
+    if threading_main():
+        signal.signal(signal.SIGINT, handler)
+    return status
+
+
+def _first_ctrl_c(signum: int, frame: object) -> None:
+    """The first Ctrl-C interrupts the run; any further one is ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def threading_main() -> bool:
@@ -281,17 +297,47 @@ def _exit_now(status: int, timeout: float = 5.0) -> None:
     import threading
 
     def stop() -> None:
+        # Ray's own processes, at once (a graceful ray.shutdown() lets the engine's threads
+        # see dying actors and exit with their own status first)
+        # and everything they started (Ray's agents and workers outlive a killed raylet)
         try:
-            sys.modules["ray"].shutdown()
+            import psutil  # a dependency of Ray
+
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
         except Exception:  # noqa: BLE001, S110 - leaving anyway
             pass
 
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # What is said is said: the engine's threads and Ray's processes, seeing the actors go,
+    # would print their errors and tracebacks after it.
+    logging.disable(logging.CRITICAL)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     worker = threading.Thread(target=stop, daemon=True)
     worker.start()
     worker.join(timeout)
-    sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(status)
+
+
+def _exit_on_ctrl_c(config: SimConfig) -> None:
+    """On Ray, Ctrl-C ends the process from the signal handler itself: raised as
+    ``KeyboardInterrupt`` inside Flower's engine, it would wait for its worker threads and
+    ServerApp thread, which wait for replies that never come."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        _exit_now(_interrupted(config))
+
+    if threading_main():
+        signal.signal(signal.SIGINT, handler)
 
 
 def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
@@ -344,6 +390,7 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
             run_in_process(run_config, num_clients=config.clients, verbose=config.verbose)
         else:
             print("Starting Ray and the Flower simulation engine...", flush=True)
+            _exit_on_ctrl_c(config)
             run_on_ray(run_config, num_clients=config.clients,
                        cpus_per_client=config.cpus_per_client,
                        gpus_per_client=config.gpus_per_client, num_cpus=config.num_cpus,

@@ -106,6 +106,41 @@ def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     }
 
 
+def join_ray_cluster(address: str, verbose: bool = False, timeout: float = 30.0) -> None:
+    """``ray.init(address=address)``, waiting at most ``timeout`` seconds; Ray's own retry
+    messages are kept off the terminal unless ``verbose``. Raises ``ConnectionError`` (Ray's)
+    or ``TimeoutError`` when no cluster can be joined there."""
+    import threading
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose)
+        except Exception as err:  # noqa: BLE001 - handed to the caller
+            failure.append(err)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        if not verbose:
+            os.dup2(sink.fileno(), 2)  # Ray's C++ client logs each retry on stderr
+        try:
+            worker.start()
+            worker.join(timeout)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {timeout:.0f} s")
+    if failure:
+        raise failure[0]
+
+
 def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: float,
                gpus_per_client: float, num_cpus: int = 0, ray_address: str = "",
                verbose: bool = False) -> None:
@@ -114,7 +149,6 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
     With ``ray_address``, join that Ray cluster (``ray.init(address=...)``) and let Flower place
     clients on any of its nodes; otherwise start a local Ray instance with ``num_cpus`` CPUs.
     """
-    import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -124,9 +158,7 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
     }
     if ray_address:
-        if not ray.is_initialized():
-            ray.init(address=ray_address, logging_level=logging.WARNING,
-                     log_to_driver=verbose)
+        join_ray_cluster(ray_address, verbose)
     else:
         backend_config["init_args"] = ray_init_args(num_cpus, verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
