@@ -469,7 +469,11 @@ NOTES: dict[str, str] = {
         "`batch` seed-0 cell (same options; it evaluated every 200 steps). Where compute "
         "allows, re-calibrate with a longer run (e.g. `--steps 10000`) and pass the budget at "
         "which the curve flattens as `--steps`. The raw and the EMA model agree within ~1 point "
-        "at every evaluation: the EMA warm-up (`--ema-warmup num-updates`) works."),
+        "at every evaluation: the EMA warm-up (`--ema-warmup num-updates`) works. This run "
+        "was made with the digits CNN's earlier PyTorch-default initialisation (before commit "
+        "37073a5 made it He-initialised): it stands as evidence about the budget only; its "
+        "grid cell and the two 1,000-step runs of that code were removed and are rerun with "
+        "the current model."),
     "budget-1000": (
         "Two 1,000-step runs (seed 0) were finished before the calibration run ended; at this "
         "budget the target curve is far from flat (batch: +1.6 points over the last 100 "

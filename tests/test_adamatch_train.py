@@ -154,3 +154,16 @@ def test_short_run_input_scope_source_context_records_ema_and_raw(tmp_path, caps
         assert all(0.0 <= e[key] <= 1.0 for e in saved["evals"]), key
     assert saved["final_target_acc_raw"] == saved["evals"][-1]["target_acc_raw"]
     assert saved["config"]["norm_scope"] == "input" and summary["seconds_per_step"] > 0
+
+
+def test_input_scope_proxy_puts_no_activation_on_the_input() -> None:
+    # Proxy Norm fuses a ReLU; at the input no activation follows, so its base norm is used.
+    from fedctx.adamatch.model import build_digits_model
+    from fedctx.norm.proxy import ProxyNorm
+
+    model = build_digits_model("proxy", scope="input")
+    x = -torch.ones(2, 3, 28, 28)
+    x[:, :, :14] = 1.0
+    out = model.input_norm(x)
+    assert not isinstance(model.input_norm, ProxyNorm)
+    assert (out < 0).any()  # a ReLU would have cut every negative value

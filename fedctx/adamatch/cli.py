@@ -92,7 +92,7 @@ def _sweep(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (errors: one line on stderr, status 2 or 1)."""
-    from fedctx.data import MissingDataError
+    from fedctx.data import CorruptDataError, MissingDataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         train(resolve(build_parser(sweep=False).parse_args(argv)))
         return 0
     except AdaptConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CorruptDataError as err:  # a damaged file: the user's data, one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     except MissingDataError as err:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedctx.models import make_model
-from fedctx.norm import make_norm
+from fedctx.norm import make_norm_act
 
 
 class InputNormModel(nn.Module):
@@ -47,7 +47,8 @@ def build_digits_model(norm: str, *, scope: str = "all", num_contexts: int = 2, 
                           in_channels=in_channels)
     if scope == "input":
         return InputNormModel(
-            make_norm(norm, in_channels, dims=2, num_contexts=num_contexts),
+            # no activation follows the input norm (proxy: its plain GroupNorm base)
+            make_norm_act(norm, in_channels, None, dims=2, num_contexts=num_contexts).norm,
             make_model("digits-cnn", norm="batch", num_contexts=num_contexts, width=width,
                        in_channels=in_channels))
     raise ValueError(f"unknown norm scope {scope!r}; valid choices: all, input")
