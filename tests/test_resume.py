@@ -86,11 +86,12 @@ def test_a_typo_in_the_data_options_wipes_nothing(capsys: pytest.CaptureFixture,
                                                    finished_run: Path, tmp_path: Path) -> None:
     out = copy_run(finished_run, tmp_path / "run")
     names = sorted(p.name for p in out.iterdir())
-    rc, _, err = simulate(capsys, "--out", str(out), "--overwrite", "--scenario", "mnist-usps",
-                          "--data-dir", str(tmp_path / "no-such-folder"))
-    assert rc == 2, err
-    one_line(err)
-    assert sorted(p.name for p in out.iterdir()) == names
+    for overwrite in ([], ["--overwrite"]):
+        rc, _, err = simulate(capsys, "--out", str(out), *overwrite, "--scenario", "mnist-usps",
+                              "--data-dir", str(tmp_path / "no-such-folder"))
+        assert rc == 2, err
+        one_line(err)
+        assert sorted(p.name for p in out.iterdir()) == names
     assert rounds_in(out) == [1, 2]
 
 
