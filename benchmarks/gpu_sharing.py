@@ -51,7 +51,7 @@ def fedctx_samples_per_s(clients: int, rounds: int, seed: int) -> float:
     out = REPO / "results" / f"bench-gpu-{clients}"
     subprocess.run([sys.executable, "-m", "fedctx.simulate", "--clients", str(clients),
                     "--fraction", "1.0", "--rounds", str(rounds), "--seed", str(seed),
-                    "--gpus-per-client", str(1 / clients), "--out", str(out)],
+                    "--gpus-per-client", str(1 / clients), "--out", str(out), "--overwrite"],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     per_round = [json.loads(x)["seconds"] for x in
                  (out / "metrics.jsonl").read_text().splitlines()][1:]

@@ -72,8 +72,7 @@ def main() -> None:
     run_dir = REPO / "results" / f"bench-scale-{args.clients}"
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(args.clients),
            "--fraction", str(args.sampled / args.clients), "--min-clients", str(args.sampled),
-           "--rounds", str(args.rounds), "--out", str(run_dir)]
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a previous run's rounds
+           "--rounds", str(args.rounds), "--out", str(run_dir), "--overwrite"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     samples: list[tuple[int, float, float, int]] = []

@@ -61,7 +61,8 @@ def fedctx_run(clients: int, rounds: int, seed: int) -> tuple[float, float]:
     ready); teardown: from the last round's end to the process exit."""
     out = REPO / "results" / f"bench-overhead-{clients}"
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(clients), "--rounds",
-           str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out)]
+           str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out),
+           "--overwrite"]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
