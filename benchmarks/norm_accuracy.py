@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,31 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, Budget, machine
+
+from fedctx.report import mean_ci
+
 RUNS = REPO / "docs" / "results" / "runs" / "norm_accuracy"
 PAGE = REPO / "docs" / "results" / "norm_accuracy.md"
 BASE_ARGS = ["--clients", "20", "--backend", "inprocess"]
-# two-sided 95 % quantiles of Student's t, by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(df: int) -> float:
-    """Two-sided 95 % Student-t quantile for ``df`` degrees of freedom (table, conservative)."""
-    if df in _T95:
-        return _T95[df]
-    below = [d for d in _T95 if d <= df]
-    return _T95[max(below)] if df < 30 else 1.96
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95 % t interval (``nan`` half-width for one value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def run_path(runs: Path, norm: str, seed: int) -> Path:
     return runs / f"{norm}-seed{seed}.json"
 
@@ -98,24 +78,9 @@ def run_one(norm: str, seed: int, data_dir: str, runs: Path) -> dict:
     return record
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible (shared with other jobs while measured), "
-            f"no GPU used; Python {platform.python_version()}, torch {torch.__version__}")
-
-
 def _fmt(values: list[float]) -> str:
-    m, h = mean_ci(values)
-    return f"{m:.3f}" if math.isnan(h) else f"{m:.3f} ± {h:.3f}"
+    est = mean_ci(values)
+    return f"{est.mean:.3f}" if math.isnan(est.half_width) else est.format()
 
 
 def write_page(norms: list[str], seeds: list[int], runs: Path, page: Path,
@@ -151,7 +116,7 @@ def write_page(norms: list[str], seeds: list[int], runs: Path, page: Path,
         + (f" --data-dir {data_dir}" if data_dir else ""),
         "```",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()} (shared with other jobs while measured).",
         "",
         "| norm | runs | overall | " + " | ".join(contexts)
         + " | lr | momentum | s / run |",
@@ -216,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=RUNS, help="per-run results folder")
     parser.add_argument("--page", type=Path, default=PAGE, help="markdown page to write")
     parser.add_argument("--page-only", action="store_true", help="only rewrite the page")
+    parser.add_argument("--budget-minutes", type=float, default=0,
+                        help="stop starting new runs after this long (0: no limit)")
     args = parser.parse_args(argv)
+    budget = Budget(args.budget_minutes)
     sys.path.insert(0, str(REPO))
     from fedctx.norm import available
 
@@ -228,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.page_only:
         for seed in seeds:  # seed-major: a partial run already covers every norm once
             for norm in norms:
-                if run_path(args.runs_dir, norm, seed).exists():
+                if run_path(args.runs_dir, norm, seed).exists() or budget.exhausted():
                     continue
                 rec = run_one(norm, seed, args.data_dir, args.runs_dir)
                 result = rec.get("error") or f"accuracy {rec['accuracy']:.4f}"
