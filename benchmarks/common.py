@@ -24,23 +24,15 @@ from typing import Any
 import torch
 
 from fedctx.report import Estimate, mean_ci
-from fedctx.results import atomic_write_text
+from fedctx.results import atomic_write_text, cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def machine() -> str:
     """One line naming the hardware and software the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, no GPU used, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, no GPU used, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 class Budget:

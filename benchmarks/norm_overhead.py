@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fedctx.norm import make_norm, use_context
+from fedctx.results import cpu_name
 
 # (label, norm name, options, contexts kind, target ratio or None)
 CASES: list[tuple[str, str, dict[str, object], str, float | None]] = [
@@ -79,16 +80,6 @@ NOTES = """
   runs 1.14x and 1.00x).
 """
 COMPILED = {"context K=4, mixed batch", "acn K=4, mixed batch", "uan K=3"}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_step(
@@ -179,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- input: {'x'.join(map(str, shape))} float32, fresh `requires_grad` input each step, "
         f"each layer alternates step by step with nn.BatchNorm2d ({args.repeats} pairs after "
         f"{args.warmup} warm-up pairs); ratio = min(layer) / min(BatchNorm2d) of those pairs",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads()="
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch.get_num_threads()="
         f"{torch.get_num_threads()}, torch {torch.__version__}, Python "
         f"{platform.python_version()}",
     ]

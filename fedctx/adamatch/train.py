@@ -54,6 +54,7 @@ from fedctx.adamatch.model import build_digits_model
 from fedctx.adamatch.plots import plot_curves, plot_embedding, plot_grad_variance
 from fedctx.norm import use_context
 from fedctx.optim import SGD
+from fedctx.results import cpu_name
 
 SOURCE, TARGET = 0, 1
 
@@ -222,20 +223,10 @@ class AdaMatchState:
         }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _hardware(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads(),
-                            "platform": platform.platform(), "processor": _cpu_name(),
+                            "platform": platform.platform(), "processor": cpu_name(),
                             "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
