@@ -80,7 +80,8 @@ def _cost_line(records: dict[tuple[str, str], list[dict]], missing: int) -> str:
     if not walls:
         return "No run has finished yet."
     per_run = sum(walls) / len(walls)
-    text = f"Wall time per run on this machine: {per_run / 60:.0f} min (mean of {len(walls)})."
+    text = (f"Wall time per run on this machine: {per_run / 60:.0f} min (mean of {len(walls)}; "
+            "measured while other jobs shared the two cores).")
     if missing:
         text += (f" {missing} runs are missing: about {missing * per_run / 3600:.1f} h more of "
                  "this machine (one run at a time); rerunning the command resumes.")
@@ -103,7 +104,9 @@ def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str
         f"Protocol: one client per domain, 743 training images each, FedBN's CNN (width 64), "
         f"batch 32, SGD lr 1e-2, no momentum, 1 local epoch, {rounds} rounds, all clients every "
         "round; test: 2,000 images of each domain's official test split (all of USPS's 2,007 "
-        "minus 7). FedBN/SiloBN: each client evaluates with its own norm state.",
+        "minus 7). FedBN/SiloBN: each client evaluates with its own norm state. One deviation "
+        "from FedBN's code: fedctx's digits CNN is He-initialised (FedBN's uses PyTorch's "
+        "default init; see fedctx/models/digits.py for why).",
         "The per-context bank's rows are FedBN's runs: with one client per domain the two compute "
         "the same run, bit for bit (a test pins it).",
         f"Runs finished: {done} of {total}. Cells: mean ± 95% CI (t, n−1 dof) over seeds of "
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="only rewrite the page from the finished runs")
     parser.add_argument("--budget-minutes", type=float, default=0,
                         help="stop starting new runs after this long (0: no limit)")
     args = parser.parse_args()
@@ -153,7 +158,7 @@ def main() -> None:
     present = domains_on_disk(args.data_dir)
     if not present:
         raise SystemExit(f"error: no digits domain found under {args.data_dir}")
-    budget = Budget(args.budget_minutes)
+    budget = None if args.page_only else Budget(args.budget_minutes)
     records: dict[tuple[str, str], list[dict]] = {(r, n): [] for r in ROWS for n in NORMS}
     for group in PRIORITY:
         for seed in seeds:

@@ -27,10 +27,12 @@ LABELS = {"average": "`average` (FedAvg)", "local": "`local` (FedBN)",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--page-only", action="store_true",
+                        help="only rewrite the page from the finished runs")
     parser.add_argument("--budget-minutes", type=float, default=0)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    budget = Budget(args.budget_minutes)
+    budget = None if args.page_only else Budget(args.budget_minutes)
     records: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for seed in seeds:
         for policy in POLICIES:

@@ -48,8 +48,9 @@ def main() -> int:
         cmd = [sys.executable, str(HERE / script)]
         if reads_data:
             cmd += ["--data-dir", args.data_dir]
-        if deadline is not None:
-            cmd += ["--budget-minutes", f"{max((deadline - time.time()) / 60, 0.01):.2f}"]
+        if deadline is not None:  # a spent budget still rewrites the page from finished runs
+            left = (deadline - time.time()) / 60
+            cmd += ["--budget-minutes", f"{left:.2f}"] if left > 0 else ["--page-only"]
         print(f"== {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(script)
