@@ -75,7 +75,7 @@ class AdaptConfig:
     embed_samples: int = option(500, "test images per domain in the 2-D feature embedding", ge=10)
     seed: int = option(0, "random seed (model init, sampling, augmentation)", ge=0)
     data_dir: str = option("", "data root holding MNIST/, USPS/, mnist_m/, SVHN/, SynthDigits/ "
-                         "(empty: $FEDCTX_DATA, else ../shared/data)")
+                         "(empty: $FEDCTX_DATA, else ./data)")
     download: bool = option(False, "let torchvision download missing MNIST/USPS/SVHN (needs "
                             "internet)")
     out: str = option("", "results folder (empty: results/adamatch/<source>-<target>-<norm>-"

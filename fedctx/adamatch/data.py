@@ -7,7 +7,6 @@ batch. The readers are :mod:`fedctx.data.sources`; the conversion is
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,6 @@ DOMAINS: dict[str, Reader] = {
     "svhn": sources.read_svhn,
     "synthdigits": sources.read_synthdigits,
 }
-
-
-def default_data_dir() -> Path:
-    """``$FEDCTX_DATA``, else ``<repo>/../shared/data`` when it exists, else ``<repo>/data``."""
-    env = os.environ.get("FEDCTX_DATA")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    shared = repo.parent / "shared" / "data"
-    return shared if shared.is_dir() else repo / "data"
 
 
 @dataclass

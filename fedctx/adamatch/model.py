@@ -2,7 +2,7 @@
 
 ``--norm-scope all`` (default): every normalization layer of the digits CNN is ``--norm``.
 ``--norm-scope input``: the protocol of the normalization papers built on the Keras AdaMatch
-example (SBN/CN arXiv 2405.17027, ACN ICIP 2024, UAN IJCNN 2024; see ``shared/PAPERS.md``), where
+example (SBN/CN arXiv 2405.17027, ACN ICIP 2024, UAN IJCNN 2024; see docs/adamatch.md), where
 the context-aware layer replaces only the *input* normalization: one ``--norm`` layer over the 3
 input channels, applied to the image before the first conv, and BatchNorm everywhere else
 (:class:`InputNormModel`).

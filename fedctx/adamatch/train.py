@@ -44,7 +44,6 @@ from fedctx.adamatch.config import AdaptConfig
 from fedctx.adamatch.data import (
     BatchSampler,
     DomainSplit,
-    default_data_dir,
     load_domain,
     normalize,
     to_float,
@@ -52,6 +51,7 @@ from fedctx.adamatch.data import (
 from fedctx.adamatch.evaluate import accuracy
 from fedctx.adamatch.model import build_digits_model
 from fedctx.adamatch.plots import plot_curves, plot_embedding, plot_grad_variance
+from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
 from fedctx.results import cpu_name

@@ -18,7 +18,7 @@ Images are stored as uint8, 28x28 (grey) or 28x28x3 (MNIST-M); :func:`load_embed
 them into the common form of the digits scenarios: float32 ``(N, 3, 28, 28)``, grey replicated to
 three channels, scaled to [-1, 1] (``(x / 255 - 0.5) / 0.5``, FedBN's convention).
 
-Rebuild from the real data sets with ``python -m fedctx.data.embedded --data-dir ../shared/data``.
+Rebuild from the real data sets with ``python -m fedctx.data.embedded --data-dir DATA``.
 """
 
 from __future__ import annotations
