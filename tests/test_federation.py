@@ -183,26 +183,6 @@ def test_every_norm_trains_federated(tmp_path: Path, norm: str) -> None:
     assert recorder.history[0]["train_loss"] == recorder.history[0]["train_loss"]  # not NaN
 
 
-def test_sgd_step_matches_torch_sgd() -> None:
-    from fedctx.federated.training import sgd_step
-
-    torch.manual_seed(0)
-    a = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
-    b = [t.detach().clone().requires_grad_(True) for t in a]
-    opt = torch.optim.SGD(b, lr=0.1, momentum=0.9, weight_decay=0.01)
-    bufs: list = [None, None]
-    for step in range(3):
-        x = torch.randn(3)
-        for params in (a, b):
-            for p in params:
-                p.grad = None
-            ((params[0] @ x).square().sum() + params[1].sum() * step).backward()
-        sgd_step(a, bufs, lr=0.1, momentum=0.9, weight_decay=0.01)
-        opt.step()
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
-
-
 @pytest.mark.parametrize("policy", ["local", "stats-local"])
 def test_client_side_policies_evaluate_exactly_the_clients_that_trained(
         tmp_path: Path, policy: str) -> None:

@@ -55,13 +55,15 @@ def test_subclassed_convs_are_decayed_and_norm_submodules_never():
         "0.weight", "2.weight", "3.in_proj_weight", "3.out_proj.weight"}
 
 
+@pytest.mark.parametrize("decay_mask", [None, [True, False]])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_step_matches_torch_sgd_with_decay_mask(nesterov):
+def test_sgd_step_matches_torch_sgd(nesterov, decay_mask):
     torch.manual_seed(0)
     a = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
     b = [t.detach().clone().requires_grad_(True) for t in a]
-    opt = torch.optim.SGD([{"params": [b[0]], "weight_decay": 0.01},
-                           {"params": [b[1]], "weight_decay": 0.0}],
+    decays = [0.01 if m else 0.0 for m in (decay_mask or [True, True])]
+    opt = torch.optim.SGD([{"params": [p], "weight_decay": wd}
+                           for p, wd in zip(b, decays, strict=True)],
                           lr=0.1, momentum=0.9, nesterov=nesterov)
     bufs: list = [None, None]
     for step in range(3):
@@ -71,7 +73,7 @@ def test_sgd_step_matches_torch_sgd_with_decay_mask(nesterov):
                 p.grad = None
             ((params[0] @ x).square().sum() + params[1].sum() * step).backward()
         sgd_step(a, bufs, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov,
-                 decay_mask=[True, False])
+                 decay_mask=decay_mask)
         opt.step()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-7)

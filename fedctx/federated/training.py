@@ -8,9 +8,9 @@ from torch import nn
 
 from fedctx.data import ClientData
 from fedctx.norm import use_context
-from fedctx.optim import SGD, sgd_step
+from fedctx.optim import SGD
 
-__all__ = ["evaluate", "local_train", "sgd_step"]  # sgd_step lives in fedctx.optim
+__all__ = ["evaluate", "local_train"]
 
 
 def local_train(
