@@ -207,6 +207,10 @@ class SimConfig:
     download: bool = option(False, "allow torchvision to download missing data sets")
     allow_missing_domains: bool = option(False, "run a scenario with the domains whose data are on "
                                        "disk when others are missing (recorded in results)")
+    round_timeout: float = option(600.0, "seconds a round waits for client replies; a client "
+                                  "that has not replied by then counts as failed", gt=0.0)
+    max_examples: int = option(0, "largest num-examples a client's reply may claim (0: the "
+                               "number of training images the client registered with)", min=0)
     cpus_per_client: float = option(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
     gpus_per_client: float = option(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
                                   ge=0.0, le=1.0)
