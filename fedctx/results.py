@@ -1,7 +1,12 @@
-"""Results of a run: resolved config, per-round metrics (JSON lines), summary JSON, plot, table.
+"""Results of a run: resolved config, per-round metrics (JSON lines, CSV, TensorBoard), summary
+JSON, plots, table, checkpoints.
 
-Every write is atomic (temporary file + ``os.replace``) or append-and-fsync, so a crash or
-``kill -9`` never leaves a half-written file behind.
+:class:`RunFiles` is the one writer every entry point records through (``python -m
+fedctx.simulate`` via :class:`RunRecorder`, ``python -m fedctx.adapt`` and its sweeps). Every
+file that is rewritten is written atomically (temporary file + ``os.replace``); ``metrics.jsonl``
+is appended and fsynced; TensorBoard's event files are append-only by design and are rebuilt
+from the recorded history when a run resumes. A crash or ``kill -9`` never leaves a half-written
+file behind.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (as PNG), then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -43,9 +58,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the round before: kept to fall back on
 # Everything a run writes in its folder (``--overwrite`` removes these and nothing else).
-RESULT_FILES = (CHECKPOINT, PREVIOUS_CHECKPOINT, "metrics.jsonl", "summary.json", "model.pt",
-                "accuracy.png", "label_counts.png", "config.json")
+RESULT_FILES = (CHECKPOINT, PREVIOUS_CHECKPOINT, "metrics.jsonl", "metrics.csv", "summary.json",
+                "model.pt", "accuracy.png", "label_counts.png", "config.json")
 CLIENT_STATE = "client_state"
+TENSORBOARD = "tensorboard"  # TensorBoard's event files (``tensorboard --logdir OUT``)
 
 
 def results_in(out: Path) -> list[str]:
@@ -62,12 +78,13 @@ def clear_results(out: Path) -> None:
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
         (out / (name + ".tmp")).unlink(missing_ok=True)
-    state = out / CLIENT_STATE
-    if state.is_dir():
-        for f in state.glob("client*.*"):
-            f.unlink()
-        if not any(state.iterdir()):
-            state.rmdir()
+    for folder, pattern in ((out / CLIENT_STATE, "client*.*"),
+                            (out / TENSORBOARD, "events.out.tfevents.*")):
+        if folder.is_dir():
+            for f in folder.glob(pattern):
+                f.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 class CheckpointError(ValueError):
@@ -155,8 +172,117 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
                       *(line(r) for r in rows)])
 
 
+def scalars(record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """The numbers of a metrics record, one level of nesting flattened: ``{"train_loss": ..,
+    "accuracy_per_context": {"mnist": ..}}`` -> ``{"train_loss": .., "accuracy_per_context/mnist":
+    ..}`` (the CSV's columns and TensorBoard's tags). Lists, strings, booleans and the keys in
+    ``skip`` are left out (``metrics.jsonl`` keeps everything)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if key in skip:
+            continue
+        if number(value):
+            flat[key] = value
+        elif isinstance(value, dict):
+            flat.update({f"{key}/{k}": v for k, v in value.items() if number(v)})
+    return flat
+
+
+class RunFiles:
+    """The files a run is recorded in, the same for every entry point.
+
+    - ``metrics.jsonl``: one JSON line per record, appended (fsynced when ``durable``);
+    - ``metrics.csv``: one row per step (a round, or a training step), one column per scalar of
+      :func:`scalars` (per-context accuracy as ``accuracy_per_context/<context>``); records of
+      the same step share its row; rewritten atomically;
+    - ``tensorboard/``: TensorBoard event files (``torch.utils.tensorboard.SummaryWriter``), one
+      scalar per CSV column, tagged with the column's name, at that step;
+    - :meth:`write_json` and :meth:`figure`: atomic JSON and PNG files.
+
+    :meth:`open` with the records a resumed run already holds rewrites all three from them, so
+    a resumed run lists every step once (TensorBoard's old event files are replaced, not
+    appended to: they may hold a step that the checkpoint never committed).
+    """
+
+    def __init__(self, out: Path, step_key: str, skip: tuple[str, ...] = ()) -> None:
+        self.out = Path(out)
+        self.step_key = step_key  # the CSV's first column: "round" or "step"
+        self.skip = skip  # record keys kept out of the CSV and TensorBoard
+        self.rows: dict[int, dict[str, float]] = {}
+        self._jsonl: Any = None
+        self._tb: Any = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def open(self, records: list[tuple[int, dict[str, Any]]] = ()) -> None:
+        """Start the files afresh from ``records`` (``(step, record)`` pairs, in order)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for _, r in records))
+        events = self.out / TENSORBOARD
+        for old in events.glob("events.out.tfevents.*"):
+            old.unlink()
+        self._tb = SummaryWriter(log_dir=str(events))
+        self.rows = {}
+        for step, record in records:
+            self._add(step, record)
+        self._jsonl = self.metrics_path.open("a")
+        self.flush()
+
+    def _add(self, step: int, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in scalars(record, self.skip).items()
+                  if k.rsplit("/", 1)[-1] != self.step_key}  # the step is the row and the x
+        self.rows.setdefault(step, {self.step_key: step}).update(values)
+        for tag, value in values.items():
+            self._tb.add_scalar(tag, value, step)
+
+    def append(self, step: int, record: dict[str, Any], durable: bool = True) -> None:
+        """Record ``record`` at ``step``; with ``durable``, every file is on disk on return."""
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._add(step, record)
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
+        """``metrics.jsonl`` fsynced, ``metrics.csv`` rewritten, TensorBoard's events flushed."""
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+        self.write_csv()
+        self._tb.flush()
+
+    def write_csv(self) -> None:
+        import csv
+        import io
+
+        columns = list(dict.fromkeys(c for row in self.rows.values() for c in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows[s] for s in sorted(self.rows))
+        atomic_write_text(self.out / "metrics.csv", text.getvalue())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.out / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent)."""
+        if self._jsonl is not None:
+            self.flush()
+            self._jsonl.close()
+            self._tb.close()
+        self._jsonl = self._tb = None
+
+
 class RunRecorder:
-    """Writes a run's results folder and prints its progress."""
+    """Records a federated run (through :class:`RunFiles`: ``metrics.jsonl``, ``metrics.csv``,
+    ``tensorboard/``, ``summary.json``, ``accuracy.png``) and prints its progress."""
 
     def __init__(self, out: Path, total_rounds: int, stream=None,
                  started: float | None = None) -> None:
@@ -168,10 +294,12 @@ class RunRecorder:
         self.startup_seconds: float | None = None  # start of the command -> clients registered
         self.error: BaseException | None = None
         self.summary: dict[str, Any] | None = None
+        # per-client accuracy stays in metrics.jsonl: hundreds of columns/tags otherwise
+        self.files = RunFiles(self.out, "round", skip=("accuracy_per_client",))
 
     @property
     def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
+        return self.files.metrics_path
 
     def say(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
@@ -181,8 +309,7 @@ class RunRecorder:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.json", json.dumps(config, indent=2) + "\n")
         self.history = list(history or [])
-        atomic_write_text(self.metrics_path,
-                          "".join(json.dumps(r) + "\n" for r in self.history))
+        self.files.open([(r["round"], r) for r in self.history])
 
     def round(self, record: dict[str, Any], commit: Any = None) -> None:
         """Record one round: first ``commit()`` (the checkpoint, whose history holds the round),
@@ -195,10 +322,7 @@ class RunRecorder:
             except BaseException:
                 self.history.pop()
                 raise
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.files.append(record["round"], record)
         acc = ""
         if "accuracy" in record:  # rounds between evaluations (--eval-every) have none
             per_ctx = " ".join(f"{k} {v:.3f}"
@@ -213,16 +337,18 @@ class RunRecorder:
         )
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write ``summary.json`` and ``accuracy.png``; print the per-context table."""
+        """Write ``summary.json`` and ``accuracy.png``, close the files; print the per-context
+        table."""
         self.summary = summary
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_accuracy(self.history, self.out / "accuracy.png")
+        self.files.close()
         rows = [(name, f"{acc:.4f}") for name, acc in summary["accuracy_per_context"].items()]
         rows.append(("overall", f"{summary['accuracy']:.4f}"))
         self.say("\nFinal test accuracy per context:\n"
                  + format_table(rows, ("context", "accuracy")))
-        self.say(f"\nResults in {self.out}/ (config.json, metrics.jsonl, summary.json, "
-                 "accuracy.png, label_counts.png, model.pt)")
+        self.say(f"\nResults in {self.out}/ (config.json, metrics.jsonl, metrics.csv, "
+                 "summary.json, accuracy.png, label_counts.png, model.pt, tensorboard/)")
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
@@ -247,7 +373,4 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Test accuracy per context")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
