@@ -154,6 +154,8 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedctx.results import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, runs in groups.items():
         per_round: dict[int, list[float]] = {}
@@ -172,8 +174,7 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

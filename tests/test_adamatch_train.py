@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_recorder import csv_rows, tensorboard_steps
 from torch import nn
 
 from fedctx.adamatch import AdaptConfig, train
@@ -154,6 +155,13 @@ def test_short_run_input_scope_source_context_records_ema_and_raw(tmp_path, caps
         assert all(0.0 <= e[key] <= 1.0 for e in saved["evals"]), key
     assert saved["final_target_acc_raw"] == saved["evals"][-1]["target_acc_raw"]
     assert saved["config"]["norm_scope"] == "input" and summary["seconds_per_step"] > 0
+    # the same recorder as simulate: CSV (evaluations on their step's row) and TensorBoard
+    rows = csv_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["eval/target_acc"] != "" for r in rows] == [False, True, False, True]
+    steps = tensorboard_steps(tmp_path / "run")
+    assert steps["loss"] == [1, 2, 3, 4] and steps["eval/target_acc"] == [2, 4]
+    assert not [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
 
 
 def test_input_scope_proxy_puts_no_activation_on_the_input() -> None:

@@ -1,4 +1,5 @@
-"""Figures of an AdaMatch run: training curves, gradient variance, 2-D feature embedding."""
+"""Figures of an AdaMatch run: training curves, gradient variance, 2-D feature embedding (each
+written atomically, :func:`fedctx.results.save_figure`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn  # noqa: E402
 
 from fedctx.adamatch.data import DomainSplit  # noqa: E402
 from fedctx.adamatch.evaluate import predict  # noqa: E402
+from fedctx.results import save_figure  # noqa: E402
 
 
 def plot_curves(records: list[dict[str, float]], evals: list[dict[str, float]], path: Path,
@@ -38,8 +40,7 @@ def plot_curves(records: list[dict[str, float]], evals: list[dict[str, float]], 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_grad_variance(series: dict[str, list[dict[str, float]]], path: Path) -> None:
@@ -54,8 +55,7 @@ def plot_grad_variance(series: dict[str, list[dict[str, float]]], path: Path) ->
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pca_2d(features: torch.Tensor) -> torch.Tensor:
@@ -98,5 +98,4 @@ def plot_embedding(model: nn.Module, source: DomainSplit, target: DomainSplit,
     for ax in axes:
         ax.set(xlabel="PC 1", ylabel="PC 2")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -26,7 +26,6 @@ digits CNN on 28x28 inputs instead of WRN-28-2 on 32x32.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import time
@@ -54,7 +53,7 @@ from fedctx.adamatch.plots import plot_curves, plot_embedding, plot_grad_varianc
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
-from fedctx.results import cpu_name
+from fedctx.results import RunFiles, cpu_name
 
 SOURCE, TARGET = 0, 1
 
@@ -233,110 +232,145 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def default_out(cfg: AdaptConfig) -> Path:
     scope = "" if cfg.norm_scope == "all" else f"-{cfg.norm_scope}"
     name = f"{cfg.source}-{cfg.target}-{cfg.norm}{scope}-seed{cfg.seed}"
     return Path("results") / "adamatch" / name
 
 
+@dataclass
+class Progress:
+    """What the training loop measured: every step's metrics and every evaluation."""
+
+    records: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    total_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # all threads of this process, evaluation included
+
+    @property
+    def train_seconds(self) -> float:
+        return self.total_seconds - self.eval_seconds
+
+
 def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
           ) -> dict[str, Any]:
     """Run AdaMatch per ``cfg``; write the results folder; return the summary.
 
-    Results in ``cfg.out`` (or :func:`default_out`): ``metrics.jsonl`` (one line per step, plus
-    ``{"eval": ...}`` lines with EMA and raw accuracies), ``summary.json`` (final and best EMA and
-    raw accuracies, the eval curve, seconds per training step without evaluation),
-    ``curves.png``, ``grad_variance.png`` and ``embedding.png``. With ``log``, one line per
-    evaluation and a progress line (step/s, ETA) at most every ``cfg.progress_every`` seconds.
+    Results in ``cfg.out`` (or :func:`default_out`), through :class:`fedctx.results.RunFiles`
+    as every fedctx run: ``metrics.jsonl`` (one line per step, plus ``{"eval": ...}`` lines with
+    EMA and raw accuracies), ``metrics.csv`` (a row per step, the evaluations' columns
+    ``eval/...`` on their step), TensorBoard events in ``tensorboard/``, ``summary.json``
+    (final and best EMA and raw accuracies, the eval curve, seconds per training step without
+    evaluation), ``curves.png``, ``grad_variance.png`` and ``embedding.png``. With ``log``, one
+    line per evaluation and a progress line (step/s, ETA) at most every ``cfg.progress_every``
+    seconds.
     """
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     domains = domains or load_domains(cfg)
     state = AdaMatchState(cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    src_batches = BatchSampler(len(domains.source_train), cfg.batch_size, gen)
-    tgt_batches = BatchSampler(len(domains.target_train), cfg.batch_size * cfg.uratio, gen)
-
-    def say(text: str) -> None:
-        if log:
-            print(text, flush=True)
-
-    target_context = TARGET if cfg.target_eval_context == "target" else SOURCE
+    say = print if log else (lambda text, **_: None)
     say(f"AdaMatch {cfg.source} -> {cfg.target}, norm={cfg.norm} (scope {cfg.norm_scope}), "
         f"{cfg.steps} steps on {device} ({torch.get_num_threads()} threads; train "
         f"{len(domains.source_train)}/{len(domains.target_train)}, test "
-        f"{len(domains.source_test)}/{len(domains.target_test)}) -> {out}")
-    records: list[dict[str, float]] = []
-    evals: list[dict[str, float]] = []
+        f"{len(domains.source_test)}/{len(domains.target_test)}) -> {out}", flush=True)
+    files = RunFiles(out, "step")
+    files.open()
+    try:
+        progress = run_steps(state, domains, files, say)
+        write_figures(state, domains, progress, out)
+        summary = make_summary(state, domains, progress, out)
+        files.write_json("summary.json", summary)
+    finally:
+        files.close()
+    say(f"done: target acc {summary['final_target_acc']:.4f} (EMA) "
+        f"{summary['final_target_acc_raw']:.4f} (raw), source acc "
+        f"{summary['final_source_acc']:.4f} (EMA), {summary['seconds_per_step']:.3f} s/step, "
+        f"{progress.total_seconds:.0f}s; results in {out}", flush=True)
+    return summary
+
+
+def target_context(cfg: AdaptConfig) -> int:
+    """The context the target's test images are evaluated with (``--target-eval-context``)."""
+    return TARGET if cfg.target_eval_context == "target" else SOURCE
+
+
+def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any) -> Progress:
+    """The training loop: ``cfg.steps`` AdaMatch steps, each recorded in ``files``; an
+    evaluation every ``cfg.eval_every`` steps and after the last (recorded durably, printed);
+    a progress line at most every ``cfg.progress_every`` seconds in between."""
+    cfg = state.cfg
+    gen = torch.Generator().manual_seed(cfg.seed)
+    src_batches = BatchSampler(len(domains.source_train), cfg.batch_size, gen)
+    tgt_batches = BatchSampler(len(domains.target_train), cfg.batch_size * cfg.uratio, gen)
+    progress = Progress([], [])
     start = last_progress = time.perf_counter()
     cpu_start = time.process_time()
-    eval_seconds = 0.0
-    with (out / "metrics.jsonl").open("w") as metrics:
-        for step in range(cfg.steps):
-            si, ti = src_batches.next(), tgt_batches.next()
-            rec = state.step(step, domains.source_train.images[si], domains.source_train.labels[si],
-                             domains.target_train.images[ti], domains.target_train.labels[ti])
-            records.append(rec)
-            metrics.write(json.dumps(rec) + "\n")
-            now = time.perf_counter()
-            if rec["step"] % cfg.eval_every == 0 or rec["step"] == cfg.steps:
-                ev = {"step": rec["step"], **state.evaluate(domains, target_context)}
-                eval_seconds += time.perf_counter() - now
-                ev["elapsed_s"] = time.perf_counter() - start
-                evals.append(ev)
-                metrics.write(json.dumps({"eval": ev}) + "\n")
-                metrics.flush()
-                last_progress = time.perf_counter()
-                say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
-                    f"{rec['mask_rate']:.2f}  target acc {ev['target_acc']:.4f} (EMA) "
-                    f"{ev['target_acc_raw']:.4f} (raw)  source acc {ev['source_acc']:.4f} (EMA) "
-                    f"{ev['source_acc_raw']:.4f} (raw)  {ev['elapsed_s']:.0f}s")
-            elif cfg.progress_every and now - last_progress >= cfg.progress_every:
-                last_progress = now
-                rate = rec["step"] / max(now - start - eval_seconds, 1e-9)
-                eta = (cfg.steps - rec["step"]) / rate
-                say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
-                    f"{rec['mask_rate']:.2f}  {rate:.2f} step/s  ETA {_duration(eta)}")
-    total_s = time.perf_counter() - start
-    cpu_s = time.process_time() - cpu_start  # all threads of this process, evaluation included
-    train_s = total_s - eval_seconds
+    for step in range(cfg.steps):
+        si, ti = src_batches.next(), tgt_batches.next()
+        rec = state.step(step, domains.source_train.images[si], domains.source_train.labels[si],
+                         domains.target_train.images[ti], domains.target_train.labels[ti])
+        progress.records.append(rec)
+        files.append(rec["step"], rec, durable=False)
+        now = time.perf_counter()
+        if rec["step"] % cfg.eval_every == 0 or rec["step"] == cfg.steps:
+            ev = {"step": rec["step"], **state.evaluate(domains, target_context(cfg))}
+            progress.eval_seconds += time.perf_counter() - now
+            ev["elapsed_s"] = time.perf_counter() - start
+            progress.evals.append(ev)
+            files.append(rec["step"], {"eval": ev})
+            last_progress = time.perf_counter()
+            say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
+                f"{rec['mask_rate']:.2f}  target acc {ev['target_acc']:.4f} (EMA) "
+                f"{ev['target_acc_raw']:.4f} (raw)  source acc {ev['source_acc']:.4f} (EMA) "
+                f"{ev['source_acc_raw']:.4f} (raw)  {ev['elapsed_s']:.0f}s", flush=True)
+        elif cfg.progress_every and now - last_progress >= cfg.progress_every:
+            last_progress = now
+            rate = rec["step"] / max(now - start - progress.eval_seconds, 1e-9)
+            eta = (cfg.steps - rec["step"]) / rate
+            say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
+                f"{rec['mask_rate']:.2f}  {rate:.2f} step/s  ETA {_duration(eta)}", flush=True)
+    progress.total_seconds = time.perf_counter() - start
+    progress.cpu_seconds = time.process_time() - cpu_start
+    return progress
 
-    plot_curves(records, evals, out / "curves.png", title=f"{cfg.source}->{cfg.target} "
-                f"{cfg.norm} ({cfg.norm_scope})")
-    plot_grad_variance({cfg.norm: records}, out / "grad_variance.png")
-    plot_embedding(state.ema_model, domains.source_test, domains.target_test, device,
+
+def write_figures(state: AdaMatchState, domains: Domains, progress: Progress, out: Path
+                  ) -> None:
+    """``curves.png``, ``grad_variance.png`` and ``embedding.png`` (of the EMA model)."""
+    cfg = state.cfg
+    plot_curves(progress.records, progress.evals, out / "curves.png",
+                title=f"{cfg.source}->{cfg.target} {cfg.norm} ({cfg.norm_scope})")
+    plot_grad_variance({cfg.norm: progress.records}, out / "grad_variance.png")
+    plot_embedding(state.ema_model, domains.source_test, domains.target_test, state.device,
                    out / "embedding.png", samples=cfg.embed_samples, seed=cfg.seed,
-                   target_context=target_context)
-    final = evals[-1]
-    summary = {
+                   target_context=target_context(cfg))
+
+
+def make_summary(state: AdaMatchState, domains: Domains, progress: Progress, out: Path
+                 ) -> dict[str, Any]:
+    """The run's ``summary.json``: final and best accuracies, timings, data and hardware."""
+    cfg, evals, final = state.cfg, progress.evals, progress.evals[-1]
+    train_s = progress.train_seconds
+    return {
         "method": "AdaMatch (Berthelot et al. 2021)", "config": cfg.to_dict(),
         "final_target_acc": final["target_acc"], "final_target_acc_raw": final["target_acc_raw"],
         "final_source_acc": final["source_acc"], "final_source_acc_raw": final["source_acc_raw"],
         "best_target_acc": max(e["target_acc"] for e in evals),
         "best_target_acc_raw": max(e["target_acc_raw"] for e in evals),
         "evals": evals,
-        "train_seconds": train_s, "eval_seconds": eval_seconds, "total_seconds": total_s,
-        "cpu_seconds": cpu_s,
+        "train_seconds": train_s, "eval_seconds": progress.eval_seconds,
+        "total_seconds": progress.total_seconds, "cpu_seconds": progress.cpu_seconds,
         "seconds_per_step": train_s / cfg.steps, "steps_per_second": cfg.steps / train_s,
         "data": {"root": str(Path(cfg.data_dir) if cfg.data_dir else default_data_dir()),
                  **{k: len(getattr(domains, k)) for k in
                     ("source_train", "target_train", "source_test", "target_test")}},
-        "hardware": _hardware(device), "out": str(out),
+        "hardware": _hardware(state.device), "out": str(out),
     }
-    _write_json(out / "summary.json", summary)
-    say(f"done: target acc {summary['final_target_acc']:.4f} (EMA) "
-        f"{summary['final_target_acc_raw']:.4f} (raw), source acc "
-        f"{summary['final_source_acc']:.4f} (EMA), {train_s / cfg.steps:.3f} s/step, "
-        f"{total_s:.0f}s; results in {out}")
-    return summary
 
 
 def _duration(seconds: float) -> str:
