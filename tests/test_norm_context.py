@@ -113,14 +113,14 @@ def test_absent_context_keeps_running_stats_and_gradcheck() -> None:
     assert torch.equal(cn.running_mean[2], torch.zeros(3))
     assert torch.equal(cn.running_var[2], torch.ones(3))
     assert cn.num_batches_tracked.tolist() == [1, 1, 0, 1]
-    from fedctx.norm.context import _MixedContextBatchNorm
+    from fedctx.norm.functional import _GroupedBatchNorm
 
     xd = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([0, 1, 3, 0, 1, 3, 3])
     assert torch.autograd.gradcheck(
-        lambda x, w, b: _MixedContextBatchNorm.apply(x, ids, 4, w, b, 1e-5)[0], (xd, w, b)
+        lambda x, w, b: _GroupedBatchNorm.apply(x, ids, 4, 3, w, b, 1e-5)[0], (xd, w, b)
     )
 
 

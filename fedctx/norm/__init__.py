@@ -1,11 +1,11 @@
 """Normalization layers where a *context* selects statistics and affine parameters.
 
-Public API: :func:`make_norm`, :func:`available`, :func:`norm_layer`, :func:`use_context`, and the
-layer classes. See ``docs/norms.md``.
+Public API: :func:`make_norm`, :func:`available`, :func:`norm_layer`, :func:`use_context`,
+:func:`register_norm`, :func:`is_norm_module`, the layer classes, and their math as functions in
+:mod:`fedctx.norm.functional`. See ``docs/norms.md``.
 """
 
-from torch import nn
-
+from fedctx.norm import functional
 from fedctx.norm.acn import AdaptiveContextNorm, SupervisedClusterNorm, adaptive_context_norm
 from fedctx.norm.adain import ConditionalInstanceNorm
 from fedctx.norm.batchgroup import BatchGroupNorm
@@ -24,6 +24,7 @@ from fedctx.norm.factory import (
     NormSpec,
     available,
     conv2d_class,
+    is_norm_module,
     make_norm,
     make_norm_act,
     norm_layer,
@@ -40,27 +41,6 @@ from fedctx.norm.uan import (
     unsupervised_adaptive_norm,
 )
 from fedctx.norm.weightstd import WSConv2d, WSGroupNorm, convert_ws_convs, standardize_weight
-
-_TORCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """Whether ``module``'s own parameters and buffers are normalization state: ``torch.nn``
-    batch/instance/group/layer/local-response/RMS norms, and every layer class defined in
-    :mod:`fedctx.norm` except convolutions and linear layers (e.g. ``WSConv2d``'s weight is a
-    shared weight). Used by the state split (:mod:`fedctx.federated.params`) and weight decay
-    (:mod:`fedctx.optim`) alike."""
-    if isinstance(module, _TORCH_NORMS):
-        return True
-    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-        return False
-    return type(module).__module__.startswith("fedctx.norm")
 
 __all__ = [
     "ACTIVATION_MODULES",
@@ -90,6 +70,7 @@ __all__ = [
     "convert_norms",
     "convert_ws_convs",
     "fit_gmm",
+    "functional",
     "is_norm_module",
     "make_norm",
     "make_norm_act",

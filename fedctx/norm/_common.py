@@ -8,6 +8,7 @@ running statistics in evaluation (in the manner of ``torch.nn.modules.batchnorm.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -95,11 +96,14 @@ def resolve_groups(num_features: int, num_groups: int | None, dims: int = 2) -> 
     return num_groups
 
 
-def init_affine(module: nn.Module, affine: bool, shape: tuple[int, ...]) -> None:
+def init_affine(
+    module: nn.Module, affine: bool, shape: tuple[int, ...], device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Register ``weight`` (ones) and ``bias`` (zeros) of ``shape``, or both as ``None``."""
     if affine:
-        module.weight = nn.Parameter(torch.ones(shape))
-        module.bias = nn.Parameter(torch.zeros(shape))
+        module.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        module.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
     else:
         module.register_parameter("weight", None)
         module.register_parameter("bias", None)
@@ -118,22 +122,27 @@ def init_running_stats(
     shape: tuple[int, ...] | None,
     counter_shape: tuple[int, ...] = (),
     extra: Mapping[str, torch.Tensor] | None = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Register the running-statistics buffers, in ``state_dict`` order.
 
     ``running_mean`` (zeros) and ``running_var`` (ones) of ``shape``, then the ``extra`` buffers,
-    then ``num_batches_tracked`` (long zeros of ``counter_shape``). With ``shape=None`` the three
-    standard buffers are registered as ``None`` (no running statistics).
+    then ``num_batches_tracked`` (long zeros of ``counter_shape``), on ``device``; the statistics
+    in ``dtype``. With ``shape=None`` the three standard buffers are registered as ``None`` (no
+    running statistics).
     """
     if shape is None:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             module.register_buffer(name, None)
         return
-    module.register_buffer("running_mean", torch.zeros(shape))
-    module.register_buffer("running_var", torch.ones(shape))
+    module.register_buffer("running_mean", torch.zeros(shape, device=device, dtype=dtype))
+    module.register_buffer("running_var", torch.ones(shape, device=device, dtype=dtype))
     for name, value in (extra or {}).items():
         module.register_buffer(name, value)
-    module.register_buffer("num_batches_tracked", torch.zeros(counter_shape, dtype=torch.long))
+    module.register_buffer(
+        "num_batches_tracked", torch.zeros(counter_shape, dtype=torch.long, device=device)
+    )
 
 
 def reset_running_stats(module: nn.Module) -> None:
@@ -210,8 +219,11 @@ class BatchStatsNorm(nn.Module):
         eps, momentum, affine: as in ``nn.BatchNorm``.
         stats_shape: shape of ``running_mean`` and ``running_var``.
         extra_stats: further running buffers, registered after ``running_var``.
+        device, dtype: of the parameters and buffers, as in ``torch.nn``.
     """
 
+    #: Normalization state (see :func:`fedctx.norm.is_norm_module`).
+    is_normalization: ClassVar[bool] = True
     expected_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
@@ -222,14 +234,17 @@ class BatchStatsNorm(nn.Module):
         affine: bool,
         stats_shape: tuple[int, ...] | None = None,
         extra_stats: Mapping[str, torch.Tensor] | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
-        init_affine(self, affine, (num_features,))
-        init_running_stats(self, stats_shape or (num_features,), extra=extra_stats)
+        init_affine(self, affine, (num_features,), device, dtype)
+        init_running_stats(self, stats_shape or (num_features,), extra=extra_stats,
+                           device=device, dtype=dtype)
 
     def reset_running_stats(self) -> None:
         reset_running_stats(self)

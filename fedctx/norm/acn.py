@@ -20,52 +20,21 @@ Choices where the paper leaves a detail open (each tested):
 * Evaluation with no context set (``K > 1``) uses the mean over contexts of ``mu`` and of
   ``log_scale`` (i.e. the geometric mean of the scales) and of the affine parameters.
 
-There is no Python loop over contexts: per-sample parameters are gathered with ``param[ids]``.
+There is no Python loop over contexts: per-sample parameters are gathered with ``param[ids]``;
+the math is :func:`fedctx.norm.functional.adaptive_context_norm` (one pass over the input,
+closed-form backward).
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
-from fedctx.norm._common import check_input, describe, fold_affine, init_affine, reset_affine
-from fedctx.norm.routing import ContextAware, Contexts
-
-
-def _per_sample(param: torch.Tensor, ctx: Contexts | None, n: int) -> torch.Tensor:
-    """``(N, C)`` rows of a ``(K, C)`` parameter: gathered, selected, or averaged (no context)."""
-    if ctx is None:
-        row = param.mean(0)
-    elif isinstance(ctx, int):
-        row = param[ctx]
-    else:
-        return param[ctx]
-    return row.unsqueeze(0).expand(n, -1)
-
-
-def adaptive_context_norm(
-    x: torch.Tensor,
-    contexts: Contexts | None,
-    mean: torch.Tensor,
-    log_scale: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-3,
-) -> torch.Tensor:
-    """Functional ACN: ``(x - mean[k]) / (exp(log_scale[k]) + eps) * weight[k] + bias[k]``.
-
-    Args:
-        x: ``(N, C, *spatial)``.
-        contexts: ``int``, ``LongTensor[N]`` or ``None`` (mean of the per-context entries).
-        mean, log_scale, weight, bias: ``(K, C)`` (``weight``/``bias`` may be ``None``).
-    """
-    n, c = x.shape[:2]
-    scale = 1.0 / (torch.exp(_per_sample(log_scale, contexts, n)) + eps)
-    w, b = (None if p is None else _per_sample(p, contexts, n) for p in (weight, bias))
-    scale, shift = fold_affine(scale, -_per_sample(mean, contexts, n) * scale, w, b)
-    view = (n, c) + (1,) * (x.dim() - 2)
-    out = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
-    return out.to(x.dtype)
+from fedctx.norm._common import check_input, describe, init_affine, reset_affine
+from fedctx.norm.functional import adaptive_context_norm
+from fedctx.norm.routing import ContextAware
 
 
 class AdaptiveContextNorm(ContextAware):
@@ -76,20 +45,24 @@ class AdaptiveContextNorm(ContextAware):
         num_contexts: contexts ``K``.
         eps: added to ``exp(s_k)`` (authors: ``1e-3``).
         affine: also learn per-context ``gamma_k, beta_k`` (off in the paper).
+        device, dtype: of the parameters, as in ``torch.nn``.
     """
 
+    is_normalization: ClassVar[bool] = True
     expected_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
-        self, num_features: int, num_contexts: int = 1, eps: float = 1e-3, affine: bool = False
+        self, num_features: int, num_contexts: int = 1, eps: float = 1e-3, affine: bool = False,
+        device: Any = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_contexts)
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        self.mean = nn.Parameter(torch.empty(num_contexts, num_features))
-        self.log_scale = nn.Parameter(torch.empty(num_contexts, num_features))
-        init_affine(self, affine, (num_contexts, num_features))
+        shape = (num_contexts, num_features)
+        self.mean = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.log_scale = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        init_affine(self, affine, shape, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -10,43 +10,45 @@ its context (one ``gamma_k, beta_k`` per context, the learned-style form of AdaI
 
 Choices (each tested): no running statistics (train = eval, like ``nn.InstanceNorm`` by
 default); evaluation without a context (``K > 1``) uses the mean of the per-context affine
-parameters; needs at least one spatial dimension. No loop over contexts (``param[ids]``).
+parameters; needs at least one spatial dimension. No loop over contexts (``param[ids]``). The
+math is :func:`fedctx.norm.functional.conditional_instance_norm`: per-sample moments, one pass
+out with the context's affine folded in, closed-form backward.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Any, ClassVar
 
-from fedctx.norm._common import check_input, describe, init_affine, reset_affine, stats_dtype
-from fedctx.norm.acn import _per_sample
+import torch
+
+from fedctx.norm._common import check_input, describe, init_affine, reset_affine
+from fedctx.norm.functional import conditional_instance_norm
 from fedctx.norm.routing import ContextAware
 
 
 class ConditionalInstanceNorm(ContextAware):
-    """Instance norm with per-context ``gamma_k, beta_k`` ``(K, C)`` over ``(N, C, *spatial)``."""
+    """Instance norm with per-context ``gamma_k, beta_k`` ``(K, C)`` over ``(N, C, *spatial)``
+    (``device``/``dtype``: of the parameters, as in ``torch.nn``)."""
 
+    is_normalization: ClassVar[bool] = True
     expected_dims: tuple[int, ...] = (3, 4, 5)
 
-    def __init__(self, num_features: int, num_contexts: int = 1, eps: float = 1e-5) -> None:
+    def __init__(
+        self, num_features: int, num_contexts: int = 1, eps: float = 1e-5, device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(num_contexts)
         self.num_features = num_features
         self.eps = eps
-        init_affine(self, True, (num_contexts, num_features))
+        init_affine(self, True, (num_contexts, num_features), device, dtype)
 
     def reset_parameters(self) -> None:
         reset_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        n, c = x.shape[:2]
-        ctx = self.resolve_contexts(n, x.device)
-        sd = stats_dtype(x.dtype)
-        y = F.instance_norm(x.to(sd), eps=self.eps)
-        view = (n, c) + (1,) * (x.dim() - 2)
-        w = _per_sample(self.weight, ctx, n).to(sd).reshape(view)
-        b = _per_sample(self.bias, ctx, n).to(sd).reshape(view)
-        return torch.addcmul(b, y, w).to(x.dtype)
+        ctx = self.resolve_contexts(x.shape[0], x.device)
+        return conditional_instance_norm(x, ctx, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return describe(self, "num_contexts", "eps")

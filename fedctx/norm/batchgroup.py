@@ -9,21 +9,19 @@ each group is normalized with statistics over the batch and the group::
 
 Choices (each tested): groups are made of whole channels (``G`` must divide ``C``; default the
 largest divisor of C that is <= 32, as GroupNorm here), so the affine stays per channel; running
-statistics ``(G,)`` as in ``nn.BatchNorm`` for evaluation. ``G = C`` is ``nn.BatchNorm``.
+statistics ``(G,)`` as in ``nn.BatchNorm`` for evaluation. ``G = C`` is ``nn.BatchNorm``. The
+math is :func:`fedctx.norm.functional.batch_group_norm` (the affine folded into the one pass
+out, closed-form backward).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Any
 
-from fedctx.norm._common import (
-    BatchStatsNorm,
-    apply_affine,
-    check_input,
-    describe,
-    resolve_groups,
-)
+import torch
+
+from fedctx.norm._common import BatchStatsNorm, check_input, describe, resolve_groups
+from fedctx.norm.functional import batch_group_norm
 
 
 class BatchGroupNorm(BatchStatsNorm):
@@ -36,20 +34,22 @@ class BatchGroupNorm(BatchStatsNorm):
         eps: float = 1e-5,
         momentum: float = 0.1,
         affine: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         num_groups = resolve_groups(num_features, num_groups)
-        super().__init__(num_features, eps, momentum, affine, stats_shape=(num_groups,))
+        super().__init__(num_features, eps, momentum, affine, stats_shape=(num_groups,),
+                         device=device, dtype=dtype)
         self.num_groups = num_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
         if self.training:
             self.num_batches_tracked.add_(1)
-        y = F.batch_norm(
-            x.reshape(x.shape[0], self.num_groups, -1), self.running_mean, self.running_var,
-            None, None, self.training, self.momentum, self.eps,
-        ).reshape(x.shape)
-        return apply_affine(y, self.weight, self.bias)
+        return batch_group_norm(
+            x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )
 
     def extra_repr(self) -> str:
         return describe(self, "num_groups", "eps", "momentum", "affine")

@@ -36,20 +36,19 @@ statistics computed under the old weights are stale.
 Other differences from the authors' code: entries whose ``nu - mu^2`` is negative are clamped
 with the paper's ``max(nu, mu^2)`` (the code drops them from the average); ``eps`` is added to
 the variance as ``nn.BatchNorm`` (the code's default adds it to the standard deviation).
+
+The math is :func:`fedctx.norm.functional.cross_iteration_batch_norm` (window statistics by the
+parallel-variance rule, one pass out, closed-form backward).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from fedctx.norm._common import (
-    BatchStatsNorm,
-    check_input,
-    describe,
-    fold_affine,
-    momentum_update,
-    stats_dtype,
-)
+from fedctx.norm._common import BatchStatsNorm, check_input, describe
+from fedctx.norm.functional import cross_iteration_batch_norm
 
 
 class CrossIterationBatchNorm(BatchStatsNorm):
@@ -62,6 +61,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         eps, momentum, affine: as in ``nn.BatchNorm``.
         running_stats: ``"batch"`` (the current batch's statistics, the authors' code) or
             ``"window"`` (the window's ``mu_bar, var_bar``).
+        device, dtype: of the parameters and buffers, as in ``torch.nn``.
     """
 
     #: Buffers that are per-process training state, never model state (non-persistent: not in
@@ -77,19 +77,24 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         momentum: float = 0.1,
         affine: bool = True,
         running_stats: str = "batch",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         if running_stats not in ("batch", "window"):
             raise ValueError(f"running_stats must be 'batch' or 'window', got {running_stats!r}")
-        super().__init__(num_features, eps, momentum, affine)
+        super().__init__(num_features, eps, momentum, affine, device=device, dtype=dtype)
         self.window = window
         self.burnin = burnin
         self.running_stats = running_stats
-        h = max(window - 1, 1)
-        self.register_buffer("hist_mean", torch.zeros(h, num_features), persistent=False)
-        self.register_buffer("hist_sqmean", torch.zeros(h, num_features), persistent=False)
-        self.register_buffer("hist_valid", torch.zeros(h, dtype=torch.bool), persistent=False)
+        h = window - 1
+        for name, value in (
+            ("hist_mean", torch.zeros(h, num_features, device=device, dtype=dtype)),
+            ("hist_sqmean", torch.zeros(h, num_features, device=device, dtype=dtype)),
+            ("hist_valid", torch.zeros(h, dtype=torch.bool, device=device)),
+        ):
+            self.register_buffer(name, value, persistent=False)
 
     def reset_history(self) -> None:
         """Forget the previous iterations' statistics."""
@@ -107,44 +112,14 @@ class CrossIterationBatchNorm(BatchStatsNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        n, c = x.shape[:2]
-        view = (1, c) + (1,) * (x.dim() - 2)
-        sd = stats_dtype(x.dtype)
-        xs = x.to(sd)
+        use_history = self.training and int(self.num_batches_tracked) >= self.burnin
         if self.training:
-            dims = [0] + list(range(2, x.dim()))
-            mu = xs.mean(dims)
-            nu = xs.square().mean(dims)
-            use_hist = self.window > 1 and int(self.num_batches_tracked) >= self.burnin
-            valid = self.hist_valid.to(sd).unsqueeze(1) if use_hist else torch.zeros(1, 1)
-            valid = valid.to(x.device, sd)
-            count = 1 + valid.sum()
-            hm, hs = self.hist_mean.to(sd), self.hist_sqmean.to(sd)
-            mean = (mu + (valid * hm).sum(0)) / count
-            sq = (torch.maximum(nu, mu.square())
-                  + (valid * torch.maximum(hs, hm.square())).sum(0)) / count
-            var = (sq - mean.square()).clamp_min(0)
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                if self.window > 1:
-                    self.hist_mean.copy_(torch.roll(self.hist_mean, 1, 0))
-                    self.hist_sqmean.copy_(torch.roll(self.hist_sqmean, 1, 0))
-                    self.hist_valid.copy_(torch.roll(self.hist_valid, 1, 0))
-                    self.hist_mean[0] = mu.detach().to(self.hist_mean.dtype)
-                    self.hist_sqmean[0] = nu.detach().to(self.hist_sqmean.dtype)
-                    self.hist_valid[0] = True
-                m = x.numel() / c
-                if self.running_stats == "batch":
-                    cur_mean, cur_var = mu.detach(), (nu - mu.square()).detach().clamp_min(0)
-                else:
-                    cur_mean, cur_var = mean.detach(), var.detach()
-                momentum_update(self.running_mean, cur_mean, self.momentum)
-                momentum_update(self.running_var, cur_var * (m / max(m - 1, 1)), self.momentum)
-        else:
-            mean, var = self.running_mean.to(sd), self.running_var.to(sd)
-        scale = torch.rsqrt(var + self.eps)
-        scale, shift = fold_affine(scale, -mean * scale, self.weight, self.bias)
-        return torch.addcmul(shift.view(view), xs, scale.view(view)).to(x.dtype)
+            self.num_batches_tracked.add_(1)
+        return cross_iteration_batch_norm(
+            x, self.running_mean, self.running_var, self.hist_mean, self.hist_sqmean,
+            self.hist_valid, self.weight, self.bias, self.training, self.momentum, self.eps,
+            use_history, self.running_stats,
+        )
 
     def extra_repr(self) -> str:
         return describe(self, "window", "burnin", "eps", "momentum", "affine", "running_stats")

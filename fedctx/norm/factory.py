@@ -51,6 +51,36 @@ class NormSpec:
 
 
 _REGISTRY: dict[str, NormSpec] = {}
+#: Classes registered with :func:`register_norm`: their instances are normalization modules.
+_NORM_CLASSES: set[type[nn.Module]] = set()
+
+#: ``torch.nn`` normalization classes (their subclasses included).
+_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Whether ``module``'s own parameters and buffers are normalization state.
+
+    True for ``torch.nn`` batch/instance/group/layer/local-response/RMS norms, for classes that
+    declare ``is_normalization = True`` (every fedctx norm layer), and for classes registered
+    with :func:`register_norm` (a third-party norm) and their subclasses; never for convolutions
+    and linear layers (e.g. ``WSConv2d``'s weight is a shared weight). Decided by the class, not
+    by where it is defined. Used by the state split (:mod:`fedctx.federated.params`) and weight
+    decay (:mod:`fedctx.optim`) alike.
+    """
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        return False
+    return bool(getattr(type(module), "is_normalization", False)) or isinstance(
+        module, tuple(_NORM_CLASSES)
+    )
 
 
 def register_norm(
@@ -64,7 +94,11 @@ def register_norm(
 ) -> Callable[[NormBuilder], NormBuilder]:
     """Register ``builder(num_features, *, dims, num_contexts, **options)`` under ``name``.
 
-    Keyword arguments are declared data about the norm (see :class:`NormSpec`), e.g.
+    ``builder`` may also be an ``nn.Module`` class taking ``num_features`` first (and
+    ``num_contexts`` if it is context-aware): ``make_norm(name, C, **options)`` then builds
+    ``cls(C, **options)``, and its instances count as normalization modules
+    (:func:`is_norm_module`: their state is norm state for the norm policies and gets no weight
+    decay). Keyword arguments are declared data about the norm (see :class:`NormSpec`), e.g.
     ``@register_norm("acn", train_defaults={"lr": 0.01}, why="no batch statistics")``.
     """
     if fuses_activation != (without_activation is not None):
@@ -74,8 +108,12 @@ def register_norm(
     def decorator(builder: NormBuilder) -> NormBuilder:
         if name in _REGISTRY:
             raise ValueError(f"a norm named {name!r} is already registered")
+        build = builder
+        if isinstance(builder, type) and issubclass(builder, nn.Module):
+            _NORM_CLASSES.add(builder)
+            build = _class_builder(name, builder)
         _REGISTRY[name] = NormSpec(
-            builder, dict(train_defaults or {}), why, fuses_activation, without_activation,
+            build, dict(train_defaults or {}), why, fuses_activation, without_activation,
             weight_standardized_convs,
         )
         return builder
@@ -270,33 +308,42 @@ def _instance(num_features: int, *, dims: int, num_contexts: int, **options: obj
 
 @register_norm("none")
 def _identity(num_features: int, *, dims: int, num_contexts: int, **options: object) -> nn.Module:
+    options.pop("device", None)  # no state to place
+    options.pop("dtype", None)
     if options:
         raise ValueError(f"norm 'none' takes no options, got {sorted(options)}")
     return nn.Identity()
 
 
-def _register_simple(
-    name: str, cls: Callable[..., nn.Module], *, context_aware: bool = False,
-    dims: tuple[int, ...] = (0, 1, 2, 3), **spec: object,
-) -> None:
+def _class_builder(
+    name: str, cls: type[nn.Module], allowed: tuple[int, ...] = (0, 1, 2, 3)
+) -> NormBuilder:
+    """The builder of a registered class: ``cls(num_features, [num_contexts=K,] **options)``."""
+    context_aware = "num_contexts" in inspect.signature(cls).parameters
+
     def builder(num_features: int, *, dims: int, num_contexts: int, **options: object):
         _check_dims(dims, allowed, name)
         if context_aware:
             options["num_contexts"] = num_contexts
         return _call_checked(name, cls, num_features, **options)
 
-    allowed = dims
     builder.__doc__ = cls.__doc__
-    register_norm(name, **spec)(builder)  # type: ignore[arg-type]
+    return builder
+
+
+def _register_simple(
+    name: str, cls: type[nn.Module], *, dims: tuple[int, ...] = (0, 1, 2, 3), **spec: object,
+) -> None:
+    register_norm(name, **spec)(_class_builder(name, cls, dims))  # type: ignore[arg-type]
+    _NORM_CLASSES.add(cls)
 
 
 _ACN_WHY = ("no batch statistics: nothing rescales the activations during training, so a "
             "smaller step (measured on the default scenario, seed 0: 0.54 / 0.61 / 0.58 test "
             "accuracy at lr 0.05 / 0.02 / 0.01)")
-_register_simple("acn", AdaptiveContextNorm, context_aware=True, train_defaults={"lr": 0.02},
-                 why=_ACN_WHY)
+_register_simple("acn", AdaptiveContextNorm, train_defaults={"lr": 0.02}, why=_ACN_WHY)
 # SCB-Norm (supervised cluster-based) is ACN's computation in the authors' code: one class.
-_register_simple("scb", AdaptiveContextNorm, context_aware=True, train_defaults={"lr": 0.02},
+_register_simple("scb", AdaptiveContextNorm, train_defaults={"lr": 0.02},
                  why="SCB-Norm is ACN: " + _ACN_WHY)
 _register_simple("uan", UnsupervisedAdaptiveNorm)
 _register_simple("mixture", MixtureNorm)
@@ -309,7 +356,7 @@ _register_simple(
          "default scenario, seed 0: 0.30 / 0.34 / 0.49 / 0.53 test accuracy at lr 0.05 / "
          "0.02 / 0.01 / 0.005)"),
 )
-_register_simple("adain", ConditionalInstanceNorm, context_aware=True, dims=(1, 2, 3))
+_register_simple("adain", ConditionalInstanceNorm, dims=(1, 2, 3))
 
 
 _PROXY_ONLY = ("activation", "n_quantiles", "proxy_eps")

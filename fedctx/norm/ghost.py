@@ -8,8 +8,9 @@ its own statistics; evaluation uses running statistics as ``nn.BatchNorm``::
     y_i = gamma * (x_i - mu_g) / sqrt(var_g + eps) + beta,    g = floor(i / virtual_batch_size)
 
 Choices (each tested): a last, smaller ghost batch takes the remainder;
-``N <= virtual_batch_size`` is exactly ``nn.BatchNorm``. No loop over ghost batches: it is the
-context-batch-norm kernel with context ``i // size``.
+``N <= virtual_batch_size`` is exactly ``nn.BatchNorm``. No loop over ghost batches: the math
+(:func:`fedctx.norm.functional.ghost_batch_norm`) is the context-batch-norm kernel with context
+``i // size``.
 
 Running statistics (``running_stats=``, PyTorch momentum convention, unbiased variance):
 ``"sequential"`` (default) matches the authors' code (Hoffer et al.'s ``main_gbn.py`` runs the
@@ -22,11 +23,12 @@ batches of their statistics.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Any
 
-from fedctx.norm._common import BatchStatsNorm, check_input, describe, momentum_update
-from fedctx.norm.context import _MixedContextBatchNorm
+import torch
+
+from fedctx.norm._common import BatchStatsNorm, check_input, describe
+from fedctx.norm.functional import ghost_batch_norm
 
 
 class GhostBatchNorm(BatchStatsNorm):
@@ -38,6 +40,7 @@ class GhostBatchNorm(BatchStatsNorm):
         eps, momentum, affine: as in ``nn.BatchNorm``.
         running_stats: ``"sequential"`` (one momentum step per ghost batch, the authors' code)
             or ``"mean"`` (one step with the mean of the ghost batches' statistics).
+        device, dtype: of the parameters and buffers, as in ``torch.nn``.
     """
 
     def __init__(
@@ -48,6 +51,8 @@ class GhostBatchNorm(BatchStatsNorm):
         momentum: float = 0.1,
         affine: bool = True,
         running_stats: str = "sequential",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size}")
@@ -55,40 +60,18 @@ class GhostBatchNorm(BatchStatsNorm):
             raise ValueError(
                 f"running_stats must be 'sequential' or 'mean', got {running_stats!r}"
             )
-        super().__init__(num_features, eps, momentum, affine)
+        super().__init__(num_features, eps, momentum, affine, device=device, dtype=dtype)
         self.virtual_batch_size = virtual_batch_size
         self.running_stats = running_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        n, c = x.shape[:2]
-        if not self.training or n <= self.virtual_batch_size:
-            if self.training:
-                self.num_batches_tracked.add_(1)
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                self.training, self.momentum, self.eps,
-            )
-        self.num_batches_tracked.add_(1)
-        groups = -(-n // self.virtual_batch_size)
-        ids = torch.arange(n, device=x.device) // self.virtual_batch_size
-        xf = x.reshape(n, c, -1)
-        w = None if self.weight is None else self.weight.expand(groups, c)
-        b = None if self.bias is None else self.bias.expand(groups, c)
-        out, mean, var = _MixedContextBatchNorm.apply(xf, ids, groups, w, b, self.eps)
-        with torch.no_grad():
-            sizes = (torch.bincount(ids, minlength=groups) * xf.shape[-1]).to(var.dtype)
-            unbiased = var * (sizes / (sizes - 1).clamp_min(1)).unsqueeze(1)
-            if self.running_stats == "mean":
-                momentum_update(self.running_mean, mean.mean(0), self.momentum)
-                momentum_update(self.running_var, unbiased.mean(0), self.momentum)
-            else:  # G sequential steps in closed form: weights m (1 - m)^(G - 1 - g)
-                keep = 1.0 - self.momentum
-                powers = torch.arange(groups - 1, -1, -1, device=x.device, dtype=var.dtype)
-                w = (self.momentum * keep ** powers).unsqueeze(1)  # (G, 1)
-                for buf, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
-                    buf.copy_((keep ** groups * buf + (w * stat).sum(0)).to(buf.dtype))
-        return out.reshape(x.shape)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return ghost_batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self.momentum, self.eps, self.virtual_batch_size, self.running_stats,
+        )
 
     def extra_repr(self) -> str:
         return describe(self, "virtual_batch_size", "eps", "momentum", "affine", "running_stats")

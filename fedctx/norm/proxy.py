@@ -50,51 +50,15 @@ default, see :func:`fedctx.norm._common.default_groups`) or ``'layer'`` (one gro
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedctx.norm._common import (
-    check_input,
-    default_groups,
-    describe,
-    init_affine,
-    reset_affine,
-    stats_dtype,
-)
+from fedctx.norm._common import check_input, default_groups, describe, init_affine, reset_affine
+from fedctx.norm.functional import ACTIVATIONS, gaussian_quantiles, proxy_moments, proxy_norm
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
-    "tanh": torch.tanh,
-    "identity": lambda t: t,
-}
-
-
-def gaussian_quantiles(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``n`` standard-normal quantiles at probabilities ``(i + 0.5) / n``."""
-    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return (math.sqrt(2.0) * torch.erfinv(2 * p - 1)).to(dtype)
-
-
-def proxy_moments(
-    activation: Callable[[torch.Tensor], torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    proxy_weight: torch.Tensor,
-    proxy_bias: torch.Tensor,
-    quantiles: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (biased) variance ``(C,)`` of ``phi(gamma Yt + beta)``, ``Yt`` the proxy."""
-    proxy = proxy_bias.unsqueeze(1) + (1 + proxy_weight).unsqueeze(1) * quantiles  # (C, n)
-    act = activation(weight.unsqueeze(1) * proxy + bias.unsqueeze(1))
-    var, mean = torch.var_mean(act, dim=1, correction=0)
-    return mean, var
+__all__ = ["ACTIVATIONS", "ProxyNorm", "gaussian_quantiles", "proxy_moments"]
 
 
 class ProxyNorm(nn.Module):
@@ -112,8 +76,10 @@ class ProxyNorm(nn.Module):
         eps: of the base norm.
         n_quantiles: Gaussian quantiles used for the proxy moments (Graphcore: 200).
         proxy_eps: added to the proxy variance (Graphcore: 0.03).
+        device, dtype: of the parameters and buffers, as in ``torch.nn``.
     """
 
+    is_normalization: ClassVar[bool] = True
     expected_dims: tuple[int, ...] = (2, 3, 4, 5)
 
     def __init__(
@@ -125,6 +91,8 @@ class ProxyNorm(nn.Module):
         eps: float = 1e-5,
         n_quantiles: int = 200,
         proxy_eps: float = 0.03,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if base not in ("group", "layer"):
@@ -146,10 +114,11 @@ class ProxyNorm(nn.Module):
         self.eps = eps
         self.n_quantiles = n_quantiles
         self.proxy_eps = proxy_eps
-        init_affine(self, True, (num_features,))
-        self.proxy_weight = nn.Parameter(torch.zeros(num_features))
-        self.proxy_bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("quantiles", gaussian_quantiles(n_quantiles), persistent=False)
+        init_affine(self, True, (num_features,), device, dtype)
+        self.proxy_weight = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        quantiles = gaussian_quantiles(n_quantiles, dtype or torch.get_default_dtype())
+        self.register_buffer("quantiles", quantiles.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         reset_affine(self)
@@ -158,17 +127,10 @@ class ProxyNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        sd = stats_dtype(x.dtype)
-        phi = ACTIVATIONS[self.activation]
-        y = F.group_norm(x.to(sd), self.num_groups, None, None, self.eps)
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        w, b = self.weight.to(sd), self.bias.to(sd)
-        z = phi(torch.addcmul(b.view(view), y, w.view(view)))
-        mean, var = proxy_moments(
-            phi, w, b, self.proxy_weight.to(sd), self.proxy_bias.to(sd), self.quantiles.to(sd)
+        return proxy_norm(
+            x, self.num_groups, self.weight, self.bias, self.proxy_weight, self.proxy_bias,
+            self.quantiles, self.activation, self.eps, self.proxy_eps,
         )
-        inv = torch.rsqrt(var + self.proxy_eps)
-        return torch.addcmul((-mean * inv).view(view), z, inv.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return describe(self, "base", "num_groups", "activation", "eps", "n_quantiles", "proxy_eps")

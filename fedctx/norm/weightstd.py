@@ -15,17 +15,13 @@ so they are split: :class:`WSConv2d` is the conv side (use it instead of ``nn.Co
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
 from fedctx.norm._common import resolve_groups
-
-
-def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Zero-mean, unit-variance (biased) version of each output filter of ``weight``."""
-    dims = list(range(1, weight.dim()))
-    var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
-    return (weight - mean) * torch.rsqrt(var + eps)
+from fedctx.norm.functional import standardize_weight
 
 
 class WSConv2d(nn.Conv2d):
@@ -45,12 +41,15 @@ class WSConv2d(nn.Conv2d):
 class WSGroupNorm(nn.GroupNorm):
     """The GroupNorm side of Weight Standardization + GroupNorm (a plain ``nn.GroupNorm``)."""
 
+    is_normalization: ClassVar[bool] = True
+
     def __init__(
         self, num_features: int, num_groups: int | None = None, eps: float = 1e-5,
-        affine: bool = True,
+        affine: bool = True, device: Any = None, dtype: torch.dtype | None = None,
     ) -> None:
         num_groups = resolve_groups(num_features, num_groups)
-        super().__init__(num_groups, num_features, eps=eps, affine=affine)
+        super().__init__(num_groups, num_features, eps=eps, affine=affine, device=device,
+                         dtype=dtype)
 
 
 def convert_ws_convs(module: nn.Module, eps: float = 1e-6) -> nn.Module:
