@@ -72,6 +72,16 @@ def test_adamatch_loss_hand_example():
     assert total.item() == pytest.approx(math.log(2.0) + 0.25 * math.log(4.0 / 3.0))
 
 
+def test_mean_confidence_and_pseudo_label_loss_alone():
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6]], requires_grad=True)
+    assert A.mean_confidence(probs).item() == pytest.approx(0.75)
+    assert not A.mean_confidence(probs).requires_grad
+    target_strong = torch.tensor([[0.0, math.log(3.0)], [5.0, 0.0]])
+    aligned = torch.tensor([[0.2, 0.8], [0.9, 0.1]])  # pseudo-labels 1 and 0
+    loss = A.pseudo_label_loss(target_strong, aligned, torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(math.log(4.0 / 3.0) / 2)
+
+
 def test_ema_update_params_and_buffers():
     ema, model = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
     with torch.no_grad():

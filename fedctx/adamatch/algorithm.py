@@ -53,6 +53,12 @@ def align_distribution(
     return aligned / aligned.sum(dim=1, keepdim=True)
 
 
+def mean_confidence(probs: torch.Tensor) -> torch.Tensor:
+    """``mean_i max_k p[i, k]``: the mean top-class probability of ``(n, K)`` ``probs``, detached
+    (a scalar tensor)."""
+    return probs.detach().max(dim=1).values.mean()
+
+
 def relative_threshold(probs_source: torch.Tensor, tau: float) -> torch.Tensor:
     """Relative confidence threshold (paper Sec. 3.4): ``c_tau = tau * mean_i max_k p_s[i, k]``.
 
@@ -62,7 +68,7 @@ def relative_threshold(probs_source: torch.Tensor, tau: float) -> torch.Tensor:
     Returns:
         A scalar tensor, detached.
     """
-    return tau * probs_source.detach().max(dim=1).values.mean()
+    return tau * mean_confidence(probs_source)
 
 
 def pseudo_label_mask(aligned: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -135,9 +141,24 @@ def adamatch_loss(
     source_loss = 0.5 * (
         F.cross_entropy(source_weak_logits, labels) + F.cross_entropy(source_strong_logits, labels)
     )
-    pseudo = aligned.argmax(dim=1)
-    target_loss = (F.cross_entropy(target_strong_logits, pseudo, reduction="none") * mask).mean()
+    target_loss = pseudo_label_loss(target_strong_logits, aligned, mask)
     return source_loss + target_weight * target_loss, source_loss, target_loss
+
+
+def pseudo_label_loss(target_strong_logits: torch.Tensor, aligned: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """The unlabelled term of AdaMatch (paper Eq. 6): ``mean_i(mask_i * CE(tgt strong_i, argmax
+    p~_i))``, averaged over all ``n_t`` samples (masked ones count as zeros, as the authors).
+
+    Args:
+        target_strong_logits: ``(n_t, K)`` logits of the strong views.
+        aligned: ``(n_t, K)`` aligned pseudo-label distributions of the weak views.
+        mask: ``(n_t,)`` 0/1 confidence mask.
+    Returns:
+        A scalar tensor.
+    """
+    pseudo = aligned.argmax(dim=1)
+    return (F.cross_entropy(target_strong_logits, pseudo, reduction="none") * mask).mean()
 
 
 def ema_decay(decay: float, num_updates: int, warmup: str = "num-updates") -> float:

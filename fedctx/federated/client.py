@@ -5,10 +5,18 @@ Everything comes from Flower: the experiment from ``context.run_config`` (see
 :mod:`fedctx.federated.run_config`), the node's partition from
 ``context.node_config["partition-id"]``. Messages:
 
-* ``query`` -> metrics ``partition-id``, ``context``, ``num-examples``.
+* ``query`` -> metrics ``partition-id``, ``context``, ``num-examples`` and, for a node whose
+  data has labels, ``label-counts`` (training samples per class).
 * ``train``: in ``arrays`` (the full model, as the server's norm policy sends it) and
   ``config``; out ``arrays`` (shared tensors plus the norm tensors the policy returns) and
-  ``metrics`` (``num-examples``, ``train-loss``, ``context``, ``partition-id``, ``ray-node``).
+  ``metrics`` (``num-examples``, ``train-loss``, ``context``, ``context-counts`` (training
+  samples per context id), ``partition-id``, ``ray-node``). A node with labels trains
+  supervised and adds ``confidence`` (its mean top-class probability, the source side of
+  AdaMatch's relative threshold); a node without labels (``ClientData.y is None``, an
+  ``--unlabelled-domains`` domain) trains with AdaMatch's unlabelled objective
+  (:mod:`fedctx.federated.unlabelled`, reading ``label-distribution`` and
+  ``source-confidence`` from ``config`` when the server sends them) and adds
+  ``unlabelled-mask-rate``. Shared weights are averaged by ``num-examples`` either way.
 * ``evaluate`` (policies whose norm state stays on clients): accuracy of the global shared
   weights with the node's own norm on its context's test set.
 
@@ -29,6 +37,7 @@ from flwr.clientapp import ClientApp
 from fedctx.federated import norm_client
 from fedctx.federated.runtime import Runtime, get_runtime
 from fedctx.federated.training import evaluate, local_train
+from fedctx.federated.unlabelled import source_confidence, unlabelled_train
 
 app = ClientApp()
 
@@ -60,8 +69,10 @@ def _store(rt: Runtime, pid: int) -> norm_client.FileStore:
 def query(msg: Message, context: Context) -> Message:
     rt, pid = _setup(context)
     data = rt.data.clients[pid]
+    labels = (None if data.y is None
+              else torch.bincount(data.y, minlength=rt.data.num_classes).tolist())
     return norm_client.describe(msg, context=data.context, partition_id=pid,
-                                num_examples=len(data))
+                                num_examples=len(data.x), label_counts=labels)
 
 
 @app.train()
@@ -72,14 +83,23 @@ def train(msg: Message, context: Context) -> Message:
     norm_client.load(rt.model, msg, context, _store(rt, pid))
     generator = torch.Generator().manual_seed(rt.config.seed * 1_000_003 + server_round * 10_007
                                               + pid)
-    loss = local_train(
-        rt.model, data, epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-        lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-        weight_decay=float(cfg["weight-decay"]), generator=generator,
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)), device=rt.device,
-    )
-    metrics = {"num-examples": len(data), "train-loss": loss, "context": data.context,
-               "partition-id": pid, "ray-node": ray_node_tag()}
+    sgd = {"epochs": int(cfg["local-epochs"]), "batch_size": int(cfg["batch-size"]),
+           "lr": float(cfg["lr"]), "momentum": float(cfg["momentum"]),
+           "weight_decay": float(cfg["weight-decay"]), "generator": generator,
+           "proximal_mu": float(cfg.get("proximal-mu", 0.0)), "device": rt.device}
+    if data.y is None:
+        confidence = cfg.get("source-confidence")
+        loss, mask_rate = unlabelled_train(
+            rt.model, data, num_classes=rt.data.num_classes,
+            label_distribution=cfg.get("label-distribution"),
+            source_confidence=None if confidence is None else float(confidence), **sgd)
+        extra: dict[str, float] = {"unlabelled-mask-rate": mask_rate}
+    else:
+        loss = local_train(rt.model, data, **sgd)
+        extra = {"confidence": source_confidence(rt.model, data, generator, device=rt.device)}
+    metrics = {"num-examples": len(data.x), "train-loss": loss, "context": data.context,
+               "context-counts": data.context_counts(rt.data.num_contexts).tolist(),
+               "partition-id": pid, "ray-node": ray_node_tag(), **extra}
     return norm_client.reply(rt.model, msg, context, metrics, _store(rt, pid))
 
 

@@ -150,11 +150,15 @@ def reply(model: nn.Module, msg: Message, context: Context, metrics: dict,
 
 
 def describe(msg: Message, *, context: int, partition_id: int | None = None,
-             num_examples: int | None = None) -> Message:
-    """The answer to the server's ``query``: this node's context (and partition id, size)."""
-    metrics = {"context": context}
+             num_examples: int | None = None, label_counts: list[int] | None = None) -> Message:
+    """The answer to the server's ``query``: this node's context (and partition id, size, and
+    for a labelled node its ``label-counts``: training samples per class, from which the server
+    learns the labelled clients' label distribution; an unlabelled node gives none)."""
+    metrics: dict[str, int | list[int]] = {"context": context}
     if partition_id is not None:
         metrics["partition-id"] = partition_id
     if num_examples is not None:
         metrics["num-examples"] = num_examples
+    if label_counts is not None:
+        metrics["label-counts"] = list(label_counts)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
