@@ -2,11 +2,14 @@
 
 Used by ``--backend inprocess`` (debugging, profiling, exact comparison with the Ray path) and by
 the tests. It honours the Message API contract the server relies on: ``get_node_ids``,
-``send_and_receive`` returning one reply per message, error replies for clients that raise.
+``send_and_receive`` returning one reply per message that was answered in time, error replies
+for clients that raise, and no reply for a client still running when ``timeout`` expires.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,7 +23,7 @@ class InProcessGrid:
     """A grid of ``num_clients`` nodes whose ClientApp runs in this process.
 
     Node ids are ``1000 + partition_id``; each node keeps its own ``Context`` (and so its
-    ``context.state``) across rounds, as a SuperNode does.
+    ``context.state``) across rounds, as a SuperNode does, and handles one message at a time.
     """
 
     def __init__(self, client_app: ClientApp, num_clients: int, run_id: int = 1,
@@ -36,18 +39,38 @@ class InProcessGrid:
                                 state=RecordDict(), run_config=dict(run_config or {}))
             for pid in range(num_clients)
         }
+        self._busy = {node: threading.Lock() for node in self.contexts}
+
+    def _handle(self, msg: Message) -> Message:
+        """The node's reply to ``msg``; an exception becomes an error reply."""
+        node = msg.metadata.dst_node_id
+        with self._busy[node]:
+            try:
+                return self.client_app(msg, self.contexts[node])
+            except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply
+                return Message(Error(code=CLIENT_EXCEPTION,
+                                     reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
-        replies = []
+        """Run the messages one after another; with ``timeout``, stop waiting ``timeout``
+        seconds after the call began (as Flower's grids do): a client still running then gives
+        no reply (it finishes in a daemon thread, its node busy until it does), and messages not
+        started by then are not run."""
+        if timeout is None:
+            return [self._handle(msg) for msg in messages]
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
         for msg in messages:
-            try:
-                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply
-                reply = Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
-                                reply_to=msg)
-            replies.append(reply)
+            if time.monotonic() >= deadline:
+                break
+            box: list[Message] = []
+            worker = threading.Thread(target=lambda m=msg, b=box: b.append(self._handle(m)),
+                                      daemon=True)
+            worker.start()
+            worker.join(max(0.0, deadline - time.monotonic()))
+            replies.extend(box)
         return replies

@@ -16,9 +16,15 @@ client that loads ``arrays`` and replies with its whole ``state_dict`` works wit
 ``per-context``; ``local`` / ``stats-local`` clients keep their own normalization state with
 :mod:`fedctx.federated.norm_client`. The policy's name travels in ``config["norm-policy"]``.
 
-Node -> context (and partition id) is learnt from a ``query`` message sent once to each new node
-(answered by :func:`fedctx.federated.norm_client.describe`) and from the ``context`` metric of
-train replies; ``contexts=`` gives it up front.
+Node -> context (and partition id, size, label counts) is learnt from a ``query`` message sent
+once to each new node (answered by :func:`fedctx.federated.norm_client.describe`), else from the
+node's first accepted train reply; ``contexts=`` gives it up front.
+
+Every train reply goes through one screening step (:data:`SCREENING`, one named check per
+rule); a rejected reply is counted by check in the round's :class:`RoundReport` and the round
+goes on while at least ``min_replies`` replies are sound. A client that raises, dies or does not
+answer within ``round_timeout`` seconds counts as a failure; a round with too few sound replies
+keeps the model and is listed in ``failed_rounds``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,24 +41,40 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum, Result, Strategy
 from torch import nn
 
-from fedctx.federated.params import StateSplit, split_state
+from fedctx.federated.params import (
+    Rule,
+    StateSplit,
+    coordinate_median,
+    krum,
+    split_state,
+    trimmed_mean,
+    weighted_average,
+)
 from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
 
 log = logging.getLogger("fedctx")
 Tensors = dict[str, torch.Tensor]
 POLICY_KEY = "norm-policy"
+# train-reply metrics: always required, and the optional ones fedctx's clients send
+REQUIRED_METRICS = ("num-examples", "context")
+OPTIONAL_METRICS = ("train-loss", "partition-id", "ray-node", "context-counts", "confidence",
+                    "unlabelled-mask-rate")
+RATE_METRICS = ("confidence", "unlabelled-mask-rate")     # floats in [0, 1]
+AVERAGED_METRICS = ("train-loss", *RATE_METRICS)           # num-examples-weighted in the record
 
 
 @dataclass
 class NodeInfo:
-    """What a node told about itself (``None``: it did not say)."""
+    """What a node told about itself (``None``: it did not say); ``registered``: it told it in
+    answer to the ``query`` (or ``contexts=``), not in a train reply."""
 
     partition_id: int | None = None
     context: int | None = None
     num_examples: int | None = None
+    registered: bool = False
 
 
 @dataclass
@@ -62,12 +85,19 @@ class RoundReport:
     started: float
     sampled: list[int] = field(default_factory=list)      # node ids
     accepted: int = 0
-    rejections: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)  # client, check, reason
     failures: int = 0
     train_loss: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)  # AVERAGED_METRICS reported
     aggregated: bool = False
+    failed: bool = False       # too few sound replies (or the inner strategy gave no model)
     ray_nodes: int = 0
     evaluation: dict[int, MetricRecord] = field(default_factory=dict)  # node id -> metrics
+
+    @property
+    def rejected_by_check(self) -> dict[str, int]:
+        """Number of rejected replies per screening check."""
+        return dict(Counter(r["check"] for r in self.rejections))
 
 
 def _inner_attr(strategy: Strategy, name: str, default: Any) -> Any:
@@ -77,6 +107,35 @@ def _inner_attr(strategy: Strategy, name: str, default: Any) -> Any:
             return getattr(strategy, name)
         strategy = getattr(strategy, "strategy", None)
     return default
+
+
+def norm_rule(strategy: Strategy) -> Rule:
+    """The rule that merges normalization tensors, as robust as ``strategy``'s for the shared
+    weights: what the strategy (or one it wraps) declares in a ``norm_rule`` attribute (a
+    :data:`~fedctx.federated.params.Rule`), else by type of Flower's robust strategies: Krum /
+    MultiKrum, FedMedian, FedTrimmedAvg; else the example-weighted mean."""
+    declared = _inner_attr(strategy, "norm_rule", None)
+    if declared is not None:
+        return declared
+    while strategy is not None:
+        if isinstance(strategy, MultiKrum):
+            return krum(strategy.num_malicious_nodes, strategy.num_nodes_to_select)
+        if isinstance(strategy, FedMedian):
+            return coordinate_median
+        if isinstance(strategy, FedTrimmedAvg):
+            return trimmed_mean(strategy.beta)
+        strategy = getattr(strategy, "strategy", None)
+    return weighted_average
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a non-negative integer count (an int, or a float with an integer value),
+    else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if value >= 0 else None
 
 
 def check_record(arrays: Tensors, reference: Tensors, required: Iterable[str],
@@ -217,6 +276,13 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             setattr(strategy, attr, decode_state(value))
 
 
+def _model_contexts(model: nn.Module) -> int | None:
+    """``K`` of the model's context-aware layers (their ``num_contexts``), or ``None``."""
+    ks = [m.num_contexts for m in model.modules()
+          if isinstance(getattr(m, "num_contexts", None), int)]
+    return max(ks) if ks else None
+
+
 def _strategy_chain(strategy: Any) -> list[Strategy]:
     chain = []
     while isinstance(strategy, Strategy) and strategy not in chain:
@@ -245,34 +311,53 @@ class NormPolicyStrategy(Strategy):
 
     Parameters
     ----------
-    strategy : the Flower strategy that samples nodes and aggregates the shared tensors.
+    strategy : the Flower strategy that samples nodes and aggregates the shared tensors; its
+        rule (Krum, median, trimmed mean, or a declared ``norm_rule``) also merges the
+        normalization tensors (:func:`norm_rule`).
     model : the model (its module types decide shared vs normalization tensors; its state is
         the reference for reply screening and the initial normalization state).
     policy : ``average``, ``local``, ``stats-local`` or ``per-context``.
     seed : if given, the inner strategy samples with Python's ``random`` seeded from
         (seed, round), over nodes listed by partition id: reproducible sampling.
-    min_replies : rounds with fewer sound replies keep the weights.
+    min_replies : rounds with fewer sound replies keep the weights (a failed round).
     evaluate_when : rounds in which ``configure_evaluate`` sends messages (default: every round).
     contexts : node id -> context, when known up front.
+    round_timeout : seconds a round (and the registration query) waits for replies; a node that
+        has not answered by then counts as failed. ``start`` uses it unless given ``timeout``.
+    max_examples : the largest ``num-examples`` a reply may claim; 0: the size the node
+        registered with (no bound for a node that did not say).
+    num_contexts : ``K``, for checking ``context`` and ``context-counts`` (default: the
+        model's context-aware layers' ``num_contexts``; ``None``: not checked).
+    extra_metrics : train-reply metric names accepted beyond fedctx's own
+        (:data:`REQUIRED_METRICS`, :data:`OPTIONAL_METRICS`).
     """
 
     def __init__(self, strategy: Strategy, model: nn.Module, policy: str = "per-context", *,
                  seed: int | None = None, min_replies: int = 1,
                  evaluate_when: Callable[[int], bool] | None = None,
-                 contexts: dict[int, int] | None = None) -> None:
+                 contexts: dict[int, int] | None = None, round_timeout: float = 600.0,
+                 max_examples: int = 0, num_contexts: int | None = None,
+                 extra_metrics: Iterable[str] = ()) -> None:
         super().__init__()
         self.strategy = strategy
         self.policy = NormPolicy(policy)
         self.split: StateSplit = split_state(model)
         self.reference: Tensors = {k: v.detach().cpu().clone()
                                    for k, v in model.state_dict().items()}
-        self.norm = ServerNormState(self.policy, self.split, self.reference)
+        self.norm = ServerNormState(self.policy, self.split, self.reference, norm_rule(strategy))
         self.seed = seed
         self.min_replies = min_replies
         self.evaluate_when = evaluate_when or (lambda r: True)
-        self.nodes: dict[int, NodeInfo] = {n: NodeInfo(context=c)
+        self.round_timeout = round_timeout
+        self.max_examples = max_examples
+        self.num_contexts = num_contexts if num_contexts is not None else _model_contexts(model)
+        self.allowed_metrics = frozenset((*REQUIRED_METRICS, *OPTIONAL_METRICS, *extra_metrics))
+        self.nodes: dict[int, NodeInfo] = {n: NodeInfo(context=c, registered=True)
                                            for n, c in (contexts or {}).items()}
         self.trained: set[int] = set()       # partition ids (node ids if none) holding own norm
+        self.label_counts: dict[int, list[int]] = {}  # client key -> registered label counts
+        self.source_confidence: float | None = None   # last round's labelled confidence
+        self.failed_rounds: list[int] = []
         self.round_offset = 0                # rounds finished before a resumed start()
         self.reports: dict[int, RoundReport] = {}
         self.registered_at: float | None = None
@@ -296,29 +381,56 @@ class NormPolicyStrategy(Strategy):
 
     def register(self, grid: Grid, timeout: float = 600.0) -> None:
         """Wait for the inner strategy's ``min_available_nodes``, then ask each node not asked
-        yet for its partition id, context and size (one ``query`` message each; a ClientApp
-        without a query handler answers with an error and is learnt from its train replies)."""
+        yet for its partition id, context, size and label counts (one ``query`` message each,
+        answered within ``round_timeout``; a ClientApp without a query handler answers with an
+        error and is learnt from its first accepted train reply)."""
         expected = int(_inner_attr(self.strategy, "min_available_nodes", 0))
         deadline = time.time() + timeout
         while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.05)
         new = [n for n in node_ids if n not in self._asked]
         if new:
+            self._asked.update(new)
             messages = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n)
                         for n in new]
-            for reply in grid.send_and_receive(messages):
-                self._asked.add(reply.metadata.src_node_id)
+            for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
                 if not reply.has_error() and "metrics" in reply.content:
-                    self._learn(reply.metadata.src_node_id, reply.content["metrics"])
+                    self._register(reply.metadata.src_node_id, reply.content["metrics"])
         if self.registered_at is None:
             self.registered_at = time.time()
 
-    def _learn(self, node: int, metrics: MetricRecord) -> None:
+    def _register(self, node: int, metrics: MetricRecord) -> None:
+        """Learn what a node's ``query`` reply says (values that are not counts are ignored)."""
         info = self.nodes.setdefault(node, NodeInfo())
+        info.registered = True
         for key, attr in (("partition-id", "partition_id"), ("context", "context"),
                           ("num-examples", "num_examples")):
-            if key in metrics:
-                setattr(info, attr, int(metrics[key]))
+            if (value := _count(metrics.get(key))) is not None:
+                setattr(info, attr, value)
+        labels = metrics.get("label-counts")
+        if isinstance(labels, list) and labels and all(_count(c) is not None for c in labels):
+            known = next(iter(self.label_counts.values()), labels)
+            if len(labels) == len(known):
+                self.label_counts[self.client_key(node)] = [int(c) for c in labels]
+
+    def _learn_from_train(self, node: int, metrics: MetricRecord, accepted: bool) -> None:
+        """A node that did not register: its partition id from any reply (to name it), its
+        context from its first accepted reply."""
+        info = self.nodes.setdefault(node, NodeInfo())
+        if info.registered:
+            return
+        if info.partition_id is None:
+            info.partition_id = _count(metrics.get("partition-id"))
+        if accepted and info.context is None:
+            info.context = int(metrics["context"])
+
+    def label_distribution(self) -> list[float] | None:
+        """The labelled nodes' summed registered label counts, normalised to sum 1 (``None``:
+        no node registered label counts)."""
+        if not self.label_counts:
+            return None
+        totals = [sum(c) for c in zip(*self.label_counts.values(), strict=True)]
+        return [t / sum(totals) for t in totals] if sum(totals) > 0 else None
 
     # ------------------------------------------------------------------ messages
     def _seeded(self, server_round: int, call: Callable[[], Iterable[Message]]) -> list[Message]:
@@ -330,6 +442,18 @@ class NormPolicyStrategy(Strategy):
             return list(call())
         finally:
             random.setstate(saved)
+
+    def _config(self, config: ConfigRecord, message_type: str, server_round: int
+                ) -> ConfigRecord:
+        """The inner strategy's config plus the policy, the round and, for training, the
+        labelled nodes' label distribution and last round's source confidence."""
+        extra: dict[str, Any] = {POLICY_KEY: str(self.policy), "server-round": server_round}
+        if message_type == MessageType.TRAIN:
+            if (distribution := self.label_distribution()) is not None:
+                extra["label-distribution"] = distribution
+            if self.source_confidence is not None:
+                extra["source-confidence"] = self.source_confidence
+        return ConfigRecord({**config, **extra})
 
     def _outgoing(self, messages: list[Message], server_round: int) -> list[Message]:
         """Each inner message with its node's norm tensors added to ``arrays``."""
@@ -346,8 +470,8 @@ class NormPolicyStrategy(Strategy):
             content[self._arrays_key] = full_cache[key]
             config = content.get("config")
             if isinstance(config, ConfigRecord):
-                content["config"] = ConfigRecord({**config, POLICY_KEY: str(self.policy),
-                                                  "server-round": server_round})
+                content["config"] = self._config(config, msg.metadata.message_type,
+                                                 server_round)
             out.append(Message(content, message_type=msg.metadata.message_type,
                                dst_node_id=msg.metadata.dst_node_id,
                                group_id=msg.metadata.group_id or None))
@@ -364,6 +488,18 @@ class NormPolicyStrategy(Strategy):
                             **self.norm.outgoing(context)})
 
     # ------------------------------------------------------------------ Flower's interface
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
+        """Flower's ``Strategy.start``; each round waits ``timeout`` seconds for replies
+        (default: ``round_timeout``)."""
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
+                             timeout=self.round_timeout if timeout is None else timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -375,24 +511,151 @@ class NormPolicyStrategy(Strategy):
         report.sampled = [m.metadata.dst_node_id for m in inner]
         return self._outgoing(inner, server_round)
 
+    # ------------------------------------------------------------------ screening
+    def screening(self) -> tuple[tuple[str, Callable[[Message], str | None]], ...]:
+        """The screening step: (check, function) pairs, in order; each function gives the
+        reason a train reply breaks its rule, or ``None`` (it may assume the earlier checks
+        passed)."""
+        return (("records", self.check_records), ("metrics", self.check_metric_names),
+                ("num-examples", self.check_num_examples), ("context", self.check_context),
+                ("context-counts", self.check_context_counts),
+                ("train-loss", self.check_train_loss), ("rates", self.check_rates),
+                ("arrays", self.check_arrays))
+
+    def failed_check(self, reply: Message) -> tuple[str, str] | None:
+        """(check, reason) of the first screening check a train reply fails, or ``None``."""
+        for check, rule in self.screening():
+            if (reason := rule(reply)) is not None:
+                return check, reason
+        return None
+
     def screen(self, reply: Message) -> str | None:
-        """Why a training reply must be rejected, or ``None`` if it is sound: an error, missing
-        records, a bad ``num-examples``, wrong keys, shapes, dtypes or non-finite values."""
+        """Why a train reply must be rejected (a client error or a failed screening check),
+        or ``None`` if it is sound."""
         if reply.has_error():
             return f"client error: {reply.error.reason}"
-        content = reply.content
-        if self._arrays_key not in content or "metrics" not in content:
-            return f"reply lacks '{self._arrays_key}' or 'metrics'"
-        n = content["metrics"].get("num-examples")
-        if isinstance(n, bool) or not isinstance(n, int | float) or not n > 0:
-            return f"bad num-examples {n!r}"
-        if (self.policy is NormPolicy.PER_CONTEXT and "context" not in content["metrics"]
-                and self._context(reply.metadata.src_node_id) is None):
-            return "per-context: the client's context is unknown (no 'context' metric)"
-        required = self.split.shared + self.norm.expected_reply_keys()
-        return check_record(content[self._arrays_key].to_torch_state_dict(), self.reference,
-                            required, self.reference)
+        failed = self.failed_check(reply)
+        return None if failed is None else failed[1]
 
+    def check_records(self, reply: Message) -> str | None:
+        """Exactly an ArrayRecord under the arrays key and a MetricRecord ``metrics``."""
+        content = reply.content
+        got = sorted(content.keys())
+        if (got != sorted((self._arrays_key, "metrics"))
+                or not isinstance(content[self._arrays_key], ArrayRecord)
+                or not isinstance(content["metrics"], MetricRecord)):
+            return (f"records: expected ArrayRecord '{self._arrays_key}' and MetricRecord "
+                    f"'metrics', got {got}")
+        return None
+
+    def check_metric_names(self, reply: Message) -> str | None:
+        """Every required metric, no metric outside the accepted ones."""
+        names = set(reply.content["metrics"])
+        missing = sorted(set(REQUIRED_METRICS) - names)
+        extra = sorted(names - self.allowed_metrics)
+        if missing or extra:
+            return f"metrics: missing {missing}, unexpected {extra[:3]}"
+        return None
+
+    def _example_bound(self, node: int) -> tuple[int | None, str]:
+        if self.max_examples:
+            return self.max_examples, "max_examples"
+        return self.nodes.get(node, NodeInfo()).num_examples, "the client's registered size"
+
+    def check_num_examples(self, reply: Message) -> str | None:
+        """A positive integer, at most the bound (``max_examples`` or the registered size)."""
+        value = reply.content["metrics"]["num-examples"]
+        n = _count(value)
+        if n is None or n == 0:
+            return f"num-examples {value!r} is not a positive finite integer"
+        bound, what = self._example_bound(reply.metadata.src_node_id)
+        if bound is not None and n > bound:
+            return f"num-examples {n} above {bound} ({what})"
+        return None
+
+    def check_context(self, reply: Message) -> str | None:
+        """A context id in ``[0, K)``, the one the client registered with."""
+        value = reply.content["metrics"]["context"]
+        k = _count(value)
+        if k is None or (self.num_contexts is not None and k >= self.num_contexts):
+            return f"context {value!r} is not a context id in [0, {self.num_contexts})"
+        registered = self._context(reply.metadata.src_node_id)
+        if registered is not None and k != registered:
+            return f"context {k} differs from the registered context {registered}"
+        return None
+
+    def check_context_counts(self, reply: Message) -> str | None:
+        """If present: K non-negative integers summing to ``num-examples``."""
+        metrics = reply.content["metrics"]
+        counts = metrics.get("context-counts")
+        if counts is None:
+            return None
+        if not isinstance(counts, list) or any(_count(c) is None for c in counts):
+            return f"context-counts {counts!r} are not non-negative integers"
+        if self.num_contexts is not None and len(counts) != self.num_contexts:
+            return f"context-counts has {len(counts)} entries, not K = {self.num_contexts}"
+        if sum(int(c) for c in counts) != int(metrics["num-examples"]):
+            return (f"context-counts sum to {sum(int(c) for c in counts)}, not num-examples "
+                    f"{int(metrics['num-examples'])}")
+        return None
+
+    def check_train_loss(self, reply: Message) -> str | None:
+        """If present: a finite number."""
+        loss = reply.content["metrics"].get("train-loss", 0.0)
+        if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
+            return f"train-loss {loss!r} is not a finite number"
+        return None
+
+    def check_rates(self, reply: Message) -> str | None:
+        """If present: ``confidence`` and ``unlabelled-mask-rate`` are numbers in [0, 1]."""
+        metrics = reply.content["metrics"]
+        for key in RATE_METRICS:
+            value = metrics.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0.0 <= value <= 1.0:
+                return f"{key} {value!r} is not a number in [0, 1]"
+        return None
+
+    def check_arrays(self, reply: Message) -> str | None:
+        """The policy's keys, with the model's shapes and dtypes, finite values."""
+        required = self.split.shared + self.norm.expected_reply_keys()
+        return check_record(reply.content[self._arrays_key].to_torch_state_dict(),
+                            self.reference, required, self.reference)
+
+    def _screen_all(self, replies: list[Message], report: RoundReport) -> list[Message]:
+        """Screen replies; count rejections (by check) and failures (errors, no reply) on
+        ``report``; learn what unregistered nodes say about themselves."""
+        accepted = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                report.failures += 1
+                log.warning("round %d: client %s failed: %s", report.server_round,
+                            self.client_key(node), reply.error.reason)
+                continue
+            self.trained.add(self.client_key(node))  # it holds its own norm state now
+            failed = self.failed_check(reply)
+            if "metrics" in reply.content and isinstance(reply.content["metrics"], MetricRecord):
+                self._learn_from_train(node, reply.content["metrics"], failed is None)
+            if failed is None:
+                accepted.append(reply)
+                continue
+            check, reason = failed
+            client = self.client_key(node)
+            log.warning("round %d: rejected reply of client %s: %s", report.server_round,
+                        client, reason)
+            report.rejections.append({"client": client, "check": check, "reason": reason})
+        replied = {r.metadata.src_node_id for r in replies}
+        silent = [self.client_key(n) for n in report.sampled if n not in replied]
+        if silent:
+            log.warning("round %d: no reply from clients %s (dead, or hung past the %.0f s "
+                        "round timeout)", report.server_round, sorted(silent),
+                        self.round_timeout)
+        report.failures += len(silent)
+        report.accepted = len(accepted)
+        return accepted
+
+    # ------------------------------------------------------------------ aggregation
     def _sorted(self, replies: Iterable[Message]) -> list[Message]:
         # Replies arrive in completion order; aggregate in partition order so that float sums,
         # and so the run, are reproducible.
@@ -406,59 +669,66 @@ class NormPolicyStrategy(Strategy):
         if not keys:
             return None
         m = reply.content["metrics"]
-        context = int(m["context"]) if "context" in m else self._context(
-            reply.metadata.src_node_id)
+        counts = m.get("context-counts")
         norm = ArrayRecord({k: record[k] for k in keys}).to_torch_state_dict()
-        return NormUpdate(0 if context is None else context, int(m["num-examples"]), norm)
+        return NormUpdate(int(m["context"]), int(m["num-examples"]), norm,
+                          None if counts is None else [int(c) for c in counts])
+
+    @staticmethod
+    def _common_metrics(replies: list[Message]) -> None:
+        """Keep in each reply only the metrics every reply has (Flower's strategies refuse
+        replies whose metric names differ, e.g. labelled and unlabelled clients')."""
+        common = set.intersection(*(set(r.content["metrics"]) for r in replies))
+        for r in replies:
+            r.content["metrics"] = MetricRecord({k: v for k, v in r.content["metrics"].items()
+                                                 if k in common})
+
+    @staticmethod
+    def _weighted_metric(replies: list[Message], key: str) -> float | None:
+        """The ``num-examples``-weighted mean of metric ``key`` over the replies that carry
+        it (``None``: none does)."""
+        pairs = [(float(m[key]), int(m["num-examples"]))
+                 for m in (r.content["metrics"] for r in replies) if key in m]
+        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else None
+
+    def _record_metrics(self, accepted: list[Message], report: RoundReport) -> None:
+        for key in AVERAGED_METRICS:
+            if (value := self._weighted_metric(accepted, key)) is not None:
+                report.metrics[key] = value
+        report.train_loss = report.metrics.get("train-loss", math.nan)
+        report.ray_nodes = len({int(r.content["metrics"].get("ray-node", 0)) for r in accepted})
+
+    def _fail(self, report: RoundReport, why: str) -> tuple[None, None]:
+        """Record a failed round: the model and norm state stay as they were."""
+        log.warning("round %d failed: %s; weights kept", report.server_round, why)
+        report.failed, report.accepted = True, 0
+        self.failed_rounds.append(report.server_round)
+        return None, None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, then: shared tensors by the inner strategy, norm tensors by the policy
+        (with the inner strategy's rule), both only if at least ``min_replies`` are sound."""
         server_round += self.round_offset
         report = self.reports.setdefault(server_round, RoundReport(server_round, time.time()))
-        replies = self._sorted(replies)
-        accepted = self._screen_all(replies, report)
+        accepted = self._screen_all(self._sorted(replies), report)
         if len(accepted) < self.min_replies:
-            log.warning("round %d: only %d valid replies (< %d); weights kept", server_round,
-                        len(accepted), self.min_replies)
-            return None, None
+            return self._fail(report, f"only {len(accepted)} sound replies "
+                                      f"(< {self.min_replies})")
+        self._record_metrics(accepted, report)
+        confidence = self._weighted_metric(accepted, "confidence")
         updates = [u for r in accepted if (u := self._split_reply(r)) is not None]
-        losses = [(float(r.content["metrics"].get("train-loss", math.nan)),
-                   int(r.content["metrics"]["num-examples"])) for r in accepted]
-        report.train_loss = sum(lo * n for lo, n in losses) / sum(n for _, n in losses)
-        report.ray_nodes = len({int(r.content["metrics"].get("ray-node", 0)) for r in accepted})
+        self._common_metrics(accepted)
         shared, metrics = self.strategy.aggregate_train(server_round, accepted)
-        self.norm.update(updates)
-        report.aggregated = shared is not None
         if shared is None:
-            return None, metrics
+            return self._fail(report, f"{type(self.strategy).__name__} aggregated no model")
+        self.norm.update(updates)
+        self.source_confidence = confidence
+        report.aggregated = True
         new = shared.to_torch_state_dict()
         full = ArrayRecord({**{k: new[k].to(self.reference[k].dtype) for k in self.split.shared},
                             **self.norm.outgoing(None)})
         return full, metrics
-
-    def _screen_all(self, replies: list[Message], report: RoundReport) -> list[Message]:
-        """Screen replies; count rejections and failures on ``report``; learn contexts."""
-        accepted = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if not reply.has_error():
-                if "metrics" in reply.content:
-                    self._learn(node, reply.content["metrics"])
-                self.trained.add(self.client_key(node))  # it holds its own norm state now
-            reason = self.screen(reply)
-            if reason is None:
-                accepted.append(reply)
-                continue
-            client = self.client_key(node)
-            log.warning("round %d: rejected reply of client %s: %s", report.server_round,
-                        client, reason)
-            if reply.has_error():
-                report.failures += 1
-            else:
-                report.rejections.append({"client": client, "reason": reason})
-        report.failures += max(0, len(report.sampled) - len(replies))
-        report.accepted = len(accepted) if len(accepted) >= self.min_replies else 0
-        return accepted
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -502,17 +772,24 @@ class NormPolicyStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: norm state, clients that hold their own norm state
-        (by partition id) and the inner strategy's state (FedAdam's moments, ...).
+        (by partition id), the inner strategy's state (FedAdam's moments, ...), the failed
+        rounds, the registered label counts and the last source confidence.
 
         Only tensors and plain types (``torch.load(weights_only=True)`` reads them); an inner
         attribute that cannot be saved is a :class:`StrategyStateError` naming it (a strategy
         declares its state with ``state_dict()`` / ``load_state_dict(state)``)."""
         return {"norm": self.norm.state_dict(), "trained": sorted(self.trained),
-                "inner": strategy_state(self.strategy, self._initial)}
+                "inner": strategy_state(self.strategy, self._initial),
+                "failed_rounds": list(self.failed_rounds),
+                "label_counts": {k: list(v) for k, v in self.label_counts.items()},
+                "source_confidence": self.source_confidence}
 
     def load_state_dict(self, state: dict[str, Any], finished_rounds: int) -> None:
         """Restore :meth:`state_dict`; the next ``start()`` continues after ``finished_rounds``."""
         self.norm.load_state_dict(state["norm"])
         self.trained = set(state["trained"])
         load_strategy_state(self.strategy, state["inner"])
+        self.failed_rounds = list(state.get("failed_rounds", []))
+        self.label_counts = {int(k): list(v) for k, v in state.get("label_counts", {}).items()}
+        self.source_confidence = state.get("source_confidence")
         self.round_offset = finished_rounds

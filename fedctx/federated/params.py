@@ -17,12 +17,15 @@ persistent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedctx.norm import is_norm_module
+from fedctx.norm import ContextNorm, is_norm_module
+
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,15 @@ class StateSplit:
     ``shared``: every tensor not owned by a normalization module.
     ``norm_affine``: learnable tensors of normalization modules (parameters).
     ``norm_stats``: non-learnable tensors of normalization modules (running statistics, counters).
+    ``by_context``: the norm tensors whose dim 0 indexes contexts (row ``k`` serves context
+    ``k`` only, e.g. ``ContextNorm``'s ``(K, C)`` statistics and affine; see
+    :func:`context_indexed`).
     """
 
     shared: tuple[str, ...]
     norm_affine: tuple[str, ...]
     norm_stats: tuple[str, ...]
+    by_context: tuple[str, ...] = ()
 
     @property
     def norm(self) -> tuple[str, ...]:
@@ -50,6 +57,20 @@ def transient_keys(model: nn.Module) -> tuple[str, ...]:
         for name in getattr(type(m), "transient_buffers", ()):
             keys.append(f"{prefix}.{name}" if prefix else name)
     return tuple(keys)
+
+
+def context_indexed(module: nn.Module) -> tuple[str, ...]:
+    """Names of ``module``'s own tensors whose dim 0 indexes contexts: what its class declares
+    in ``context_indexed`` (a class attribute, for layers of your own), else, for
+    :class:`fedctx.norm.ContextNorm`, its per-context running statistics, counters and (unless
+    ``shared_affine``) affine parameters."""
+    declared = getattr(type(module), "context_indexed", None)
+    if declared is not None:
+        return tuple(declared)
+    if isinstance(module, ContextNorm):
+        stats = ("running_mean", "running_var", "num_batches_tracked")
+        return stats if module.shared_affine else ("weight", "bias", *stats)
+    return ()
 
 
 def split_state(model: nn.Module) -> StateSplit:
@@ -78,11 +99,14 @@ def split_state(model: nn.Module) -> StateSplit:
             affine.append(key)
         else:
             stats.append(key)
-    return StateSplit(tuple(shared), tuple(affine), tuple(stats))
+    by_context = {f"{prefix}.{name}" if prefix else name
+                  for prefix, m in model.named_modules() if is_norm_module(m)
+                  for name in context_indexed(m)}
+    return StateSplit(tuple(shared), tuple(affine), tuple(stats),
+                      tuple(k for k in affine + stats if k in by_context))
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
-                     ) -> dict[str, torch.Tensor]:
+def weighted_average(states: list[Tensors], weights: list[float]) -> Tensors:
     """Example-weighted average of tensors with identical keys.
 
     Floating tensors: ``sum_i w_i x_i / sum_i w_i`` (computed in float64, cast back). Integer
@@ -104,3 +128,70 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
         else:
             out[key] = torch.stack([s[key] for s in states]).amax(0)
     return out
+
+
+Rule = Callable[[list[Tensors], list[float]], Tensors]
+"""How client states are merged: ``rule(states, weights) -> state`` (same keys and shapes)."""
+
+
+def _stacked(states: list[Tensors], key: str) -> torch.Tensor:
+    """``(n, *shape)``: the clients' ``key``, sorted along dim 0, in float64 if floating."""
+    stack = torch.stack([s[key] for s in states])
+    return (stack.to(torch.float64) if stack.dtype.is_floating_point else stack).sort(0).values
+
+
+def _lower_median(stack: torch.Tensor) -> torch.Tensor:
+    return stack[(stack.shape[0] - 1) // 2]
+
+
+def coordinate_median(states: list[Tensors], weights: list[float]) -> Tensors:
+    """Element-wise median over clients (FedMedian, Yin et al. 2018), unweighted like Flower's
+    ``FedMedian``: the mean of the two middle values for an even count (as ``np.median``);
+    integer tensors take the lower median. ``weights`` are ignored."""
+    out: Tensors = {}
+    for key, first in states[0].items():
+        stack = _stacked(states, key)
+        if first.dtype.is_floating_point:
+            n = stack.shape[0]
+            out[key] = ((stack[(n - 1) // 2] + stack[n // 2]) / 2).to(first.dtype)
+        else:
+            out[key] = _lower_median(stack)
+    return out
+
+
+def trimmed_mean(beta: float) -> Rule:
+    """The rule of FedTrimmedAvg (Yin et al. 2018), as Flower's ``FedTrimmedAvg(beta)``:
+    per element, drop the ``int(beta * n)`` lowest and highest of the ``n`` clients' values and
+    average the rest (unweighted); integer tensors take the lower median."""
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"trimmed mean: beta must be in [0, 0.5), got {beta}")
+
+    def rule(states: list[Tensors], weights: list[float]) -> Tensors:
+        cut = int(beta * len(states))
+        out: Tensors = {}
+        for key, first in states[0].items():
+            stack = _stacked(states, key)
+            out[key] = (stack[cut:len(states) - cut].mean(0).to(first.dtype)
+                        if first.dtype.is_floating_point else _lower_median(stack))
+        return out
+
+    return rule
+
+
+def krum(num_malicious: int, num_selected: int = 1) -> Rule:
+    """The rule of Krum / Multi-Krum (Blanchard et al. 2017), as Flower's ``Krum`` and
+    ``MultiKrum``: each state's score is the sum of squared L2 distances (over its floating
+    tensors) to its ``n - num_malicious - 2`` nearest others (at least 1); the
+    ``num_selected`` lowest-scoring states are merged by :func:`weighted_average`."""
+
+    def rule(states: list[Tensors], weights: list[float]) -> Tensors:
+        flat = torch.stack([torch.cat([v.to(torch.float64).flatten() for v in s.values()
+                                       if v.dtype.is_floating_point] or [torch.zeros(1)])
+                            for s in states])
+        dist = torch.cdist(flat, flat).square()
+        nearest = max(1, len(states) - num_malicious - 2)
+        scores = dist.sort(1).values[:, 1:nearest + 1].sum(1)
+        best = scores.argsort(stable=True)[:max(1, num_selected)].tolist()
+        return weighted_average([states[i] for i in best], [weights[i] for i in best])
+
+    return rule

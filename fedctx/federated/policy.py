@@ -8,13 +8,24 @@ it, which normalization tensors travel and how they are merged:
   rounds in the client's state and the client evaluates with its own.
 * ``stats-local`` (SiloBN, Andreux et al. 2020): affine parameters averaged over all clients,
   running statistics kept local.
-* ``per-context``: the server keeps a bank with one entry per context; each client receives its
-  context's entry; after a round, entry *k* is the example-weighted average over the clients of
-  context *k* only; a context with no client this round keeps its entry; a client of a context
-  never seen before starts from the average of the known entries and creates its entry.
+* ``per-context``: the server keeps a bank with one entry per context; each client receives the
+  entry of its context (a client holding several contexts: the context it registered with, its
+  majority context); after a round, entry *k* merges the clients that hold samples of context
+  *k*, weighted by their number of samples **of context k** (``context-counts``; a client that
+  reports none counts ``num-examples`` at its ``context``); a context with no client this round
+  keeps its entry; a client of a context never seen before starts from the average of the known
+  entries and creates its entry. Tensors whose dim 0 indexes contexts
+  (:attr:`~fedctx.federated.params.StateSplit.by_context`, e.g. ``ContextNorm``'s ``(K, C)``
+  statistics and affine) are merged row by row instead: row *k* over the holders of *k* only,
+  weighted by their count of *k* (a client's row *k* means nothing if it holds no sample of
+  *k*), and every bank entry carries these rows, so a client holding several contexts gets
+  each context's own row.
 
-Averages are example-weighted; integer tensors keep the maximum (see
-:func:`fedctx.federated.params.weighted_average`).
+"Merged" is the ``rule`` of :class:`ServerNormState`: the example-weighted average by default
+(integer tensors keep the maximum, see :func:`fedctx.federated.params.weighted_average`), or the
+robust rule the strategy aggregates its shared weights with (median, trimmed mean, Krum; see
+:mod:`fedctx.federated.params`), so one client's norm tensors cannot poison the model where its
+shared weights cannot.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from enum import StrEnum
 
 import torch
 
-from fedctx.federated.params import StateSplit, weighted_average
+from fedctx.federated.params import Rule, StateSplit, weighted_average
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,28 +59,48 @@ class NormPolicy(StrEnum):
 
 @dataclass
 class NormUpdate:
-    """The norm tensors one client sent back, with its context and example count."""
+    """The norm tensors one client sent back, with its context and example count;
+    ``context_counts[k]``: its training samples of context ``k`` (``None``: all of
+    ``context``)."""
 
     context: int
     num_examples: int
     tensors: Tensors
+    context_counts: list[int] | None = None
+
+    def holds(self) -> dict[int, int]:
+        """Context -> number of this client's samples of it (contexts it holds only)."""
+        if self.context_counts is None:
+            return {self.context: self.num_examples}
+        return {k: n for k, n in enumerate(self.context_counts) if n > 0}
 
 
 class ServerNormState:
     """Server-side normalization state under one :class:`NormPolicy`."""
 
-    def __init__(self, policy: NormPolicy, split: StateSplit, initial: Tensors) -> None:
+    def __init__(self, policy: NormPolicy, split: StateSplit, initial: Tensors,
+                 rule: Rule = weighted_average) -> None:
         self.policy = policy
         self.split = split
+        self.rule = rule
         self.initial = {k: initial[k].clone() for k in split.norm}
         self.global_norm: Tensors = dict(self.initial)  # average / stats-local (affine part)
         self.bank: dict[int, Tensors] = {}  # per-context
+
+    def _rows(self) -> Tensors:
+        """The context-indexed tensors: row *k* from bank entry *k* (initial if none)."""
+        rows = {key: self.initial[key].clone() for key in self.split.by_context}
+        for k, entry in self.bank.items():
+            for key, value in rows.items():
+                if k < value.shape[0]:
+                    value[k] = entry[key][k]
+        return rows
 
     def _bank_mean(self) -> Tensors:
         if not self.bank:
             return dict(self.initial)
         entries = list(self.bank.values())
-        return weighted_average(entries, [1.0] * len(entries))
+        return {**weighted_average(entries, [1.0] * len(entries)), **self._rows()}
 
     def outgoing(self, context: int | None) -> Tensors:
         """Norm tensors sent to a client of ``context`` (it may replace some with its own);
@@ -88,14 +119,39 @@ class ServerNormState:
         if not updates or self.policy is NormPolicy.LOCAL:
             return
         if self.policy is NormPolicy.PER_CONTEXT:
-            for k in sorted({u.context for u in updates}):
-                group = [u for u in updates if u.context == k]
-                self.bank[k] = weighted_average([u.tensors for u in group],
-                                                [u.num_examples for u in group])
+            self._update_bank(updates)
             return
-        merged = weighted_average([u.tensors for u in updates],
-                                  [u.num_examples for u in updates])
+        merged = self.rule([u.tensors for u in updates], [u.num_examples for u in updates])
         self.global_norm = {**self.global_norm, **merged}
+
+    def _update_bank(self, updates: list[NormUpdate]) -> None:
+        """Entry *k* := rule over the holders of *k*, weighted by their counts of *k*; the
+        context-indexed tensors row by row (:meth:`_merged_rows`), shared by every entry."""
+        holders: dict[int, list[tuple[Tensors, int]]] = {}
+        for u in updates:
+            for k, n in u.holds().items():
+                holders.setdefault(k, []).append((u.tensors, n))
+        whole = [key for key in self.split.norm if key not in self.split.by_context]
+        rows = self._merged_rows(holders)
+        for k in sorted(holders):
+            group = holders[k]
+            self.bank[k] = self.rule([{key: t[key] for key in whole} for t, _ in group],
+                                     [n for _, n in group])
+        for entry in self.bank.values():
+            entry.update(rows)
+
+    def _merged_rows(self, holders: dict[int, list[tuple[Tensors, int]]]) -> Tensors:
+        """The context-indexed tensors: row *k* := rule over the rows *k* of the holders of
+        *k*, weighted by their counts of *k*; rows of contexts without holders unchanged."""
+        rows = self._rows()
+        for k, group in sorted(holders.items()):
+            if not rows or k >= next(iter(rows.values())).shape[0]:
+                continue
+            merged = self.rule([{key: t[key][k] for key in rows} for t, _ in group],
+                               [n for _, n in group])
+            for key, value in rows.items():
+                value[k] = merged[key]
+        return rows
 
     def for_evaluation(self, context: int) -> Tensors | None:
         """Norm tensors to evaluate the global model on ``context``; ``None`` if only clients
