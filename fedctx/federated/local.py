@@ -39,12 +39,12 @@ class InProcessGrid:
                                 state=RecordDict(), run_config=dict(run_config or {}))
             for pid in range(num_clients)
         }
-        self._busy = {node: threading.Lock() for node in self.contexts}
+        self._busy: dict[int, threading.Lock] = {}  # node id -> held while it handles one
 
     def _handle(self, msg: Message) -> Message:
         """The node's reply to ``msg``; an exception becomes an error reply."""
         node = msg.metadata.dst_node_id
-        with self._busy[node]:
+        with self._busy.setdefault(node, threading.Lock()):
             try:
                 return self.client_app(msg, self.contexts[node])
             except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply
