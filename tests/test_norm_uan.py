@@ -1,4 +1,5 @@
-"""UAN's batch-moment training branch (``moments="batch"``, the default)."""
+"""UAN's batch-moment training branch (``moments="batch"``, the default), its functional form
+:func:`fedctx.norm.uan.uan_norm` and the fused kernel's gradients."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from fedctx.norm import UnsupervisedAdaptiveNorm, make_norm
-from fedctx.norm.uan import batch_moments_uan
+from fedctx.norm.uan import uan_norm
 
 
 def _reference(x: torch.Tensor, m: UnsupervisedAdaptiveNorm, e=None, v=None):
-    """Float64, explicit loop over components: tau (the authors' ``g / (sum g + eps)``, or the
-    softmax), batch (or given) moments, output."""
+    """Float64, explicit loop over components, differentiable (autograd): tau (the authors'
+    ``g / (sum g + eps)``, or the softmax), batch (or given) moments, output."""
     eps = m.eps
-    pi = m.prior.double().detach()
-    mu, var = m.mean.double().detach(), m.var.double().detach()
+    pi = m.prior.double()
+    mu, var = m.mean.double(), m.var.double()
     k_all = range(m.num_components)
     view = (1, -1) + (1,) * (x.dim() - 2)
-    logits = [math.log(pi[k]) - (x - mu[k].view(view)) ** 2 / (2 * (var[k].view(view) + eps))
+    logits = [torch.log(pi[k]) - (x - mu[k].view(view)) ** 2 / (2 * (var[k].view(view) + eps))
               for k in k_all]
     g = torch.exp(torch.stack(logits))
     tau = g / (g.sum(0) + (eps if m.assignment == "authors" else 0.0))  # authors: + eps
@@ -37,7 +38,7 @@ def _reference(x: torch.Tensor, m: UnsupervisedAdaptiveNorm, e=None, v=None):
         vs.append(vk)
         out = out + tau[k] / torch.sqrt(pi[k] + eps) * (x - ek.view(view)) / torch.sqrt(
             vk.view(view) + eps)
-    wgt, b = m.weight.double().detach(), m.bias.double().detach()
+    wgt, b = m.weight.double(), m.bias.double()
     return out * wgt.view(view) + b.view(view), torch.stack(es), torch.stack(vs)
 
 
@@ -102,15 +103,60 @@ def test_eval_after_training_on_a_fixed_distribution_matches_train() -> None:
 
 
 @pytest.mark.parametrize("assignment", ["authors", "softmax"])
-def test_gradcheck_batch_moments(assignment: str) -> None:
+@pytest.mark.parametrize("moments,training", [("batch", True), ("batch", False),
+                                              ("learned", True)])
+def test_gradcheck_float64(assignment: str, moments: str, training: bool) -> None:
+    """The closed-form backward (batch moments, running moments, learned moments)."""
     torch.manual_seed(0)
-    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, 11, dtype=torch.float64, requires_grad=True)  # 11: a partial block
     mean = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     var = (torch.rand(3, 2, dtype=torch.float64) + 0.3).requires_grad_()
     prior = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda *a: batch_moments_uan(*a, 1e-3, assignment), (x, mean, var, prior)
-    )
+    weight, bias = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    running = (torch.randn(3, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64) + .5)
+
+    def f(*a):
+        return uan_norm(*a, *running, weight, bias, training, 0.0, 1e-3, assignment, moments)
+
+    assert torch.autograd.gradcheck(f, (x, mean, var, prior))
+
+
+@pytest.mark.parametrize("assignment", ["authors", "softmax"])
+def test_output_and_gradients_match_loop_reference_float64(assignment: str) -> None:
+    m = _module(assignment=assignment).double()
+    x = (torch.randn(6, 5, 7, 3, dtype=torch.float64) * 1.5 + 0.3).requires_grad_()
+    g = torch.randn(6, 5, 7, 3, dtype=torch.float64)
+    params = [x, m.mean, m.var_raw, m.prior_raw, m.weight, m.bias]
+    for train in (True, False):
+        m.train(train)
+        y = m(x)
+        ref = _reference(x, m, *((None, None) if train else (m.running_mean, m.running_var)))[0]
+        torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+        got = torch.autograd.grad(y, params, g)
+        want = torch.autograd.grad(ref, params, g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_functional_updates_running_moments_like_batch_norm() -> None:
+    m = _module()
+    x = torch.randn(6, 5, 3, 4)
+    rm, rv = torch.zeros(3, 5), torch.ones(3, 5)
+    y = uan_norm(x, m.mean, m.var, m.prior, rm, rv, m.weight, m.bias, True, 0.1, m.eps)
+    torch.testing.assert_close(y, m(x))
+    torch.testing.assert_close(rm, m.running_mean)
+    torch.testing.assert_close(rv, m.running_var)
+    # without running moments: batch moments in evaluation too, nothing to update
+    torch.testing.assert_close(uan_norm(x, m.mean, m.var, m.prior, weight=m.weight,
+                                        bias=m.bias), y)
+
+
+def test_device_dtype_and_normalization_flag() -> None:
+    m = UnsupervisedAdaptiveNorm(4, dtype=torch.float64, device="cpu")
+    assert UnsupervisedAdaptiveNorm.is_normalization
+    assert {t.dtype for t in m.parameters()} == {torch.float64}
+    assert m.running_mean.dtype == torch.float64 and m.num_batches_tracked.dtype == torch.long
+    assert m(torch.randn(3, 4, 2, 2, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_gradients_reach_learned_parameters_through_tau() -> None:

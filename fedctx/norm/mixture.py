@@ -24,13 +24,17 @@ Choices where the paper leaves a detail open (each tested):
   ``(K, C)``, follow ``nn.BatchNorm``'s momentum convention; evaluation computes ``tau`` from the
   running GMM and normalizes with the running ``E, V``.
 
-No Python loop over components: the component axis is a tensor dimension ``(N, K, C, S)``
-(EM iterations are a short loop over iterations only).
+The math is :func:`mixture_norm` (functional, ``torch.nn.functional`` style); the module holds
+the running estimates and calls it. The EM fit is tensor operations on the subsample (a short
+loop over iterations only); the posteriors, moments and output over the whole batch run, on
+CPU, as two fused passes forward and two backward (:mod:`fedctx.norm._mixkernel`, shared with
+UAN), the posteriors recomputed in registers instead of stored as an ``(N, K, C, S)`` tensor.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +46,10 @@ from fedctx.norm._common import (
     momentum_update,
     stats_dtype,
 )
+from fedctx.norm._mixkernel import mixture_moments_norm
+
+_VAR_FLOOR = 1e-6
+_PRIOR_FLOOR = 1e-12
 
 
 def _log_gauss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor):
@@ -80,13 +88,67 @@ def fit_gmm(
     return prior, mean, var
 
 
-def _posteriors(xs: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
-    """``tau`` ``(N, K, C, S)`` for ``xs`` ``(N, 1, C, S)`` and GMM parameters ``(K, C)``."""
-    logp = _log_gauss(
-        xs, mean.unsqueeze(-1), var.clamp_min(1e-6).unsqueeze(-1),
-        prior.clamp_min(1e-12).unsqueeze(-1),
-    )
-    return torch.softmax(logp, dim=1)
+def _gmm_logits(
+    prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, r)`` with ``log(prior N(x; mean, var)) = q - ((x - mean) r)^2 / 2``, all ``(K, C)``
+    (variance floored at 1e-6, prior at 1e-12)."""
+    var = var.clamp_min(_VAR_FLOOR)
+    q = torch.log(prior.clamp_min(_PRIOR_FLOOR)) - 0.5 * torch.log(2 * math.pi * var)
+    return q, torch.rsqrt(var)
+
+
+def mixture_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    running_prior: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    num_components: int = 2,
+    em_iters: int = 3,
+    em_max_samples: int | None = 16384,
+) -> torch.Tensor:
+    """Mixture Normalization (Kalayeh & Shah, TPAMI 2019), functional form.
+
+    ``y = weight * sum_k tau_k / sqrt(lambda_k) * (x - E_k) / sqrt(V_k + eps) + bias``. In
+    training (or without running estimates) a ``num_components`` GMM per channel is fitted by EM
+    (:func:`fit_gmm`), ``tau`` are its posteriors (constants for the gradient), ``lambda_k`` the
+    mean posterior and ``E_k, V_k`` the posterior-weighted moments over the batch and spatial
+    positions; the running estimates (when given) move towards them in place with ``momentum``
+    (``F.batch_norm``'s convention). Otherwise ``tau`` comes from the running GMM
+    ``(running_prior, running_mean, running_var)`` and the running ``E, V`` normalize.
+
+    Args:
+        input: ``(N, C, *spatial)``.
+        running_mean, running_var, running_prior: ``(K, C)`` or ``None``.
+        weight, bias: ``(C,)`` or ``None``.
+
+    Returns:
+        ``(N, C, *spatial)``, ``input``'s dtype (statistics in float32 or wider).
+    """
+    n, c = input.shape[:2]
+    sd = stats_dtype(input.dtype)
+    x = input.to(sd).reshape(n, c, -1)
+    if training or running_mean is None:
+        prior, mean, var = fit_gmm(x, num_components, em_iters, em_max_samples)
+        q, r = _gmm_logits(prior, mean, var)
+        out, e, v, mass = mixture_moments_norm(x, q, mean, r, None, eps=eps, tau_grad=False)
+        if training and running_mean is not None:
+            momentum_update(running_mean, e, momentum)
+            momentum_update(running_var, v, momentum)
+            if running_prior is not None:
+                momentum_update(running_prior, mass / (n * x.shape[-1]), momentum)
+    else:
+        e, v = running_mean.to(sd), running_var.to(sd)
+        lam = running_prior.to(sd)
+        q, r = _gmm_logits(lam, e, v)
+        coef = torch.rsqrt(lam.clamp_min(_PRIOR_FLOOR))
+        out = mixture_moments_norm(x, q, e, r, coef, e, v, eps)[0]
+    return apply_affine(out, weight, bias).to(input.dtype).reshape(input.shape)
 
 
 class MixtureNorm(BatchStatsNorm):
@@ -101,6 +163,8 @@ class MixtureNorm(BatchStatsNorm):
         em_max_samples: values per channel the EM fit uses (strided subsample; ``None``: all).
     """
 
+    is_normalization: ClassVar[bool] = True
+
     def __init__(
         self,
         num_features: int,
@@ -110,6 +174,8 @@ class MixtureNorm(BatchStatsNorm):
         affine: bool = True,
         em_iters: int = 3,
         em_max_samples: int | None = 16384,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
@@ -121,6 +187,8 @@ class MixtureNorm(BatchStatsNorm):
         self.num_components = num_components
         self.em_iters = em_iters
         self.em_max_samples = em_max_samples
+        if device is not None or dtype is not None:  # BatchStatsNorm builds on the CPU
+            self.to(device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -133,30 +201,13 @@ class MixtureNorm(BatchStatsNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        n, c = x.shape[:2]
-        sd = stats_dtype(x.dtype)
-        xf = x.reshape(n, c, -1)
-        xs = xf.to(sd).unsqueeze(1)  # (N, 1, C, S)
         if self.training:
-            prior, mu, var = fit_gmm(xf, self.num_components, self.em_iters, self.em_max_samples)
-            with torch.no_grad():
-                tau = _posteriors(xs, prior, mu, var)  # (N, K, C, S), constant
-                mass = tau.sum((0, 3))  # (K, C)
-                lam = mass / (n * xf.shape[-1])
-            w = tau / mass.clamp_min(1e-12).unsqueeze(-1)  # tauh
-            e = (w * xs).sum((0, 3))  # (K, C)
-            v = (w * (xs - e.unsqueeze(-1)).square()).sum((0, 3))
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum_update(self.running_mean, e, self.momentum)
-                momentum_update(self.running_var, v, self.momentum)
-                momentum_update(self.running_prior, lam, self.momentum)
-        else:
-            e, v, lam = self.running_mean, self.running_var, self.running_prior
-            tau = _posteriors(xs, lam, e, v)
-        coef = tau * torch.rsqrt(lam.clamp_min(1e-12)).unsqueeze(-1)
-        out = (coef * (xs - e.unsqueeze(-1)) * torch.rsqrt(v + self.eps).unsqueeze(-1)).sum(1)
-        return apply_affine(out, self.weight, self.bias).to(x.dtype).reshape(x.shape)
+            self.num_batches_tracked.add_(1)
+        return mixture_norm(
+            x, self.running_mean, self.running_var, self.running_prior, self.weight, self.bias,
+            self.training, self.momentum, self.eps, self.num_components, self.em_iters,
+            self.em_max_samples,
+        )
 
     def extra_repr(self) -> str:
         return describe(self, "num_components", "eps", "momentum", "affine", "em_iters")

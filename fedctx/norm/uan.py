@@ -60,17 +60,21 @@ in their code it is ACN's computation, so ``scb`` is :class:`~fedctx.norm.Adapti
 under the name ``scb``; it was no paper's layer, started far from the identity, about 2.4x per
 layer with 4 contexts, and diverged on the default scenario, so it was removed.)
 
-No Python loop over components: the component axis is a tensor dimension ``(N, K, C, S)``.
+The math is :func:`uan_norm` (functional, ``torch.nn.functional`` style); the module holds the
+parameters and running moments and calls it. On CPU it runs as fused passes over ``x`` with a
+closed-form backward (:mod:`fedctx.norm._mixkernel`, shared with Mixture Normalization): two
+passes forward and two backward in training, one each way in evaluation, with the ``K``
+responsibilities recomputed in registers instead of stored as an ``(N, K, C, S)`` tensor.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fedctx.norm._common import (
     apply_affine,
@@ -83,114 +87,82 @@ from fedctx.norm._common import (
     reset_running_stats,
     stats_dtype,
 )
+from fedctx.norm._mixkernel import mixture_moments_norm, responsibilities
 
-_CHUNK_ELEMENTS = 1 << 22  # (n, K, C, S) temporaries per chunk: 16 MB in float32
 _ASSIGNMENTS = ("authors", "softmax")
-
-
-def responsibilities(logits: torch.Tensor, dim: int, log_eps: float | None) -> torch.Tensor:
-    """``tau`` from ``logits = log g`` along ``dim``.
-
-    ``log_eps=None``: ``softmax`` (``g_k / sum_j g_j``). Otherwise the authors'
-    ``g_k / (sum_j g_j + eps)`` with ``eps = exp(log_eps)``, as
-    ``exp(l_k - logaddexp(logsumexp(l), log_eps))`` (no overflow, finite gradients). Both have
-    the Jacobian ``d tau_k / d l_j = tau_k (delta_kj - tau_j)``.
-    """
-    if log_eps is None:
-        return torch.softmax(logits, dim=dim)
-    lse = torch.logsumexp(logits, dim=dim, keepdim=True)
-    return torch.exp(logits - torch.logaddexp(lse, torch.full_like(lse, log_eps)))
+_MOMENTS = ("batch", "learned")
 
 
 def _log_eps(assignment: str, eps: float) -> float | None:
     return math.log(eps) if assignment == "authors" else None
 
 
-class _UANFunction(torch.autograd.Function):
-    """Eager UAN kernel (before the affine): ``y = sum_k tau_k c_k z_k``, ``z_k = (x - mu_k) r_k``.
+def _assign(
+    xs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor, eps: float,
+    assignment: str = "authors",
+) -> torch.Tensor:
+    """``tau`` ``(N, K, C, S)`` for ``xs`` ``(N, 1, C, S)`` and learned ``(K, C)`` / ``(K,)``, as
+    tensor operations (to inspect the assignment; the layer itself never stores ``tau``)."""
+    z = (xs - mean.unsqueeze(-1)) * torch.rsqrt(var + eps).unsqueeze(-1)
+    logits = torch.log(prior).view(-1, 1, 1) - 0.5 * z.square()
+    return responsibilities(logits, 1, _log_eps(assignment, eps))
 
-    ``tau`` by :func:`responsibilities` (``log_eps``: ``None`` for the softmax); the backward
-    below holds for both forms (same Jacobian of ``tau`` in the logits).
 
-    Processes the batch in sample chunks to bound the ``(n, K, C, S)`` temporaries (the
-    loop is over samples, never over components), saves only ``x`` and recomputes ``tau`` in a
-    closed-form backward::
+def uan_norm(
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    prior: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-3,
+    assignment: str = "authors",
+    moments: str = "batch",
+) -> torch.Tensor:
+    """Unsupervised Adaptive Normalization (Faye et al., IJCNN 2024), functional form.
 
-        G_z_k = g tau_k (c_k - (c_k z_k - y) z_k),   G_l_k = g tau_k (c_k z_k - y)
-        dx = sum_k r_k G_z_k,   dmu_k = -r_k sum G_z_k,   dv_k = -r_k^2 / 2 sum G_z_k z_k
-        dpi_k = sum G_l_k / pi_k - c_k^3 / 2 sum g tau_k z_k
+    ``y = weight * sum_k tau_k / sqrt(pi_k + eps) * (x - E_k) / sqrt(V_k + eps) + bias`` with
+    ``tau_k = g_k / (sum_j g_j + eps)``, ``g_k = pi_k exp(-(x - mu_k)^2 / (2 (v_k + eps)))``
+    (``assignment="softmax"``: no ``eps`` in ``tau``'s denominator). ``moments="batch"``: in
+    training (or without running moments) ``E_k, V_k`` are the ``tau``-weighted moments over
+    the batch and spatial positions, and ``running_mean``/``running_var`` (when given) move
+    towards them in place with ``momentum`` (``F.batch_norm``'s convention); otherwise the
+    running moments are used. ``moments="learned"``: ``E_k = mu_k``, ``V_k = v_k`` always.
 
-    with ``r_k = (v_k + eps)^-1/2``, ``c_k = (pi_k + eps)^-1/2``.
+    Args:
+        input: ``(N, C, *spatial)``.
+        mean, var: ``(K, C)`` learned component means ``mu`` and (positive) variances ``v``.
+        prior: ``(K,)`` learned mixing weights ``pi`` (sum to one).
+        running_mean, running_var: ``(K, C)`` or ``None``.
+        weight, bias: ``(C,)`` or ``None``.
+
+    Returns:
+        ``(N, C, *spatial)``, ``input``'s dtype (statistics in float32 or wider).
     """
-
-    @staticmethod
-    def _chunk(xc, r, b, log_prior, coef, log_eps):
-        z = torch.addcmul(b, xc.unsqueeze(1), r)  # (n, K, C, S)
-        tau = responsibilities(torch.addcmul(log_prior, z, z, value=-0.5), 1, log_eps)
-        u = z * coef
-        return z, tau, u, (tau * u).sum(1)
-
-    @staticmethod
-    def _consts(mean, var, prior, eps):
-        r = torch.rsqrt(var + eps).unsqueeze(-1)  # (K, C, 1)
-        b = -mean.unsqueeze(-1) * r
-        log_prior = torch.log(prior).view(-1, 1, 1)
-        coef = torch.rsqrt(prior + eps).view(-1, 1, 1)
-        return r, b, log_prior, coef
-
-    @staticmethod
-    def _step(x: torch.Tensor, k: int) -> int:
-        return max(1, _CHUNK_ELEMENTS // max(1, k * x[0].numel()))
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        prior: torch.Tensor,
-        eps: float,
-        log_eps: float | None = None,
-    ) -> torch.Tensor:
-        consts = _UANFunction._consts(mean, var, prior, eps)
-        out = torch.empty_like(x)
-        step = _UANFunction._step(x, mean.shape[0])
-        for i in range(0, x.shape[0], step):
-            out[i:i + step] = _UANFunction._chunk(x[i:i + step], *consts, log_eps)[3]
-        ctx.save_for_backward(x, mean, var, prior)
-        ctx.eps = eps
-        ctx.log_eps = log_eps
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, mean, var, prior = ctx.saved_tensors
-        r, b, log_prior, coef = _UANFunction._consts(mean, var, prior, ctx.eps)
-        grad_x = torch.empty_like(x)
-        s_gz = torch.zeros_like(mean)
-        s_gzz = torch.zeros_like(mean)
-        s_gl = torch.zeros_like(prior)
-        s_gtz = torch.zeros_like(prior)
-        step = _UANFunction._step(x, mean.shape[0])
-        for i in range(0, x.shape[0], step):
-            z, tau, u, y = _UANFunction._chunk(x[i:i + step], r, b, log_prior, coef,
-                                               ctx.log_eps)
-            gt = grad[i:i + step].unsqueeze(1) * tau  # (n, K, C, S)
-            gl = gt * (u - y.unsqueeze(1))
-            gz = gt * coef - gl * z
-            grad_x[i:i + step] = (gz * r).sum(1)
-            s_gz += gz.sum((0, 3))
-            s_gzz += (gz * z).sum((0, 3))
-            s_gl += gl.sum((0, 2, 3))
-            s_gtz += (gt * z).sum((0, 2, 3))
-        r2 = r.squeeze(-1)
-        grad_mean = -r2 * s_gz
-        grad_var = -0.5 * r2.square() * s_gzz
-        grad_prior = s_gl / prior - 0.5 * coef.flatten() ** 3 * s_gtz
-        return grad_x, grad_mean, grad_var, grad_prior, None, None
+    n, c = input.shape[:2]
+    sd = stats_dtype(input.dtype)
+    x = input.to(sd).reshape(n, c, -1)
+    mean, var, prior = mean.to(sd), var.to(sd), prior.to(sd)
+    k = mean.shape[0]
+    batch = moments == "batch" and (training or running_mean is None)
+    if moments == "learned":
+        e, v = mean, var
+    elif batch:
+        e = v = None
+    else:
+        e, v = running_mean.to(sd), running_var.to(sd)
+    out, e_batch, v_batch, _ = mixture_moments_norm(
+        x, torch.log(prior).unsqueeze(1).expand(k, c), mean, torch.rsqrt(var + eps),
+        torch.rsqrt(prior + eps).unsqueeze(1).expand(k, c), e, v, eps, _log_eps(assignment, eps),
+    )
+    if batch and training and running_mean is not None:
+        momentum_update(running_mean, e_batch, momentum)
+        momentum_update(running_var, v_batch, momentum)
+    return apply_affine(out, weight, bias).to(input.dtype).reshape(input.shape)
 
 
 def unsupervised_adaptive_norm(
@@ -203,82 +175,9 @@ def unsupervised_adaptive_norm(
     eps: float = 1e-3,
     assignment: str = "authors",
 ) -> torch.Tensor:
-    """Functional UAN with learned moments.
-
-    Args:
-        x: ``(N, C, *spatial)``.
-        mean, var: ``(K, C)`` component means and (positive) variances.
-        prior: ``(K,)`` mixing weights (sum to one).
-        weight, bias: ``(C,)`` or ``None``.
-        assignment: ``"authors"`` (``eps`` in the denominator of ``tau``) or ``"softmax"``.
-    """
-    n, c = x.shape[:2]
-    sd = stats_dtype(x.dtype)
-    log_eps = _log_eps(assignment, eps)
-    if not torch.compiler.is_compiling():  # eager: chunked kernel with closed-form backward
-        out = _UANFunction.apply(
-            x.to(sd).reshape(n, c, -1), mean.to(sd), var.to(sd), prior.to(sd), eps, log_eps
-        )
-        return apply_affine(out, weight, bias).to(x.dtype).reshape(x.shape)
-    xs = x.to(sd).reshape(n, 1, c, -1)  # (N, 1, C, S); compiled: one fused graph
-    inv_std = torch.rsqrt(var.to(sd) + eps)  # (K, C)
-    z = torch.addcmul((-mean.to(sd) * inv_std).unsqueeze(-1), xs, inv_std.unsqueeze(-1))
-    log_prior = torch.log(prior.to(sd)).reshape(1, -1, 1, 1)
-    tau = responsibilities(torch.addcmul(log_prior, z, z, value=-0.5), 1, log_eps)  # (N,K,C,S)
-    coef = torch.rsqrt(prior.to(sd) + eps).reshape(1, -1, 1, 1)
-    out = (tau * z * coef).sum(1)  # (N, C, S)
-    return apply_affine(out, weight, bias).to(x.dtype).reshape(x.shape)
-
-
-_MOMENTS = ("batch", "learned")
-
-
-def _assign(
-    xs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor, eps: float,
-    assignment: str = "authors",
-) -> torch.Tensor:
-    """``tau`` ``(N, K, C, S)`` for ``xs`` ``(N, 1, C, S)`` and learned ``(K, C)`` / ``(K,)``."""
-    z = (xs - mean.unsqueeze(-1)) * torch.rsqrt(var + eps).unsqueeze(-1)
-    logits = torch.log(prior).view(-1, 1, 1) - 0.5 * z.square()
-    return responsibilities(logits, 1, _log_eps(assignment, eps))
-
-
-def _mix(
-    xs: torch.Tensor, tau: torch.Tensor, e: torch.Tensor, v: torch.Tensor, prior: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """``sum_k tau_k / sqrt(pi_k + eps) * (x - E_k) / sqrt(V_k + eps)``, ``(N, C, S)``."""
-    scale = torch.rsqrt(v + eps) * torch.rsqrt(prior + eps).unsqueeze(-1)  # (K, C)
-    return (tau * (xs - e.unsqueeze(-1)) * scale.unsqueeze(-1)).sum(1)
-
-
-def batch_moments_uan(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    prior: torch.Tensor,
-    eps: float = 1e-3,
-    assignment: str = "authors",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """UAN's training branch with batch moments (before the affine), see the module docstring.
-
-    Args:
-        x: ``(N, C, S)`` (statistics dtype).
-        mean, var: ``(K, C)`` learned component means and (positive) variances.
-        prior: ``(K,)`` learned mixing weights.
-
-    Returns:
-        ``(y, E, V)``: ``(N, C, S)``, and the batch moments ``(K, C)`` per component and channel.
-    """
-    xs = x.unsqueeze(1)  # (N, 1, C, S)
-    tau = _assign(xs, mean, var, prior, eps, assignment)  # (N, K, C, S)
-    mass = tau.sum((0, 3)).clamp_min(torch.finfo(x.dtype).tiny)  # (K, C)
-    w = tau / mass.unsqueeze(-1)  # tauh: sums to one over (N, S)
-    e = (w * xs).sum((0, 3))  # broadcast, not einsum: einsum's bmm would run in autocast bf16
-    d = xs - e.unsqueeze(-1)
-    v = (w * d.square()).sum((0, 3))
-    scale = torch.rsqrt(v + eps) * torch.rsqrt(prior + eps).unsqueeze(-1)
-    return (tau * d * scale.unsqueeze(-1)).sum(1), e, v
+    """UAN with learned moments: ``uan_norm(..., moments="learned")``."""
+    return uan_norm(x, mean, var, prior, weight=weight, bias=bias, eps=eps,
+                    assignment=assignment, moments="learned")
 
 
 class UnsupervisedAdaptiveNorm(nn.Module):
@@ -310,6 +209,7 @@ class UnsupervisedAdaptiveNorm(nn.Module):
     """
 
     expected_dims: tuple[int, ...] = (2, 3, 4, 5)
+    is_normalization: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -320,14 +220,10 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         moments: str = "batch",
         momentum: float = 0.1,
         assignment: str = "authors",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self._build(num_features, num_components, eps, affine, moments, momentum, assignment)
-
-    def _build(
-        self, num_features: int, num_components: int, eps: float, affine: bool,
-        moments: str = "learned", momentum: float = 0.1, assignment: str = "authors",
-    ) -> None:
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
         if moments not in _MOMENTS:
@@ -338,6 +234,7 @@ class UnsupervisedAdaptiveNorm(nn.Module):
             )
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+        factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.num_components = num_components
         self.eps = eps
@@ -345,11 +242,14 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         self.moments = moments
         self.momentum = momentum
         self.assignment = assignment
-        self.mean = nn.Parameter(torch.empty(num_components, num_features))
-        self.var_raw = nn.Parameter(torch.empty(num_components, num_features))
-        self.prior_raw = nn.Parameter(torch.empty(num_components))
+        shape = (num_components, num_features)
+        self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        self.var_raw = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        self.prior_raw = nn.Parameter(torch.empty(num_components, **factory_kwargs))
         init_affine(self, affine, (num_features,))
-        init_running_stats(self, (num_components, num_features) if moments == "batch" else None)
+        init_running_stats(self, shape if moments == "batch" else None)
+        if device is not None or dtype is not None:  # the shared helpers build on the CPU
+            self.to(**factory_kwargs)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -375,30 +275,15 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         """Mixing weights ``softmax(pi_raw)``, ``(K,)``."""
         return torch.softmax(self.prior_raw, dim=0)
 
-    def _soft(self, x: torch.Tensor) -> torch.Tensor:
-        return unsupervised_adaptive_norm(
-            x, self.mean, self.var, self.prior, self.weight, self.bias, self.eps, self.assignment
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features, self.expected_dims)
-        if self.moments == "learned":
-            return self._soft(x)
-        n, c = x.shape[:2]
-        sd = stats_dtype(x.dtype)
-        xf = x.to(sd).reshape(n, c, -1)
-        mean, var, prior = self.mean.to(sd), self.var.to(sd), self.prior.to(sd)
-        if self.training:
-            out, e, v = batch_moments_uan(xf, mean, var, prior, self.eps, self.assignment)
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum_update(self.running_mean, e.detach(), self.momentum)
-                momentum_update(self.running_var, v.detach(), self.momentum)
-        else:
-            xs = xf.unsqueeze(1)
-            tau = _assign(xs, mean, var, prior, self.eps, self.assignment)
-            out = _mix(xs, tau, self.running_mean.to(sd), self.running_var.to(sd), prior, self.eps)
-        return apply_affine(out, self.weight, self.bias).to(x.dtype).reshape(x.shape)
+        training = self.training and self.moments == "batch"
+        if training:
+            self.num_batches_tracked.add_(1)
+        return uan_norm(
+            x, self.mean, self.var, self.prior, self.running_mean, self.running_var, self.weight,
+            self.bias, training, self.momentum, self.eps, self.assignment, self.moments,
+        )
 
     def extra_repr(self) -> str:
         fields = ("num_components", "eps", "affine", "moments", "assignment")

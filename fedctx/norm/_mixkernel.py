@@ -1,0 +1,321 @@
+"""Gaussian-mixture normalization kernel shared by :mod:`fedctx.norm.uan` and
+:mod:`fedctx.norm.mixture`, with a closed-form backward.
+
+Both layers compute, for ``x`` ``(N, C, S)`` and ``K`` components per channel::
+
+    l_k   = q_k - ((x - mu_k) r_k)^2 / 2                     (log-responsibility, unnormalised)
+    tau_k = exp(l_k) / (sum_j exp(l_j) + eps_tau)             (eps_tau = exp(log_eps), or 0)
+    y     = sum_k tau_k a_k (x - E_k),   a_k = coef_k / sqrt(V_k + eps)
+
+with ``q, mu, r, coef`` ``(K, C)`` given, and ``E, V`` either given (evaluation, learned
+moments) or the ``tau``-weighted batch moments over ``(N, S)`` (Kalayeh & Shah, Mixture
+Normalization, TPAMI 2019; Faye et al., UAN, IJCNN 2024)::
+
+    M_k = sum tau_k,   E_k = sum tau_k x / M_k,   V_k = sum tau_k (x - E_k)^2 / M_k
+
+:func:`mixture_moments_norm` is that map as an autograd function. Its backward is closed form
+(``g = dL/dy``, ``d_k = x - E_k``, ``m_k = x - mu_k``)::
+
+    A0_k = sum g tau_k,  A1_k = sum g tau_k d_k
+    dL/dE_k = -a_k A0_k,   dL/dV_k = -a_k A1_k / (2 (V_k + eps)),
+    dL/dcoef_k = A1_k / sqrt(V_k + eps)
+    batch moments: u_k = dL/dE_k / M_k, w_k = dL/dV_k / M_k (dE_k/dtau_k = d_k / M_k,
+        dV_k/dtau_k = (d_k^2 - V_k) / M_k); given moments: u = w = 0
+    G_k  = g a_k d_k + u_k d_k + w_k (d_k^2 - V_k)                     (dL/dtau_k)
+    dl_k = tau_k (G_k - sum_j tau_j G_j)                               (dL/dl_k, both tau forms)
+    dx   = sum_k tau_k (g a_k + u_k + 2 w_k d_k) - sum_k dl_k m_k r_k^2
+    dq_k = sum dl_k,  dmu_k = r_k^2 sum dl_k m_k,  dr_k = -r_k sum dl_k m_k^2
+
+(``tau_grad=False``: ``tau`` is a constant, ``dl = 0``, as Mixture Normalization's training
+branch has it). Sums run over ``(N, S)``.
+
+On CPU (float32, float64; ``K <= 8``) each pass is one read of ``x`` in a C++ kernel
+(``_mixkernel.cpp``, built once per machine with the system C++ compiler into the user cache
+and loaded with ctypes; ``tau`` is recomputed in registers, never stored as an
+``(N, K, C, S)`` tensor): two passes forward (moments, output) and two backward (``A0, A1``,
+then the rest) with batch moments, one each way with given moments. Elsewhere (CUDA, other
+dtypes, no compiler) the same forward runs as tensor operations over ``(N, K, C, S)`` and
+autograd differentiates it; the tests check both paths against each other and gradcheck the
+kernel in float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("_mixkernel.cpp")
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+_MAX_COMPONENTS = 8
+_PARALLEL_ELEMENTS = 1 << 15  # below this, one thread (the pool's hand-off costs more)
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FEDCTX_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "fedctx" if root else Path.home() / ".cache" / "fedctx"
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (once per source, flags, machine) and load the kernel; ``None`` when impossible."""
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError:
+        return None
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(_FLAGS).encode(), platform.machine().encode(),
+                    platform.node().encode(), sys.platform.encode()])
+    ).hexdigest()[:16]
+    path = _cache_dir() / f"mixkernel-{key}.so"
+    if not path.exists():
+        compiler = os.environ.get("CXX", "c++")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
+                           capture_output=True, timeout=300)
+            os.replace(tmp, path)  # atomic: concurrent processes never load a partial file
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.warn(f"fedctx: mixture-norm CPU kernel not built ({err}); uan and mixture "
+                          "use the slower tensor-operation path", RuntimeWarning, stacklevel=3)
+            return None
+    lib = ctypes.CDLL(str(path))
+    for t, suffix in ((ctypes.c_float, "f32"), (ctypes.c_double, "f64")):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        getattr(lib, f"stats_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, i64,
+                                                    i64, p]
+        getattr(lib, f"mix_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, p, p,
+                                                  i64, i64, p]
+        getattr(lib, f"backward_{suffix}").argtypes = [i32, i32, p, p, i64, i64, i64, p, p, p, t,
+                                                       i32, p, p, p, p, p, i32, i64, i64, p, p]
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is False:
+        with _lock:
+            if _lib is False:
+                _lib = _build()
+    return _lib  # type: ignore[return-value]
+
+
+def kernel_available(x: torch.Tensor, num_components: int) -> bool:
+    """Whether the fused CPU kernel handles ``x`` (CPU float32/float64, ``K <= 8``)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and num_components <= _MAX_COMPONENTS and _library() is not None)
+
+
+def _run(name: str, x: torch.Tensor, make_args) -> None:
+    """Call ``name`` over channel ranges, in parallel threads when ``x`` is large."""
+    global _pool
+    lib = _library()
+    fn = getattr(lib, f"{name}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    c = x.shape[1]
+    parts = 1 if x.numel() < _PARALLEL_ELEMENTS else min(c, torch.get_num_threads())
+    bounds = [c * i // parts for i in range(parts + 1)]
+    calls = [make_args(c0, c1) for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    if parts == 1:
+        codes = [fn(*calls[0])]
+    else:
+        with _lock:
+            if _pool is None or _pool._max_workers < parts:
+                _pool = ThreadPoolExecutor(parts, thread_name_prefix="fedctx-mixkernel")
+        codes = list(_pool.map(lambda args: fn(*args), calls))
+    if any(codes):
+        raise RuntimeError(f"fedctx mixture kernel {name}: unsupported number of components")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _kernel_stats(x, q, mu, r, log_eps):
+    k = q.shape[0]
+    out = torch.zeros(3, k, x.shape[1], dtype=torch.float64)
+    n, c, s = x.shape
+    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    _run("stats", x, lambda c0, c1: (k, _ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+                                     c0, c1, _ptr(out)))
+    return out
+
+
+def _kernel_mix(x, q, mu, r, log_eps, a, e):
+    k = q.shape[0]
+    y = torch.empty_like(x)
+    n, c, s = x.shape
+    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    _run("mix", x, lambda c0, c1: (k, _ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+                                   _ptr(a), _ptr(e), c0, c1, _ptr(y)))
+    return y
+
+
+def _kernel_backward(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad, reduce_only):
+    k = q.shape[0]
+    n, c, s = x.shape
+    out = torch.zeros(2 if reduce_only else 5, k, c, dtype=torch.float64)
+    gx = None if reduce_only else torch.empty_like(x)
+    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    _run("backward", x, lambda c0, c1: (
+        k, int(reduce_only), _ptr(x), _ptr(g), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+        _ptr(a), _ptr(e), _ptr(v), _ptr(u), _ptr(w), int(tau_grad), c0, c1,
+        None if gx is None else _ptr(gx), _ptr(out)))
+    return gx, out
+
+
+def _contig(*ts: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [t.detach().to(dtype).contiguous() for t in ts]
+
+
+def _moments(sums: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(M, E, V)`` from the kernel's ``(3, K, C)`` float64 sums (shifted by ``mu``)."""
+    mass = sums[0].clamp_min(torch.finfo(torch.float64).tiny)
+    shift = sums[1] / mass
+    return mass, mu.double() + shift, (sums[2] / mass - shift.square()).clamp_min(0)
+
+
+class _MixtureMomentsFunction(torch.autograd.Function):
+    """The fused CPU kernel with the closed-form backward of the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
+        coef: torch.Tensor | None, e: torch.Tensor | None, v: torch.Tensor | None,
+        eps: float, log_eps: float | None, tau_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt = x.dtype
+        q, mu, r = _contig(q, mu, r, dtype=dt)
+        batch = e is None
+        if batch:
+            mass, e64, v64 = _moments(_kernel_stats(x, q, mu, r, log_eps), mu)
+            e, v = e64.to(dt), v64.to(dt)
+        else:
+            mass = torch.zeros_like(e, dtype=torch.float64)
+            e, v = _contig(e, v, dtype=dt)
+        coef = (torch.rsqrt(mass / (x.shape[0] * x.shape[2])).clamp_max(1e6).to(dt)
+                if coef is None else coef.detach().to(dt))
+        scale = torch.rsqrt(v + eps)
+        a = (coef * scale).contiguous()
+        y = _kernel_mix(x, q, mu, r, log_eps, a, e)
+        ctx.save_for_backward(x, q, mu, r, a, e, v, scale, mass.to(dt))
+        ctx.eps, ctx.log_eps, ctx.tau_grad, ctx.batch = eps, log_eps, tau_grad, batch
+        mass = mass.to(dt)
+        ctx.mark_non_differentiable(e, v, mass)
+        return y, e, v, mass
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, q, mu, r, a, e, v, scale, mass = ctx.saved_tensors
+        g = grad.contiguous()
+        zeros = torch.zeros_like(a)
+        args = (x, g, q, mu, r, ctx.log_eps, a, e, v)
+        if ctx.batch:
+            _, sums = _kernel_backward(*args, zeros, zeros, False, True)
+            a0, a1 = sums.to(x.dtype)
+            grad_e = -a * a0
+            grad_v = -0.5 * a * a1 / (v + ctx.eps)
+            u = (grad_e / mass).contiguous()
+            w = (grad_v / mass).contiguous()
+            gx, sums = _kernel_backward(*args, u, w, ctx.tau_grad, False)
+        else:
+            gx, sums = _kernel_backward(*args, zeros, zeros, ctx.tau_grad, False)
+        sums = sums.to(x.dtype)
+        a0, a1, t0, t1, t2 = sums
+        need = ctx.needs_input_grad
+        tau_grads = ctx.tau_grad
+        return (
+            gx,
+            t0 if tau_grads and need[1] else None,
+            r.square() * t1 if tau_grads and need[2] else None,
+            -r * t2 if tau_grads and need[3] else None,
+            a1 * scale if need[4] else None,
+            -a * a0 if not ctx.batch and need[5] else None,
+            -0.5 * a * a1 / (v + ctx.eps) if not ctx.batch and need[6] else None,
+            None, None, None,
+        )
+
+
+def responsibilities(logits: torch.Tensor, dim: int, log_eps: float | None) -> torch.Tensor:
+    """``tau`` from ``logits = log g`` along ``dim``.
+
+    ``log_eps=None``: ``softmax`` (``g_k / sum_j g_j``). Otherwise the authors'
+    ``g_k / (sum_j g_j + eps)`` with ``eps = exp(log_eps)``, as
+    ``exp(l_k - logaddexp(logsumexp(l), log_eps))`` (no overflow, finite gradients). Both have
+    the Jacobian ``d tau_k / d l_j = tau_k (delta_kj - tau_j)``.
+    """
+    if log_eps is None:
+        return torch.softmax(logits, dim=dim)
+    lse = torch.logsumexp(logits, dim=dim, keepdim=True)
+    return torch.exp(logits - torch.logaddexp(lse, torch.full_like(lse, log_eps)))
+
+
+def _tensor_ops(x, q, mu, r, coef, e, v, eps, log_eps, tau_grad):
+    """The same map as tensor operations over ``(N, K, C, S)``, differentiated by autograd."""
+    xs = x.unsqueeze(1)  # (N, 1, C, S)
+    z = (xs - mu.unsqueeze(-1)) * r.unsqueeze(-1)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and tau_grad):
+        tau = responsibilities(q.unsqueeze(-1) - 0.5 * z.square(), 1, log_eps)
+    mass = tau.sum((0, 3))
+    if e is None:
+        w = tau / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
+        e = (w * xs).sum((0, 3))
+        v = (w * (xs - e.unsqueeze(-1)).square()).sum((0, 3))
+    if coef is None:
+        coef = torch.rsqrt(mass.detach() / (x.shape[0] * x.shape[2])).clamp_max(1e6)
+    a = coef * torch.rsqrt(v + eps)
+    y = (tau * a.unsqueeze(-1) * (xs - e.unsqueeze(-1))).sum(1)
+    return y, e.detach(), v.detach(), mass.detach()
+
+
+def mixture_moments_norm(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    mu: torch.Tensor,
+    r: torch.Tensor,
+    coef: torch.Tensor | None,
+    e: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    log_eps: float | None = None,
+    tau_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = sum_k tau_k coef_k (x - E_k) / sqrt(V_k + eps)`` (see the module docstring).
+
+    Args:
+        x: ``(N, C, S)``, float32 or float64.
+        q, mu, r: ``(K, C)``: ``tau``'s logits ``l_k = q_k - ((x - mu_k) r_k)^2 / 2``.
+        coef: ``(K, C)`` per-component factor, or ``None`` for ``M_k^-1/2`` with ``M_k`` the
+            mean ``tau_k`` over the batch (Mixture Normalization's ``lambda_k``), a constant.
+        e, v: ``(K, C)`` moments, or ``None`` for the ``tau``-weighted batch moments.
+        eps: added to ``V`` under the square root.
+        log_eps: ``log`` of the ``eps`` in ``tau``'s denominator (UAN's authors' form), or
+            ``None`` for the softmax.
+        tau_grad: whether gradients flow through ``tau`` (``False``: ``tau`` is a constant).
+
+    Returns:
+        ``(y, E, V, M)``: ``(N, C, S)``, and the moments used and the summed ``tau`` per
+        component ``(K, C)``, without gradient (``M`` is zero when ``e`` and ``v`` are given on
+        the kernel path).
+    """
+    if torch.compiler.is_compiling() or not kernel_available(x, q.shape[0]):
+        return _tensor_ops(x, q, mu, r, coef, e, v, eps, log_eps, tau_grad)
+    return _MixtureMomentsFunction.apply(x.contiguous(), q, mu, r, coef, e, v, eps, log_eps,
+                                         tau_grad)
+

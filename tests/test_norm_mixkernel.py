@@ -1,0 +1,82 @@
+"""The fused mixture-normalization kernel (:mod:`fedctx.norm._mixkernel`): its closed-form
+backward by float64 gradcheck, and its agreement with the tensor-operation path (autograd)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedctx.norm import _mixkernel as mk
+
+pytestmark = pytest.mark.skipif(not mk.kernel_available(torch.zeros(1), 1),
+                                reason="no C++ compiler: the kernel is not built")
+
+
+def _inputs(shape=(5, 3, 13), k=3, dtype=torch.float64, given=False, seed=0):
+    torch.manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, dtype=dtype) * 1.5 + 0.3
+    q = torch.randn(k, c, dtype=dtype) * 0.3
+    mu, r = torch.randn(k, c, dtype=dtype), torch.rand(k, c, dtype=dtype) + 0.5
+    coef = torch.rand(k, c, dtype=dtype) + 0.5
+    e, v = (torch.randn(k, c, dtype=dtype), torch.rand(k, c, dtype=dtype) + 0.2) if given else (
+        None, None)
+    return x, q, mu, r, coef, e, v
+
+
+@pytest.mark.parametrize("log_eps", [math.log(1e-3), None], ids=["authors", "softmax"])
+@pytest.mark.parametrize("given", [False, True], ids=["batch", "given"])
+def test_gradcheck(log_eps: float | None, given: bool) -> None:
+    """13 positions: one full 4-lane float64 block and a partial one."""
+    inputs = [t if t is None else t.requires_grad_() for t in _inputs(given=given)]
+    assert torch.autograd.gradcheck(
+        lambda *a: mk._MixtureMomentsFunction.apply(*a, 1e-3, log_eps, True)[0], inputs)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["batch", "given"])
+@pytest.mark.parametrize("tau_grad", [True, False])
+@pytest.mark.parametrize("shape", [(5, 3, 13), (64, 3, 700)], ids=["one-thread", "threads"])
+def test_kernel_matches_tensor_operations(given: bool, tau_grad: bool, shape) -> None:
+    """Outputs, moments and gradients; ``tau_grad=False`` (tau constant) and ``coef=None``
+    (Mixture Normalization's mean posterior) included; large enough to split channels across
+    threads in the second case."""
+    x, q, mu, r, coef, e, v = _inputs(shape, given=given)
+    for cf in (coef, None) if not given else (coef,):
+        leaves = [t.clone().requires_grad_() for t in (x, q, mu, r)]
+        extra = [t if t is None else t.clone().requires_grad_() for t in (cf, e, v)]
+        args = (*leaves, *extra, 1e-3, math.log(1e-3), tau_grad)
+        got = mk._MixtureMomentsFunction.apply(*args)
+        want = mk._tensor_ops(*args)
+        for a, b in zip(got[:3], want[:3], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        if not given:
+            torch.testing.assert_close(got[3], want[3])
+        inputs = [t for t in (*leaves, *extra) if t is not None]
+        g = torch.randn_like(x)
+        grads_got = torch.autograd.grad(got[0], inputs, g, allow_unused=True)
+        grads_want = torch.autograd.grad(want[0], inputs, g, allow_unused=True)
+        for a, b in zip(grads_got, grads_want, strict=True):
+            if b is None:  # tau constant: no gradient into q, mu, r on either path
+                assert a is None or not a.abs().max() > 0
+            else:
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_float32_kernel_close_to_float64() -> None:
+    """The float32 kernel's own exp (a polynomial) against float64."""
+    args = _inputs((16, 4, 100), k=4, dtype=torch.float32)
+    y32 = mk.mixture_moments_norm(*args[:5], eps=1e-3, log_eps=math.log(1e-3))[0]
+    y64 = mk._tensor_ops(*(t.double() for t in args[:5]), None, None, 1e-3, math.log(1e-3), True)
+    torch.testing.assert_close(y32.double(), y64[0], atol=2e-5, rtol=1e-5)
+
+
+def test_far_activations_get_no_component_and_stay_finite() -> None:
+    x, q, mu, r, coef, _, _ = _inputs(dtype=torch.float32)
+    x[0, 0, :4] = torch.tensor([50.0, -80.0, 1e4, -1e4])
+    x.requires_grad_()
+    y = mk.mixture_moments_norm(x, q, mu, r, coef, eps=1e-3, log_eps=math.log(1e-3))[0]
+    assert torch.isfinite(y).all() and y[0, 0, :4].abs().max() < 1e-6
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
