@@ -1,0 +1,226 @@
+"""Federated domain adaptation (#12 item 3): labelled MNIST clients + unlabelled target clients
+training with AdaMatch's unlabelled objective, against centralized AdaMatch and two federated
+baselines whose target clients are absent, on MNIST -> USPS and MNIST -> MNIST-M.
+
+    python benchmarks/fed_adamatch.py --data-dir DIR [--pairs mnist-usps,mnist-mnistm]
+                                      [--seeds 0,1,2] [--rounds 10] [--rows ROW,...]
+                                      [--budget-minutes 0]
+    python benchmarks/fed_adamatch.py --page-only
+
+Rows, per pair and seed (same data budget: 2 clients x 743 images per domain, ``--rounds``
+rounds of one local epoch, batch 32):
+
+* ``fed-adamatch``: ``python -m fedctx.simulate --scenario mnist-<t> --clients 4
+  --unlabelled-domains <t>`` (2 labelled MNIST clients, 2 unlabelled target clients), ``context``
+  norm, ``per-context`` bank; every client trains every round.
+* ``per-context, target absent``: the same without the target clients (``--clients 2
+  --holdout-domain <t>``): supervised on MNIST only, the target evaluated as the held-out domain
+  with the default rule.
+* ``FedAvg, labelled only``: ``--norm batch --norm-policy average``, target absent likewise.
+* ``centralized AdaMatch``: ``python -m fedctx.adapt --source mnist --target <t> --norm context``
+  on 1,486 images per domain for as many steps of 32 + 32 images as the federated run's
+  labelled clients take batches (``2 * ceil(743 / 32) * rounds``), its own optimizer settings
+  (lr 0.03, cosine decay, weight decay 1e-3) except ``--norm-momentum 0``: the layers' own
+  running-statistics momentum (0.1), as in the federated model (adapt's default 0.001 suits
+  its long runs; after a few hundred steps its statistics are still near their initial values);
+  the raw model's accuracy (the federated rows have no EMA model; the EMA model's is recorded
+  beside it).
+
+Each finished run is kept in ``docs/results/runs/fed_adamatch/`` (``common.run_cell`` for the
+federated rows, the same layout for ``adapt``) and skipped later; the page
+``docs/results/fed_adamatch.md`` is rewritten from whatever runs exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, Budget, machine, run_cell
+
+from fedctx.report import mean_ci, paired_difference, verdict
+from fedctx.results import atomic_write_text
+
+RESULTS = REPO / "docs" / "results"
+RUNS = RESULTS / "runs" / "fed_adamatch"
+PAIRS = {"mnist-usps": "usps", "mnist-mnistm": "mnistm"}
+DISPLAY = {"usps": "USPS", "mnistm": "MNIST-M"}
+PER_CLIENT, BATCH = 743, 32
+ROWS = ("fed-adamatch", "per-context-absent", "fedavg-absent", "centralized")
+LABELS = {"fed-adamatch": "fed-AdaMatch (`context`, `per-context`, unlabelled target clients)",
+          "per-context-absent": "`context` + `per-context`, target clients absent",
+          "fedavg-absent": "FedAvg (`batch`, `average`), target clients absent",
+          "centralized": "centralized AdaMatch (`fedctx.adapt`, `context`)"}
+
+
+def federated_flags(row: str, pair: str, rounds: int) -> list[str]:
+    target = PAIRS[pair]
+    common = ["--scenario", pair, "--fraction", "1", "--min-clients", "2", "--rounds",
+              str(rounds), "--local-epochs", "1", "--batch-size", str(BATCH)]
+    if row == "fed-adamatch":
+        return [*common, "--clients", "4", "--norm", "context", "--norm-policy", "per-context",
+                "--unlabelled-domains", target]
+    norm, policy = ("context", "per-context") if row == "per-context-absent" else ("batch",
+                                                                                   "average")
+    return [*common, "--clients", "2", "--norm", norm, "--norm-policy", policy,
+            "--holdout-domain", target]
+
+
+def adapt_steps(rounds: int) -> int:
+    """Steps of the centralized run: the federated run's labelled batches over all rounds."""
+    return 2 * math.ceil(PER_CLIENT / BATCH) * rounds
+
+
+def run_adapt(pair: str, seed: int, rounds: int, budget: Budget | None, data_dir: str
+              ) -> dict[str, Any] | None:
+    """The record of one ``python -m fedctx.adapt`` run (same layout as ``common.run_cell``'s),
+    read from ``RUNS`` when it exists, else run now unless ``budget`` is ``None`` or spent."""
+    cell = f"{pair}-centralized-r{rounds}"
+    path = RUNS / f"{cell}-seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if budget is None or budget.exhausted():
+        return None
+    steps, target = adapt_steps(rounds), PAIRS[pair]
+    shown = ["--source", "mnist", "--target", target, "--norm", "context", "--steps", str(steps),
+             "--batch-size", str(BATCH), "--uratio", "1", "--train-samples", str(2 * PER_CLIENT),
+             "--eval-samples", "2000", "--eval-every", str(steps), "--embed-samples", "10",
+             "--norm-momentum", "0", "--threads", "1", "--seed", str(seed)]
+    with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:
+        argv = [*shown, "--out", str(Path(tmp) / "run"), "--progress-every", "0"]
+        if data_dir:
+            argv += ["--data-dir", data_dir]
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *argv], cwd=REPO,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cell} seed {seed} failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+    record = {
+        "cell": cell, "seed": seed,
+        "command": "python -m fedctx.adapt " + shlex.join(shown)
+                   + (" --data-dir DATA" if data_dir else ""),
+        "accuracy_per_context": {"mnist": summary["final_source_acc_raw"],
+                                 target: summary["final_target_acc_raw"]},
+        "ema_accuracy_per_context": {"mnist": summary["final_source_acc"],
+                                     target: summary["final_target_acc"]},
+        "wall_seconds": time.time() - t0, "machine": machine(),
+    }
+    RUNS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    print(f"{cell} seed {seed}: target accuracy {summary['final_target_acc_raw']:.4f} "
+          f"({record['wall_seconds']:.0f} s)", flush=True)
+    return record
+
+
+def run_row(row: str, pair: str, seed: int, rounds: int, budget: Budget | None,
+            data_dir: str) -> dict[str, Any] | None:
+    if row == "centralized":
+        return run_adapt(pair, seed, rounds, budget, data_dir)
+    return run_cell(RUNS, f"{pair}-{row}-r{rounds}", seed, federated_flags(row, pair, rounds),
+                    budget, data_dir=data_dir)
+
+
+def accuracy(record: dict[str, Any], domain: str) -> float:
+    """Final test accuracy of ``domain`` in a run record (a trained context or the held-out
+    domain)."""
+    return float(record["accuracy_per_context"][domain])
+
+
+def write_page(records: dict[tuple[str, str], list[dict[str, Any]]], pairs: list[str],
+               seeds: str, rounds: int) -> Path:
+    lines = [
+        "# Federated domain adaptation: unlabelled target clients (#12 item 3)", "",
+        f"Command: `python benchmarks/fed_adamatch.py --data-dir DATA --seeds {seeds} --rounds "
+        f"{rounds}` (DATA: a folder with MNIST, USPS and MNIST-M; see docs/data.md). What the "
+        "unlabelled clients compute and how it differs from centralized AdaMatch: "
+        "[docs/federated_adaptation.md](../federated_adaptation.md). Each row's exact command "
+        "is in its run record under `runs/fed_adamatch/`.",
+        f"Machine: {machine()}; every run single-threaded, beside other jobs on the two cores.",
+        "",
+        f"Budget: {rounds} rounds of one local epoch (batch {BATCH}) on 2 labelled MNIST "
+        f"clients of {PER_CLIENT} images (+ 2 unlabelled target clients of {PER_CLIENT} images "
+        f"for fed-AdaMatch); centralized AdaMatch: {adapt_steps(rounds)} steps of {BATCH} "
+        f"MNIST + {BATCH} target images from {2 * PER_CLIENT} images per domain (the same image "
+        "visits). **These are short runs, not converged**: they compare methods at one small "
+        "budget, not their final accuracy.",
+        "", "Final test accuracy (%) on 2,000 test images per domain: mean ± 95% CI (t, n−1 dof) "
+        "over seeds; Δ: paired difference to fed-AdaMatch over the same seeds.", "",
+    ]
+    sentences = []
+    for pair in pairs:
+        target = PAIRS[pair]
+        ours = {r["seed"]: accuracy(r, target) for r in records[(pair, "fed-adamatch")]}
+        lines += [f"## MNIST → {DISPLAY[target]}", "",
+                  f"| method | n | MNIST | {DISPLAY[target]} (target) | Δ target vs fed-AdaMatch "
+                  "| s per run |", "|---|---|---|---|---|---|"]
+        for row in ROWS:
+            recs = records[(pair, row)]
+            if not recs:
+                lines.append(f"| {LABELS[row]} | 0 | – | – | – | not run |")
+                continue
+            tgt = {r["seed"]: accuracy(r, target) for r in recs}
+            diff = paired_difference(tgt, ours)
+            lines.append(
+                f"| {LABELS[row]} | {len(recs)} | "
+                f"{mean_ci([accuracy(r, 'mnist') for r in recs]).format(100, 1)} | "
+                f"**{mean_ci(list(tgt.values())).format(100, 1)}** | "
+                + ("—" if row == "fed-adamatch" else diff.format(100, 1))
+                + f" | {sum(r['wall_seconds'] for r in recs) / len(recs):.0f} |")
+            if row != "fed-adamatch":
+                sentences.append(f"- MNIST → {DISPLAY[target]}: "
+                                 + verdict(paired_difference(ours, tgt), "fed-AdaMatch",
+                                           LABELS[row]))
+        ema = records[(pair, "centralized")]
+        if ema:
+            lines += ["", "Centralized AdaMatch's EMA model (its usual report) on the target: "
+                      + mean_ci([r["ema_accuracy_per_context"][target] for r in ema])
+                      .format(100, 1) + "."]
+        lines.append("")
+    lines += ["What the intervals support (target accuracy):", "", *sentences, ""]
+    page = RESULTS / "fed_adamatch.md"
+    page.write_text("\n".join(lines))
+    return page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="", help="folder with MNIST, USPS, MNIST-M")
+    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rows", default=",".join(ROWS), help="rows to run (all by default)")
+    parser.add_argument("--budget-minutes", type=float, default=0)
+    parser.add_argument("--page-only", action="store_true",
+                        help="only rewrite the page from the finished runs")
+    args = parser.parse_args()
+    pairs = args.pairs.split(",")
+    if bad := [p for p in pairs if p not in PAIRS]:
+        parser.error(f"--pairs: unknown {bad[0]!r}; valid choices: {', '.join(PAIRS)}")
+    rows = args.rows.split(",")
+    if bad := [r for r in rows if r not in ROWS]:
+        parser.error(f"--rows: unknown {bad[0]!r}; valid choices: {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budget = None if args.page_only else Budget(args.budget_minutes)
+    records: dict[tuple[str, str], list[dict[str, Any]]] = {
+        (p, r): [] for p in pairs for r in ROWS}
+    for seed in seeds:
+        for pair in pairs:
+            for row in ROWS:
+                rec = run_row(row, pair, seed, args.rounds,
+                              budget if row in rows else None, args.data_dir)
+                if rec is not None:
+                    records[(pair, row)].append(rec)
+    print(f"wrote {write_page(records, pairs, args.seeds, args.rounds)}")
+
+
+if __name__ == "__main__":
+    main()
