@@ -119,6 +119,20 @@ class Run:
         return tuple(sorted((k, v) for k, v in self.config.items() if k not in NOT_RESULTS))
 
 
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders ``paths`` name: the output folder of ``python -m fedctx.simulate --seeds``
+    stands for its ``seed-<s>`` runs (in seed order); any other path for itself."""
+    def seed_of(folder: Path) -> int:
+        return int(folder.name.removeprefix("seed-"))
+
+    folders: list[Path] = []
+    for path in paths:
+        seeds = ([] if (path / "summary.json").exists() else
+                 [f for f in path.glob("seed-*") if f.is_dir() and f.name[5:].isdigit()])
+        folders.extend(sorted(seeds, key=seed_of) or [path])
+    return folders
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs grouped by experiment (seeds pooled), labelled by the options that differ."""
     groups: dict[tuple, list[Run]] = {}
@@ -145,6 +159,27 @@ def comparison_table(groups: dict[str, list[Run]]) -> str:
         rows.append((label, seeds, *cells, mean_ci([r.summary["accuracy"] for r in runs])
                      .format(100, 1)))
     return format_table(rows, ("experiment", "seeds", *contexts, "overall"))
+
+
+def round_table(runs: list[Run]) -> str:
+    """Markdown table: test accuracy (%) per evaluated round (rows) per context and overall
+    (columns), mean ± 95% CI over ``runs`` (the seeds of one experiment)."""
+    from fedctx.results import format_table
+
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        for rec in run.history:
+            if "accuracy" in rec:
+                by_round.setdefault(rec["round"], []).append(rec)
+    contexts = list(dict.fromkeys(c for recs in by_round.values() for r in recs
+                                  for c in r["accuracy_per_context"]))
+    rows = []
+    for rnd in sorted(by_round):
+        recs = by_round[rnd]
+        cells = [mean_ci([r["accuracy_per_context"][c] for r in recs
+                          if c in r["accuracy_per_context"]]).format(100, 1) for c in contexts]
+        rows.append((str(rnd), *cells, mean_ci([r["accuracy"] for r in recs]).format(100, 1)))
+    return format_table(rows, ("round", *contexts, "overall"))
 
 
 def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
@@ -178,7 +213,8 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedctx.report RUN_DIR... [--plot FILE]``: compare finished runs."""
+    """``python -m fedctx.report RUN_DIR... [--plot FILE]``: compare finished runs: final
+    accuracy per context, then accuracy per round per context of each experiment."""
     import argparse
     import sys
 
@@ -186,18 +222,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fedctx.report",
         description="Compare finished runs side by side: runs that differ only in their seed "
                     "are pooled (mean ± 95% CI per context); --plot draws accuracy per round.")
-    parser.add_argument("runs", nargs="+", type=Path, help="results folders of fedctx.simulate")
+    parser.add_argument("runs", nargs="+", type=Path, help="results folders of fedctx.simulate "
+                        "(a --seeds output folder stands for its seed-<s> runs)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy per "
                         "round (mean and 95%% CI band per experiment)")
     args = parser.parse_args(argv)
     try:
-        runs = [Run.load(p) for p in args.runs]
+        runs = [Run.load(p) for p in run_folders(args.runs)]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     groups = group_runs(runs)
     print(f"Final test accuracy (%), mean ± 95% CI over seeds ({len(runs)} runs):\n")
     print(comparison_table(groups))
+    for label, group in groups.items():
+        print(f"\nTest accuracy (%) per round, {label} (mean ± 95% CI over "
+              f"{len(group)} runs):\n")
+        print(round_table(group))
     if args.plot:
         plot_rounds(groups, args.plot)
         print(f"\nwrote {args.plot}")

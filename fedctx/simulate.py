@@ -8,6 +8,7 @@ resolved options as Flower's run config.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -16,13 +17,30 @@ from pathlib import Path
 from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
 
 
+def command_parser() -> argparse.ArgumentParser:
+    """Every :class:`SimConfig` option as a flag, ``--config`` and the driver option
+    ``--seeds`` (not an option of a run: it runs several, :mod:`fedctx.seeds`)."""
+    parser = build_parser("python -m fedctx.simulate", __doc__.splitlines()[0])
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="run the experiment once per seed (comma-separated, e.g. 0,1,2; "
+                        "not with --seed), concurrently where the cores allow, each a normal "
+                        "resumable run in OUT/seed-<s>; then write OUT/seeds.json and "
+                        "OUT/seeds.md: final test accuracy, mean ± 95%% CI per context and "
+                        "overall, and per round")
+    return parser
+
+
 def parse_config(argv: list[str] | None = None) -> SimConfig:
     """Resolve the run's configuration from ``argv``; :class:`ConfigError` on bad input."""
+    return config_from_args(command_parser().parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """The run's configuration from parsed flags (with ``--config`` and the scenario's
+    defaults); :class:`ConfigError` on bad input."""
     from fedctx import scenarios as simulations
     from fedctx import strategies
 
-    parser = build_parser("python -m fedctx.simulate", __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
     file_values = load_config_file(args.config) if args.config else {}
     scenario_name = args.scenario or file_values.get("scenario") or SimConfig.scenario
     try:
@@ -252,7 +270,8 @@ def _interrupted(config: SimConfig | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; its exit status (0, 1 run failed, 2 bad input, 130 interrupted)."""
+    """Run the command; its exit status (0, 1 run failed or every round failed, 2 bad input,
+    130 interrupted)."""
     import signal
 
     handler = signal.getsignal(signal.SIGINT)
@@ -343,7 +362,12 @@ def _exit_on_ctrl_c(config: SimConfig) -> None:
 def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
     t0 = time.time()
     try:
-        config = parse_config(argv)
+        args = command_parser().parse_args(argv)
+        if args.seeds is not None:
+            from fedctx.seeds import run_seeds
+
+            return run_seeds(args, sys.argv[1:] if argv is None else argv)
+        config = config_from_args(args)
         holder.append(config)
         check_out(config)
     except RunFinished as done:
@@ -404,8 +428,25 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
         print("error: run failed: the simulation engine stopped before the last round"
               + resume_hint(Path(config.out)), file=sys.stderr)
         return 1
+    if failed := every_round_failed(Path(config.out)):
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     print(f"Done in {time.time() - t0:.1f}s.")
     return 0
+
+
+def every_round_failed(out: Path) -> str:
+    """The reason a finished run in ``out`` is a failure: every one of its rounds failed (the
+    server lists them as ``failed_rounds`` in ``summary.json``); ``""`` otherwise."""
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    failed = set(summary.get("failed_rounds") or [])
+    rounds = int(summary.get("rounds", 0))
+    if not rounds or len(failed) < rounds:
+        return ""
+    return (f"every round failed ({rounds} of {rounds}: too few valid client replies); the "
+            f"rejections and failures of each round are in {out / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":
