@@ -1,6 +1,8 @@
-"""A two-job AdaMatch sweep on a local Ray instance (2 CPUs), and its comparison table."""
+"""AdaMatch sweeps on a local Ray instance (2 CPUs): a two-job grid and its comparison table, a
+grid whose jobs all fail (exit status 1, their errors kept)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,16 +25,47 @@ def test_summarize_mean_and_sample_std():
     assert "| batch | 2 | 60.00 ± 14.14 |" in md
 
 
-def test_two_job_sweep_on_local_ray(real_data, tmp_path):
+def test_two_job_sweep_on_local_ray_and_one_whose_jobs_all_fail(real_data, tmp_path, capsys):
+    import ray
+
+    from fedctx.adamatch.cli import sweep_status
+
     base = AdaptConfig(source="usps", target="mnist", steps=2, batch_size=8, uratio=1,
                        train_samples=64, eval_samples=50, embed_samples=20, eval_every=2,
                        data_dir=str(real_data))
-    result = run_sweep(base, ["batch", "context"], [0], tmp_path, cpus_per_job=1.0,
-                       num_cpus=2, log=False)
-    assert set(result["table"]) == {"batch", "context"}
-    saved = json.loads((tmp_path / "sweep.json").read_text())
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for both sweeps
+    try:
+        good = tmp_path / "good"
+        result = run_sweep(base, ["batch", "context"], [0], good, cpus_per_job=1.0, log=False)
+        empty = tmp_path / "no-data"
+        empty.mkdir()
+        failed = run_sweep(base.replace(data_dir=str(empty)), ["batch", "context"], [0],
+                           tmp_path / "bad", log=False)
+    finally:
+        ray.shutdown()
+    assert set(result["table"]) == {"batch", "context"} and not result["failures"]
+    saved = json.loads((good / "sweep.json").read_text())
     assert [r["config"]["norm"] for r in saved["runs"]] == ["batch", "context"]
-    assert "| context | 1 |" in (tmp_path / "sweep.md").read_text()
-    assert (tmp_path / "grad_variance.png").stat().st_size > 0
+    assert "| context | 1 |" in (good / "sweep.md").read_text()
+    assert (good / "grad_variance.png").stat().st_size > 0
     for norm in ("batch", "context"):
-        assert (tmp_path / f"{norm}-seed0" / "summary.json").exists()
+        assert (good / f"{norm}-seed0" / "summary.json").exists()
+        assert (good / f"{norm}-seed0" / "metrics.csv").exists()
+    assert sweep_status(result, good) == 0
+
+    assert failed["runs"] == [] and len(failed["failures"]) == 2
+    for f in failed["failures"]:
+        assert "USPS" in Path(f["error_file"]).read_text()  # the job's own error, kept
+    capsys.readouterr()
+    assert sweep_status(failed, tmp_path / "bad") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: all 2 sweep jobs failed") and "error.txt" in err
+    assert "\n" not in err
+
+
+def test_a_sweep_with_some_failed_jobs_says_so_and_succeeds(tmp_path, capsys):
+    from fedctx.adamatch.cli import sweep_status
+
+    result = {"runs": [_summary("batch", 0, 0.5)], "failures": [{"norm": "context", "seed": 0}]}
+    assert sweep_status(result, tmp_path) == 0
+    assert capsys.readouterr().err.startswith("warning: 1 of 2 sweep jobs failed")

@@ -85,9 +85,25 @@ def _sweep(argv: list[str]) -> int:
     gpus = _float("--gpus-per-job", args.gpus_per_job, 0.0, 64)
     num_cpus = int(_float("--num-cpus", args.num_cpus, 0, 4096))
     out = Path(base.out or f"results/adamatch/sweep-{base.source}-{base.target}")
-    run_sweep(base, norms, seeds, out, cpus_per_job=cpus, gpus_per_job=gpus,
-              num_cpus=num_cpus, ray_address=args.ray_address)
-    return 0
+    result = run_sweep(base, norms, seeds, out, cpus_per_job=cpus, gpus_per_job=gpus,
+                       num_cpus=num_cpus, ray_address=args.ray_address)
+    return sweep_status(result, out)
+
+
+def sweep_status(result: dict, out: Path) -> int:
+    """1, with one line on stderr, when every job of the sweep failed; 0 otherwise (a line
+    still names the jobs that failed)."""
+    failures = result["failures"]
+    if not failures:
+        return 0
+    total = len(failures) + len(result["runs"])
+    where = f"their errors are in {out}/<norm>-seed<seed>/error.txt (listed in {out}/sweep.json)"
+    if result["runs"]:
+        print(f"warning: {len(failures)} of {total} sweep jobs failed, left out of the table; "
+              f"{where}", file=sys.stderr)
+        return 0
+    print(f"error: all {total} sweep jobs failed; {where}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedctx.adamatch.config import AdaptConfig
+from fedctx.results import atomic_write_text
 
 
 def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -93,6 +96,87 @@ def _finished(cfg: AdaptConfig) -> dict[str, Any] | None:
     return summary if same else None
 
 
+def grid(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, device: str
+         ) -> list[AdaptConfig]:
+    """One validated configuration per ``(norm, seed)``, its folder ``out/<norm>-seed<seed>``."""
+    configs = [base.replace(norm=n, seed=s, out=str(out / f"{n}-seed{s}"), device=device)
+               for n in norms for s in seeds]
+    for cfg in configs:
+        cfg.validate()
+    return configs
+
+
+@contextlib.contextmanager
+def ray_instance(ray_address: str, num_cpus: int, log: bool) -> Iterator[None]:
+    """Ray for the sweep's tasks: the running instance, else one joined at ``ray_address`` or
+    started locally with ``num_cpus`` (0: all) and shut down on exit."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=log)
+    else:
+        ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def job_error(cfg: AdaptConfig, err: BaseException) -> dict[str, Any]:
+    """A failed job's record; its whole error (the job's traceback) goes to ``error.txt`` in the
+    job's folder."""
+    cause = getattr(err, "cause", None) or err  # the job's own exception
+    lines = [x for x in str(cause).splitlines() if x.strip()]
+    folder = Path(cfg.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "error.txt", f"{err}\n")
+    return {"norm": cfg.norm, "seed": cfg.seed, "error_file": str(folder / "error.txt"),
+            "error": lines[-1] if lines else type(cause).__name__}
+
+
+def run_jobs(configs: list[AdaptConfig], cpus_per_job: float, gpus_per_job: float, log: bool
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train every configuration not already finished (:func:`_finished`) as a Ray task; the
+    summaries (grid order) and the failures."""
+    import ray
+
+    task = ray.remote(_run_job).options(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
+    threads = max(1, math.floor(cpus_per_job))
+    summaries = [s for s in map(_finished, configs) if s is not None]
+    done_before = {(s["config"]["norm"], s["config"]["seed"]) for s in summaries}
+    pending = {task.remote(cfg.to_dict(), threads): cfg for cfg in configs
+               if (cfg.norm, cfg.seed) not in done_before}
+    failures: list[dict[str, Any]] = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cfg = pending.pop(done[0])
+        try:
+            summaries.append(ray.get(done[0]))
+            line = f"target acc {summaries[-1]['final_target_acc']:.4f}"
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            failures.append(job_error(cfg, err))
+            line = f"FAILED: {failures[-1]['error']}"
+        if log:
+            print(f"[{len(summaries) + len(failures)}/{len(configs)}] {cfg.norm} seed "
+                  f"{cfg.seed}: {line}", flush=True)
+    order = {(c.norm, c.seed): i for i, c in enumerate(configs)}
+    summaries.sort(key=lambda s: order[(s["config"]["norm"], s["config"]["seed"])])
+    return summaries, failures
+
+
+def write_sweep(out: Path, result: dict[str, Any]) -> None:
+    """``sweep.json``, ``sweep.md`` (the table) and ``grad_variance.png`` (one line per norm,
+    when a run finished)."""
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if result["runs"]:
+        _plot_grad_variance_by_norm(result["runs"], out / "grad_variance.png")
+    atomic_write_text(out / "sweep.md", markdown_table(result["table"], result["title"])
+                      + f"\nWall time of the sweep: {result['wall_seconds']:.0f} s.\n")
+
+
 def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, *,
               cpus_per_job: float = 1.0, gpus_per_job: float = 0.0, num_cpus: int = 0,
               ray_address: str = "", log: bool = True) -> dict[str, Any]:
@@ -100,7 +184,7 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     ``sweep.md`` (the comparison table), ``grad_variance.png`` (one line per norm) and each
     run's folder ``out/<norm>-seed<seed>``. A run whose folder already holds a ``summary.json``
     of the same configuration is reused, not re-run; a run that fails is listed under
-    ``failures`` and left out of the table.
+    ``failures`` (its error in its folder's ``error.txt``) and left out of the table.
 
     Args:
         base: options shared by all runs (``norm``, ``seed`` and ``out`` are overridden).
@@ -109,65 +193,20 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
         num_cpus: CPUs of the local Ray instance (0: all); ignored with ``ray_address``.
         ray_address: join this existing Ray cluster instead of starting a local instance.
     Returns:
-        ``{"table": ..., "runs": [summaries], "wall_seconds": ...}`` (also ``sweep.json``).
+        ``{"table": ..., "runs": [summaries], "failures": [...], "wall_seconds": ...}`` (also
+        ``sweep.json``).
     """
-    import ray
-
     out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if gpus_per_job > 0 else "cpu"
-    configs = [base.replace(norm=n, seed=s, out=str(out / f"{n}-seed{s}"), device=device)
-               for n in norms for s in seeds]
-    for cfg in configs:
-        cfg.validate()
-    started_here = not ray.is_initialized()
-    if started_here:
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=log)
-        else:
-            ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log)
-    task = ray.remote(_run_job).options(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
-    threads = max(1, math.floor(cpus_per_job))
+    configs = grid(base, norms, seeds, out, "cuda" if gpus_per_job > 0 else "cpu")
     start = time.perf_counter()
-    summaries, failures = [], []
-    try:
-        pending = {}
-        for cfg in configs:
-            done_before = _finished(cfg)
-            if done_before is not None:
-                summaries.append(done_before)
-            else:
-                pending[task.remote(cfg.to_dict(), threads)] = cfg
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            cfg = pending.pop(done[0])
-            try:
-                summaries.append(ray.get(done[0]))
-                line = f"target acc {summaries[-1]['final_target_acc']:.4f}"
-            except (ray.exceptions.RayError, RuntimeError) as err:
-                cause = getattr(err, "cause", None) or err  # the job's own exception
-                lines = [x for x in str(cause).splitlines() if x.strip()]
-                failures.append({"norm": cfg.norm, "seed": cfg.seed,
-                                 "error": lines[-1] if lines else type(cause).__name__})
-                line = f"FAILED: {failures[-1]['error']}"
-            if log:
-                print(f"[{len(summaries) + len(failures)}/{len(configs)}] {cfg.norm} seed "
-                      f"{cfg.seed}: {line}", flush=True)
-    finally:
-        if started_here:
-            ray.shutdown()
-    wall = time.perf_counter() - start
-    order = {(c.norm, c.seed): i for i, c in enumerate(configs)}
-    summaries.sort(key=lambda s: order[(s["config"]["norm"], s["config"]["seed"])])
-    table = summarize(summaries)
+    with ray_instance(ray_address, num_cpus, log):
+        summaries, failures = run_jobs(configs, cpus_per_job, gpus_per_job, log)
     title = (f"AdaMatch {base.source} → {base.target}, {base.steps} steps, seeds "
              f"{', '.join(map(str, seeds))}")
-    result = {"title": title, "table": table, "runs": summaries, "failures": failures,
-              "wall_seconds": wall,
+    result = {"title": title, "table": summarize(summaries), "runs": summaries,
+              "failures": failures, "wall_seconds": time.perf_counter() - start,
               "cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job}
-    (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    _plot_grad_variance_by_norm(summaries, out / "grad_variance.png")
-    (out / "sweep.md").write_text(markdown_table(table, title)
-                                  + f"\nWall time of the sweep: {wall:.0f} s.\n")
+    write_sweep(out, result)
     if log:
-        print(markdown_table(table, title), flush=True)
+        print(markdown_table(result["table"], title), flush=True)
     return result
