@@ -16,7 +16,7 @@ from fedctx.federated.policy import (
     merge_client_norm,
 )
 from fedctx.models import make_model
-from fedctx.norm import norm_layer
+from fedctx.norm import ContextNorm1d, norm_layer
 
 
 class OddNames(nn.Module):
@@ -163,3 +163,71 @@ def test_every_fedctx_norm_is_classified_as_norm() -> None:
                                   nn.Conv2d | nn.Linear), (name, key)
         if name != "none":
             assert s.norm, name
+
+
+class TwoContexts(nn.Module):
+    """A ContextNorm (rows by context, K = 2) and a BatchNorm (one state per client)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx = ContextNorm1d(3, num_contexts=2)
+        self.bn = nn.BatchNorm1d(3)
+
+
+def _client_norm(split, value: float) -> dict[str, torch.Tensor]:
+    """Every float norm tensor full of ``value``, row k of the ContextNorm's ``value + k``."""
+    state = TwoContexts().state_dict()
+    out = {}
+    for key in split.norm:
+        t = state[key]
+        if not t.is_floating_point():
+            out[key] = torch.full_like(t, int(value))
+        elif key in split.by_context:
+            out[key] = torch.stack([torch.full_like(t[k], value + k) for k in range(2)])
+        else:
+            out[key] = torch.full_like(t, value)
+    return out
+
+
+def test_per_context_weighted_by_context_counts_exact() -> None:
+    """Client A holds 30 samples of context 0 and 10 of context 1; client B 20 of context 1.
+    Row 0 is A's alone, row 1 = (10 A + 20 B) / 30; the BatchNorm's entry k averages the
+    holders of k weighted by their count of k; every entry carries both rows."""
+    model = TwoContexts()
+    split = split_state(model)
+    assert set(split.by_context) == {f"ctx.{n}" for n in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    server = ServerNormState(NormPolicy.PER_CONTEXT, split, model.state_dict())
+    a, b = _client_norm(split, 1.0), _client_norm(split, 4.0)
+    server.update([NormUpdate(0, 40, a, context_counts=[30, 10]),
+                   NormUpdate(1, 20, b, context_counts=[0, 20])])
+    row0, row1 = 1.0 + 0, (10 * (1.0 + 1) + 20 * (4.0 + 1)) / 30
+    for k in (0, 1):
+        entry = server.outgoing(k)
+        for key in ("ctx.weight", "ctx.running_mean", "ctx.running_var"):
+            torch.testing.assert_close(entry[key][0], torch.full((3,), row0))
+            torch.testing.assert_close(entry[key][1], torch.full((3,), row1))
+        assert entry["ctx.num_batches_tracked"].tolist() == [1, 4]
+    torch.testing.assert_close(server.outgoing(0)["bn.running_mean"], torch.full((3,), 1.0))
+    torch.testing.assert_close(server.outgoing(1)["bn.running_mean"],
+                               torch.full((3,), (10 * 1.0 + 20 * 4.0) / 30))
+    # a later round with only context-1 holders leaves row 0 (and entry 0's BatchNorm) alone
+    server.update([NormUpdate(1, 20, _client_norm(split, 7.0), context_counts=[0, 20])])
+    torch.testing.assert_close(server.outgoing(0)["ctx.weight"][0], torch.full((3,), row0))
+    torch.testing.assert_close(server.outgoing(0)["ctx.weight"][1], torch.full((3,), 8.0))
+    torch.testing.assert_close(server.outgoing(0)["bn.running_mean"], torch.full((3,), 1.0))
+
+
+def test_without_context_counts_a_client_counts_its_examples_at_its_context() -> None:
+    model = TwoContexts()
+    split = split_state(model)
+    with_counts = ServerNormState(NormPolicy.PER_CONTEXT, split, model.state_dict())
+    without = ServerNormState(NormPolicy.PER_CONTEXT, split, model.state_dict())
+    a, b = _client_norm(split, 1.0), _client_norm(split, 4.0)
+    with_counts.update([NormUpdate(0, 40, a, [40, 0]), NormUpdate(1, 20, b, [0, 20])])
+    without.update([NormUpdate(0, 40, a), NormUpdate(1, 20, b)])
+    for k in (0, 1):
+        for key in split.norm:
+            torch.testing.assert_close(with_counts.outgoing(k)[key], without.outgoing(k)[key])
+    # the row a context's clients use is theirs, as with one bank entry per context
+    assert torch.all(without.outgoing(1)["ctx.weight"][1] == 5.0)
