@@ -200,3 +200,55 @@ def test_local_policy_with_the_client_helper_keeps_norm_in_context_state() -> No
         assert torch.all(kept["1.running_mean"] == 2 * (1 + pid))
     assert wrapper.norm.bank == {} and torch.equal(
         wrapper.norm.global_norm["1.running_mean"], tiny().state_dict()["1.running_mean"])
+
+
+class MixedLabels(PlainClients):
+    """Partitions 0 and 1 are labelled (label counts [3, 1] and [1, 1] at registration; train
+    confidence 0.8 and 0.5 over 10 and 30 examples); partition 2 is unlabelled (no label
+    counts, reports ``unlabelled-mask-rate``)."""
+
+    LABELS = {0: [3, 1], 1: [1, 1]}
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if msg.metadata.message_type == MessageType.QUERY:
+            described = norm_client.describe(msg, context=pid % 2, partition_id=pid)
+            if pid in self.LABELS:
+                described.content["metrics"]["label-counts"] = self.LABELS[pid]
+            return described
+        out = super().__call__(msg, context)
+        metrics = out.content["metrics"]
+        metrics["num-examples"] = {0: 10, 1: 30, 2: 20}[pid]
+        if pid in self.LABELS:
+            metrics["confidence"] = {0: 0.8, 1: 0.5}[pid]
+        else:
+            metrics["unlabelled-mask-rate"] = 0.25
+        return out
+
+
+def test_label_distribution_and_source_confidence_reach_the_train_config() -> None:
+    clients = MixedLabels()
+    wrapper = NormPolicyStrategy(FedAvg(**sampling(3)), tiny(), "per-context")
+    start(wrapper, clients, n=3, rounds=2)
+    configs = {(pid, cfg["server-round"]): cfg for kind, pid, _, cfg in clients.log
+               if kind == MessageType.TRAIN}
+    for pid in range(3):
+        assert configs[pid, 1]["label-distribution"] == pytest.approx([4 / 6, 2 / 6])
+        assert "source-confidence" not in configs[pid, 1]
+        assert configs[pid, 2]["source-confidence"] == pytest.approx((10 * 0.8 + 30 * 0.5) / 40)
+    report = wrapper.reports[2]
+    assert report.aggregated and report.accepted == 3
+    assert report.metrics["unlabelled-mask-rate"] == pytest.approx(0.25)
+    assert report.metrics["confidence"] == pytest.approx(0.575)
+    resumed = NormPolicyStrategy(FedAvg(**sampling(3)), tiny(), "per-context")
+    resumed.load_state_dict(wrapper.state_dict(), finished_rounds=2)
+    assert resumed.source_confidence == pytest.approx(0.575)
+    assert resumed.label_distribution() == pytest.approx([4 / 6, 2 / 6])
+
+
+def test_no_label_counts_no_label_distribution() -> None:
+    clients = PlainClients()
+    start(NormPolicyStrategy(FedAvg(**sampling(2)), tiny(), "per-context"), clients, n=2,
+          rounds=2)
+    assert not any("label-distribution" in cfg or "source-confidence" in cfg
+                   for _, _, _, cfg in clients.log)
