@@ -3,7 +3,7 @@ training with AdaMatch's unlabelled objective, against centralized AdaMatch and 
 baselines whose target clients are absent, on MNIST -> USPS and MNIST -> MNIST-M.
 
     python benchmarks/fed_adamatch.py --data-dir DIR [--pairs mnist-usps,mnist-mnistm]
-                                      [--seeds 0,1,2] [--rounds 10] [--rows ROW,...]
+                                      [--seeds 0,1,2] [--rounds 6] [--rows ROW,...]
                                       [--budget-minutes 0]
     python benchmarks/fed_adamatch.py --page-only
 
@@ -15,7 +15,7 @@ rounds of one local epoch, batch 32):
   norm, ``per-context`` bank; every client trains every round.
 * ``per-context, target absent``: the same without the target clients (``--clients 2
   --holdout-domain <t>``): supervised on MNIST only, the target evaluated as the held-out domain
-  with the default rule.
+  with the default ``--unseen-rule`` (every rule the server evaluates is recorded and listed).
 * ``FedAvg, labelled only``: ``--norm batch --norm-policy average``, target absent likewise.
 * ``centralized AdaMatch``: ``python -m fedctx.adapt --source mnist --target <t> --norm context``
   on 1,486 images per domain for as many steps of 32 + 32 images as the federated run's
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,54 +80,79 @@ def adapt_steps(rounds: int) -> int:
     return 2 * math.ceil(PER_CLIENT / BATCH) * rounds
 
 
-def run_adapt(pair: str, seed: int, rounds: int, budget: Budget | None, data_dir: str
-              ) -> dict[str, Any] | None:
-    """The record of one ``python -m fedctx.adapt`` run (same layout as ``common.run_cell``'s),
-    read from ``RUNS`` when it exists, else run now unless ``budget`` is ``None`` or spent."""
-    cell = f"{pair}-centralized-r{rounds}"
+def adapt_flags(pair: str, seed: int, rounds: int) -> list[str]:
+    steps = adapt_steps(rounds)
+    return ["--source", "mnist", "--target", PAIRS[pair], "--norm", "context", "--steps",
+            str(steps), "--batch-size", str(BATCH), "--uratio", "1", "--train-samples",
+            str(2 * PER_CLIENT), "--eval-samples", "2000", "--eval-every", str(steps),
+            "--embed-samples", "10", "--norm-momentum", "0", "--threads", "1", "--seed",
+            str(seed)]
+
+
+def adapt_record(summary: dict[str, Any], target: str) -> dict[str, Any]:
+    """Raw model's accuracies (the federated rows have no EMA model), the EMA model's beside."""
+    return {"accuracy_per_context": {"mnist": summary["final_source_acc_raw"],
+                                     target: summary["final_target_acc_raw"]},
+            "ema_accuracy_per_context": {"mnist": summary["final_source_acc"],
+                                         target: summary["final_target_acc"]}}
+
+
+def holdout_record(summary: dict[str, Any], target: str) -> dict[str, Any]:
+    """The trained context's accuracy and the held-out target's, under the default rule and
+    every rule the server recorded."""
+    held = summary["holdout"]
+    return {"accuracy_per_context": {"mnist": summary["accuracy_per_context"]["mnist"],
+                                     target: held["accuracy"]},
+            "holdout": held}
+
+
+def run_module(cell: str, seed: int, module: str, shown: list[str], hidden: list[str],
+               budget: Budget | None, data_dir: str,
+               extract: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+    """``common.run_cell``'s contract for a command whose summary it does not read: the record
+    of ``python -m MODULE SHOWN`` (``extract(summary)`` plus the command, wall time, machine),
+    read from ``RUNS/<cell>-seed<seed>.json`` when it exists, else run now unless ``budget`` is
+    ``None`` or spent."""
     path = RUNS / f"{cell}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     if budget is None or budget.exhausted():
         return None
-    steps, target = adapt_steps(rounds), PAIRS[pair]
-    shown = ["--source", "mnist", "--target", target, "--norm", "context", "--steps", str(steps),
-             "--batch-size", str(BATCH), "--uratio", "1", "--train-samples", str(2 * PER_CLIENT),
-             "--eval-samples", "2000", "--eval-every", str(steps), "--embed-samples", "10",
-             "--norm-momentum", "0", "--threads", "1", "--seed", str(seed)]
     with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:
-        argv = [*shown, "--out", str(Path(tmp) / "run"), "--progress-every", "0"]
+        argv = [*shown, *hidden, "--out", str(Path(tmp) / "run")]
         if data_dir:
             argv += ["--data-dir", data_dir]
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *argv], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cell} seed {seed} failed:\n{proc.stderr[-2000:]}")
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-    record = {
-        "cell": cell, "seed": seed,
-        "command": "python -m fedctx.adapt " + shlex.join(shown)
-                   + (" --data-dir DATA" if data_dir else ""),
-        "accuracy_per_context": {"mnist": summary["final_source_acc_raw"],
-                                 target: summary["final_target_acc_raw"]},
-        "ema_accuracy_per_context": {"mnist": summary["final_source_acc"],
-                                     target: summary["final_target_acc"]},
-        "wall_seconds": time.time() - t0, "machine": machine(),
-    }
+    record = {"cell": cell, "seed": seed,
+              "command": f"python -m {module} " + shlex.join(shown)
+                         + (" --data-dir DATA" if data_dir else ""),
+              **extract(summary), "wall_seconds": time.time() - t0, "machine": machine()}
     RUNS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-    print(f"{cell} seed {seed}: target accuracy {summary['final_target_acc_raw']:.4f} "
+    print(f"{cell} seed {seed}: accuracy {record['accuracy_per_context']} "
           f"({record['wall_seconds']:.0f} s)", flush=True)
     return record
 
 
 def run_row(row: str, pair: str, seed: int, rounds: int, budget: Budget | None,
             data_dir: str) -> dict[str, Any] | None:
+    target, cell = PAIRS[pair], f"{pair}-{row}-r{rounds}"
+    if row == "fed-adamatch":
+        return run_cell(RUNS, cell, seed, federated_flags(row, pair, rounds), budget,
+                        data_dir=data_dir)
     if row == "centralized":
-        return run_adapt(pair, seed, rounds, budget, data_dir)
-    return run_cell(RUNS, f"{pair}-{row}-r{rounds}", seed, federated_flags(row, pair, rounds),
-                    budget, data_dir=data_dir)
+        return run_module(cell, seed, "fedctx.adapt", adapt_flags(pair, seed, rounds),
+                          ["--progress-every", "0"], budget, data_dir,
+                          lambda s: adapt_record(s, target))
+    return run_module(cell, seed, "fedctx.simulate",
+                      [*federated_flags(row, pair, rounds), "--seed", str(seed)],
+                      ["--backend", "inprocess"], budget, data_dir,
+                      lambda s: holdout_record(s, target))
 
 
 def accuracy(record: dict[str, Any], domain: str) -> float:
@@ -179,6 +205,17 @@ def write_page(records: dict[tuple[str, str], list[dict[str, Any]]], pairs: list
                 sentences.append(f"- MNIST → {DISPLAY[target]}: "
                                  + verdict(paired_difference(ours, tgt), "fed-AdaMatch",
                                            LABELS[row]))
+        for row in ("per-context-absent", "fedavg-absent"):
+            recs = records[(pair, row)]
+            rules = sorted({k for r in recs for k, v in r["holdout"]["accuracy_per_rule"].items()
+                            if v is not None})
+            if rules:
+                lines += ["", f"{LABELS[row]}: the held-out target under each rule of "
+                          "`--unseen-rule` (the table shows `" + recs[0]["holdout"]["rule"]
+                          + "`): " + "; ".join(
+                              f"`{rule}` " + mean_ci([r["holdout"]["accuracy_per_rule"][rule]
+                                                      for r in recs]).format(100, 1)
+                              for rule in rules) + "."]
         ema = records[(pair, "centralized")]
         if ema:
             lines += ["", "Centralized AdaMatch's EMA model (its usual report) on the target: "
@@ -196,7 +233,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="", help="folder with MNIST, USPS, MNIST-M")
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rows", default=",".join(ROWS), help="rows to run (all by default)")
     parser.add_argument("--budget-minutes", type=float, default=0)
     parser.add_argument("--page-only", action="store_true",
