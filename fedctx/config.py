@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 NORM_POLICIES = ("average", "local", "stats-local", "per-context")
+PARTITIONS = ("iid", "dirichlet", "shards")
+#: How the server evaluates a domain no client trained on (``--holdout-domain``), see
+#: :mod:`fedctx.federated.unseen`.
+UNSEEN_RULES = ("bank-mean", "batch-stats", "nearest")
+CONTEXT_SOURCES = ("domain", "kmeans")
 
 
 _BOUNDS = {"min": ">=", "ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -211,6 +216,22 @@ class SimConfig:
                                   "that has not replied by then counts as failed", gt=0.0)
     max_examples: int = option(0, "largest num-examples a client's reply may claim (0: the "
                                "number of training images the client registered with)", min=0)
+    domain_alpha: float = option(0.0, "each client's mix of domains drawn from Dirichlet(A) "
+                                 "(0: one domain per client)", ge=0.0)
+    partition: str = option("iid", "label skew within a domain: iid, dirichlet (Dirichlet(--alpha) "
+                            "shares per class) or shards (2 label-sorted shards per client)",
+                            choices=PARTITIONS)
+    alpha: float = option(0.5, "Dirichlet concentration of --partition dirichlet", gt=0.0)
+    holdout_domain: str = option("", "a domain held out of training, evaluated by the server "
+                                 "with every --unseen-rule (empty: none)")
+    unseen_rule: str = option("bank-mean", "rule whose held-out accuracy is the headline one "
+                              "(every rule is recorded)", choices=UNSEEN_RULES)
+    unlabelled_domains: str = option("", "comma-separated domains whose clients hold images "
+                                     "without labels (empty: none)")
+    contexts: str = option("domain", "what a sample's context is: its domain, or its k-means "
+                           "cluster (--num-contexts of them)", choices=CONTEXT_SOURCES)
+    num_contexts: int = option(0, "number of k-means contexts (--contexts kmeans; 0: as many as "
+                               "the scenario's training domains)", min=0)
     cpus_per_client: float = option(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
     gpus_per_client: float = option(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
                                   ge=0.0, le=1.0)
@@ -233,7 +254,28 @@ class SimConfig:
         check_fields(self)
         if self.min_clients > self.clients:
             raise ConfigError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
+        unlabelled = self.unlabelled_list()
+        if len(set(unlabelled)) != len(unlabelled) or "" in unlabelled:
+            raise ConfigError(f"--unlabelled-domains: invalid value {self.unlabelled_domains!r}; "
+                              "expected distinct domain names separated by commas")
+        if self.holdout_domain and self.holdout_domain in unlabelled:
+            raise ConfigError(f"--holdout-domain {self.holdout_domain} is also in "
+                              f"--unlabelled-domains; a held-out domain has no clients")
+        if unlabelled and self.domain_alpha > 0:
+            raise ConfigError(f"--unlabelled-domains needs one domain per client; drop "
+                              f"--domain-alpha {self.domain_alpha}")
+        if self.partition == "shards" and self.domain_alpha > 0:
+            raise ConfigError(f"--partition shards deals label shards to one-domain clients; "
+                              f"with --domain-alpha {self.domain_alpha} use --partition iid or "
+                              "dirichlet")
+        if self.num_contexts and self.contexts != "kmeans":
+            raise ConfigError(f"--num-contexts {self.num_contexts} applies to --contexts kmeans "
+                              f"only (--contexts is {self.contexts!r})")
         return self
+
+    def unlabelled_list(self) -> list[str]:
+        """``--unlabelled-domains`` as a list of names (empty when none)."""
+        return self.unlabelled_domains.split(",") if self.unlabelled_domains else []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

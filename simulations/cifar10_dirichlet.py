@@ -1,7 +1,9 @@
 """``cifar10-dirichlet``: CIFAR-10 with Dirichlet label skew (Hsu et al. 2019), one context.
 
 All 50,000 training images are split among the clients with, per class, shares drawn from
-Dirichlet(:data:`ALPHA` = 0.5) (every client gets at least :data:`MIN_PER_CLIENT` images, and
+Dirichlet(0.5) (the scenario's defaults ``partition = "dirichlet"``, ``alpha = 0.5`` in
+``configs/cifar10-dirichlet.toml``; ``--partition iid|shards`` and ``--alpha`` change it; every
+client gets at least :data:`MIN_PER_CLIENT` images, and
 ``--clients`` is refused when the mean share is under one ``--batch-size``); the
 10,000 test images are the test set of the single context ``cifar10``. Images: float32
 ``(3, 32, 32)`` in [-1, 1] (``(x / 255 - 0.5) / 0.5``). Read from ``--data-dir`` (else
@@ -16,23 +18,25 @@ import torch
 
 from fedctx.config import SimConfig
 from fedctx.data import ClientData, FederatedDataset
-from fedctx.data.partition import check_batch_fits, dirichlet_split
+from fedctx.data.partition import check_batch_fits, partition_clients
 from fedctx.data.sources import read_cached, to_cifar_form
 from fedctx.scenarios import MODELS_32, Scenario
-from fedctx.scenarios._common import data_root
+from fedctx.scenarios._common import data_root, refuse_domain_options
 
-ALPHA = 0.5
 MIN_PER_CLIENT = 10
 
 
 def build(config: SimConfig) -> FederatedDataset:
     SCENARIO.check_model(config.model)  # fail before any data is read
+    refuse_domain_options(config, "has one domain (cifar10)")
     root = str(data_root(config))
     x_tr, y_tr = read_cached("cifar10", root, True, config.download)
     x_te, y_te = read_cached("cifar10", root, False, config.download)
     check_batch_fits(config.clients, [len(y_tr)], config.batch_size, average=True)
-    parts = dirichlet_split(y_tr, config.clients, ALPHA, np.random.default_rng(config.seed),
-                            min_size=min(MIN_PER_CLIENT, len(y_tr) // config.clients))
+    parts = partition_clients(np.zeros(len(y_tr), dtype=np.int64), y_tr, config.clients,
+                              np.random.default_rng(config.seed), partition=config.partition,
+                              alpha=config.alpha,
+                              min_size=min(MIN_PER_CLIENT, len(y_tr) // config.clients))
     clients = [ClientData(to_cifar_form(x_tr[p]), torch.from_numpy(y_tr[p]),
                           torch.zeros(len(p), dtype=torch.long)) for p in parts]
     test = {0: (to_cifar_form(np.array(x_te)), torch.from_numpy(np.array(y_te)))}

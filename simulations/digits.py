@@ -6,6 +6,12 @@ MNIST (derived from a disjoint MNIST subset). Client ``i`` holds domain ``i % 4`
 server's test set for that context; a client must hold at least one batch (``--clients`` up to
 124 at ``--batch-size 32``). With ``--data-dir``, the MNIST domain is read from the real
 MNIST there instead (same per-class counts, drawn with the run's seed).
+
+The partition options apply (``fedctx.scenarios._common.federate``): ``--domain-alpha`` gives
+clients a mix of domains (every domain's 1,000 images are still dealt out),
+``--partition``/``--alpha`` skew labels within a domain, ``--holdout-domain`` keeps a domain out
+of training (its 300 test images are evaluated by the server), ``--unlabelled-domains`` and
+``--contexts kmeans`` as in ``python -m fedctx.simulate --help``.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import numpy as np
 import torch
 
 from fedctx.config import SimConfig
-from fedctx.data import ClientData, FederatedDataset, load_embedded_digits
+from fedctx.data import FederatedDataset, load_embedded_digits
 from fedctx.data.embedded import TEST_PER_CLASS, TRAIN_PER_CLASS, to_common_form
-from fedctx.data.partition import assign_domains, check_batch_fits, iid_split
+from fedctx.data.partition import check_batch_fits
 from fedctx.data.sources import read_mnist
 from fedctx.scenarios import Scenario
+from fedctx.scenarios._common import check_domain_options, federate
 
 
 def _real_mnist(root: Path, download: bool, rng: np.random.Generator):
@@ -37,23 +44,18 @@ def build(config: SimConfig) -> FederatedDataset:
     SCENARIO.check_model(config.model)  # fail before any data is read
     domains = load_embedded_digits()
     names = list(domains)
+    check_domain_options(config, names)
     rng = np.random.default_rng(config.seed)
     if config.data_dir:
         x_tr, y_tr, x_te, y_te = _real_mnist(Path(config.data_dir), config.download, rng)
         domains["mnist"] = type(domains["mnist"])("mnist", x_tr, y_tr, x_te, y_te)
-    check_batch_fits(config.clients, [len(domains[n].y_train) for n in names], config.batch_size)
-    owner = assign_domains(config.clients, len(names))
-    clients: list[ClientData | None] = [None] * config.clients
-    for k, name in enumerate(names):
-        members = np.flatnonzero(owner == k)
-        d = domains[name]
-        for cid, part in zip(members, iid_split(len(d.y_train), len(members), rng), strict=True):
-            idx = torch.from_numpy(part)
-            clients[cid] = ClientData(d.x_train[idx], d.y_train[idx],
-                                      torch.full((len(idx),), k, dtype=torch.long))
-    test = {k: (domains[n].x_test, domains[n].y_test) for k, n in enumerate(names)}
-    return FederatedDataset(names, clients, test, num_classes=10, input_shape=(3, 28, 28),
-                            real_domains=["mnist", "usps", "mnistm"])
+    training = [n for n in names if n != config.holdout_domain]
+    check_batch_fits(config.clients, [len(domains[n].y_train) for n in training],
+                     config.batch_size, average=config.partition != "iid"
+                     or config.domain_alpha > 0)
+    return federate(config, {n: (domains[n].x_train, domains[n].y_train) for n in training},
+                    {n: (domains[n].x_test, domains[n].y_test) for n in names}, rng,
+                    real_domains=["mnist", "usps", "mnistm"])
 
 
 SCENARIO = Scenario(

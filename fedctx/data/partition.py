@@ -14,6 +14,11 @@ partitioner                what a client gets
 :func:`domain_split`       one domain per client, IID within the domain
 :func:`domain_dirichlet_   one domain per client, Dirichlet label skew within the domain
 split`
+:func:`shards_split`       ``k`` label-sorted shards per client (McMahan et al. 2017)
+:func:`domain_mix_split`   a mix of domains per client: mix ~ Dirichlet(domain_alpha), IID
+                           or Dirichlet label skew within each domain
+:func:`partition_clients`  the scenarios' entry point: ``--domain-alpha``, ``--partition``,
+                           ``--alpha``
 =========================  ===============================================================
 
 Why not Flower Datasets' partitioners (``flwr-datasets`` 0.6.1)? Measured on this project's
@@ -196,3 +201,105 @@ def domain_dirichlet_split(domains: np.ndarray, labels: np.ndarray, num_parts: i
     return _split_per_domain(
         domains, num_parts,
         lambda idx, n: dirichlet_split(labels[idx], n, alpha, rng, min_size))
+
+
+#: Shards per client of ``--partition shards`` (McMahan et al. 2017 give each client 2).
+SHARDS_PER_CLIENT = 2
+
+
+def shards_split(labels: np.ndarray, num_parts: int, shards_per_part: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """McMahan et al. (2017)'s pathological non-IID split: sort the samples by label (ties in
+    random order), cut them into ``num_parts * shards_per_part`` near-equal shards and deal
+    ``shards_per_part`` random shards to each client. ``labels``: ``(N,)``.
+
+    Raises:
+        ValueError: fewer samples than shards.
+    """
+    labels = np.asarray(labels)
+    num_shards = num_parts * shards_per_part
+    if num_shards > len(labels):
+        raise ValueError(f"cannot cut {len(labels)} samples into {num_shards} shards "
+                         f"({num_parts} clients x {shards_per_part}); use fewer --clients")
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    shards = np.array_split(by_label, num_shards)
+    order = rng.permutation(num_shards).reshape(num_parts, shards_per_part)
+    return [np.sort(np.concatenate([shards[j] for j in row])).astype(np.int64) for row in order]
+
+
+def domain_mix_split(domains: np.ndarray, labels: np.ndarray, num_parts: int,
+                     domain_alpha: float, rng: np.random.Generator, *,
+                     alpha: float | None = None, min_size: int = 2,
+                     max_tries: int = 100) -> list[np.ndarray]:
+    """Clients that hold several domains: client ``i``'s mix of domains is
+    ``m_i ~ Dirichlet(domain_alpha * 1_D)``, and domain ``d``'s samples are shared among all
+    clients in proportion to ``m_id`` (a domain's samples are dealt out in full, so the pool of
+    training data is the same for every ``domain_alpha``). Within a domain the share is IID, or,
+    with ``alpha``, skewed per class by a further ``Dirichlet(alpha)`` draw over clients (Hsu et
+    al. 2019): class ``c`` of domain ``d`` goes to client ``i`` in proportion to
+    ``m_id * p_dci``.
+
+    ``domains``, ``labels``: ``(N,)``. Small ``domain_alpha`` (0.1) gives each client mostly one
+    domain, large (10) near-equal mixes. The draw is repeated (up to ``max_tries``) until every
+    client holds ``min_size`` samples.
+
+    Raises:
+        ValueError: ``domain_alpha <= 0``, or no draw gave every client ``min_size`` samples.
+    """
+    domains, labels = np.asarray(domains), np.asarray(labels)
+    if domain_alpha <= 0:
+        raise ValueError(f"domain Dirichlet alpha must be > 0, got {domain_alpha}")
+    num_domains = int(domains.max()) + 1
+    for _ in range(max_tries):
+        mix = rng.dirichlet(np.full(num_domains, domain_alpha), size=num_parts)  # (N, D)
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+        for d in range(num_domains):
+            idx = np.flatnonzero(domains == d)
+            groups = ([rng.permutation(idx)] if alpha is None else
+                      [rng.permutation(idx[labels[idx] == c]) for c in np.unique(labels[idx])])
+            for group in groups:
+                weight = mix[:, d] * (1.0 if alpha is None else
+                                      rng.dirichlet(np.full(num_parts, alpha)))
+                share = weight / weight.sum() if weight.sum() > 0 else np.full(num_parts,
+                                                                               1 / num_parts)
+                cuts = (np.cumsum(share)[:-1] * len(group)).astype(int)
+                for p, chunk in zip(parts, np.split(group, cuts), strict=True):
+                    p.append(chunk)
+        out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise ValueError(f"--domain-alpha {domain_alpha}: every draw in {max_tries} left a client "
+                     f"with fewer than {min_size} images; raise --domain-alpha or use fewer "
+                     "--clients")
+
+
+def partition_clients(domains: np.ndarray, labels: np.ndarray, num_parts: int,
+                      rng: np.random.Generator, *, domain_alpha: float = 0.0,
+                      partition: str = "iid", alpha: float = 0.5,
+                      min_size: int = 2) -> list[np.ndarray]:
+    """The split a scenario's options ask for (``--domain-alpha``, ``--partition``,
+    ``--alpha``): one domain per client (round-robin) when ``domain_alpha == 0``, each split
+    within its domain by ``partition`` (``iid``: :func:`iid_split`, exactly as
+    :func:`domain_split`; ``dirichlet``: :func:`dirichlet_split`; ``shards``:
+    :func:`shards_split` with :data:`SHARDS_PER_CLIENT`); else :func:`domain_mix_split`
+    (``shards`` is refused there: a shard belongs to one client of one domain).
+
+    ``domains``, ``labels``: ``(N,)``; returns one sorted index array per client.
+    """
+    labels = np.asarray(labels)
+    if domain_alpha > 0:
+        if partition == "shards":
+            raise ValueError("--partition shards needs one domain per client (--domain-alpha 0)")
+        return domain_mix_split(domains, labels, num_parts, domain_alpha, rng,
+                                alpha=alpha if partition == "dirichlet" else None,
+                                min_size=min_size)
+    within: dict[str, Callable[[np.ndarray, int], list[np.ndarray]]] = {
+        "iid": lambda idx, n: iid_split(len(idx), n, rng),
+        "dirichlet": lambda idx, n: dirichlet_split(labels[idx], n, alpha, rng, min_size),
+        "shards": lambda idx, n: shards_split(labels[idx], n, SHARDS_PER_CLIENT, rng),
+    }
+    if partition not in within:
+        raise ValueError(f"--partition: invalid value {partition!r}; valid choices: "
+                         f"{', '.join(within)}")
+    return _split_per_domain(domains, num_parts, within[partition])

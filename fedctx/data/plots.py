@@ -3,8 +3,9 @@
 Figures are built with :class:`matplotlib.figure.Figure` directly (rendered by the Agg canvas),
 so no pyplot state or global backend is touched and no display is needed.
 
-- :func:`save_label_heatmap`: label counts per client (rows) and class (columns), each client's
-  context marked by a coloured strip and named on its row.
+- :func:`save_label_heatmap`: per client (rows), its mix of contexts (domains; left panel,
+  share of its samples per context) and its label counts per class (right panel); each row
+  names the client's main context, and says when the client holds no labels.
 - :func:`save_sample_grid`: sample test images of every context (domain), one row per context.
 """
 
@@ -14,61 +15,67 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from fedctx.data.federated import FederatedDataset
 
 _ANNOTATE_MAX_CELLS = 400
 
 
-def _context_colors(num_contexts: int) -> list[tuple[float, ...]]:
-    cmap = colormaps["tab10" if num_contexts <= 10 else "tab20"]
-    return [cmap(k % cmap.N) for k in range(num_contexts)]
+def _annotate(ax, values: np.ndarray, text: np.ndarray,  # noqa: ANN001 - an Axes
+              light_high: bool = True) -> None:
+    """Write ``text`` in the cells (when at most 400), in black on light cells: high values
+    are light with ``light_high`` (viridis), dark otherwise (Blues)."""
+    if values.size > _ANNOTATE_MAX_CELLS:
+        return
+    threshold = values.max() / 2 if values.size else 0
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, str(text[i, j]), ha="center", va="center", fontsize=7,
+                color="black" if (value > threshold) == light_high else "white")
 
 
 def save_label_heatmap(dataset: FederatedDataset, path: Path | str) -> Path:
-    """Write a heat map of ``dataset.label_counts()`` ``(clients, classes)`` to ``path`` (PNG).
-
-    Rows are clients (``c<i>`` plus its main context's name), columns classes; counts are written
-    in the cells when there are at most 400 cells. Returns the path written.
+    """Write the who-holds-what picture of ``dataset`` to ``path`` (PNG): per client (rows),
+    its share of samples per context (left, ``dataset.context_counts()`` ``(clients,
+    contexts)``, normalised per row) and its label counts (right, ``dataset.label_counts()``
+    ``(clients, classes)``). Rows are named ``c<i>`` plus the client's main context, and
+    ``(unlabelled)`` for a client without labels (its label row is empty). Counts are written in
+    the cells when there are at most 400. Returns the path written.
     """
     counts = dataset.label_counts().numpy()
+    mix = dataset.context_counts().numpy()
+    share = mix / np.maximum(mix.sum(1, keepdims=True), 1)
     n_clients, n_classes = counts.shape
-    contexts = [c.context for c in dataset.clients]
-    colors = _context_colors(dataset.num_contexts)
+    k = dataset.num_contexts
     height = min(2.0 + 0.32 * n_clients, 40.0)
-    width = min(3.5 + 0.55 * n_classes, 30.0)
+    width = min(4.0 + 0.55 * (n_classes + k), 34.0)
     fig = Figure(figsize=(width, height))
-    strip, ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [0.6, n_classes]})
-    strip.imshow(np.array(contexts)[:, None], aspect="auto", interpolation="nearest",
-                 cmap=ListedColormap(colors), vmin=-0.5, vmax=dataset.num_contexts - 0.5)
-    strip.set_xticks([])
-    strip.set_yticks(range(n_clients))
-    strip.set_yticklabels([f"c{i} {dataset.context_names[k]}" for i, k in enumerate(contexts)],
-                          fontsize=8 if n_clients <= 40 else 5)
-    strip.set_ylabel("client and its context")
+    left, ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [max(k, 1.5),
+                                                                             n_classes]})
+    left.imshow(share, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
+    _annotate(left, share, mix, light_high=False)
+    left.set_xticks(range(k))
+    left.set_xticklabels(dataset.context_names, rotation=45, ha="right", fontsize=7)
+    left.set_yticks(range(n_clients))
+    left.set_yticklabels([f"c{i} {dataset.context_names[c.context]}"
+                          + ("" if c.labelled else " (unlabelled)")
+                          for i, c in enumerate(dataset.clients)],
+                         fontsize=8 if n_clients <= 40 else 5)
+    left.set_ylabel("client and its main context")
+    left.set_title("samples per context", fontsize=9)
     image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xticks(range(n_classes) if n_classes <= 20 else range(0, n_classes, 10))
     ax.set_xlabel("class")
     ax.tick_params(axis="y", left=False)
-    if counts.size <= _ANNOTATE_MAX_CELLS:
-        threshold = counts.max() / 2
-        for (i, j), value in np.ndenumerate(counts):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                    color="black" if value > threshold else "white")
+    _annotate(ax, counts, counts)
     fig.colorbar(image, ax=ax, label="samples", fraction=0.04, pad=0.02)
-    handles = [Patch(color=colors[k], label=name) for k, name in enumerate(dataset.context_names)]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8,
-               frameon=False, title="context")
-    k = dataset.num_contexts
     title = f"label counts per client ({n_clients} clients, {k} context{'s' * (k != 1)})"
     if dataset.missing_domains:
         title += f"; missing: {', '.join(dataset.missing_domains)}"
+    if dataset.holdout is not None:
+        title += f"; held out: {dataset.holdout[0]}"
     ax.set_title(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - min(0.6 / height, 0.15)))
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
