@@ -14,7 +14,12 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
 
 SERVER_APP = "fedctx.federated.server:app"
 CLIENT_APP = "fedctx.federated.client:app"
@@ -28,17 +33,19 @@ def quiet_flower(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run_in_process(run_config: RunConfig, *, num_clients: int, verbose: bool = False) -> None:
-    """Run fedctx's ServerApp against an :class:`~fedctx.federated.local.InProcessGrid` of its
-    ClientApp (no Ray), both with ``run_config``."""
+def run_in_process(run_config: RunConfig, *, num_clients: int, verbose: bool = False,
+                   client_app: Callable[[Message, Context], Message] | None = None) -> None:
+    """Run fedctx's ServerApp against an :class:`~fedctx.federated.local.InProcessGrid` of
+    ``client_app`` (default: fedctx's ClientApp; e.g. a wrapper that alters some replies, as
+    ``benchmarks/robustness.py`` does), without Ray, both with ``run_config``."""
     from flwr.app import Context, RecordDict
 
-    from fedctx.federated.client import app as client_app
+    from fedctx.federated.client import app as fedctx_client_app
     from fedctx.federated.local import InProcessGrid
     from fedctx.federated.server import app as server_app
 
     quiet_flower(verbose)
-    grid = InProcessGrid(client_app, num_clients, run_config=run_config)
+    grid = InProcessGrid(client_app or fedctx_client_app, num_clients, run_config=run_config)
     server_app(grid, Context(run_id=grid.run_id, node_id=1, node_config={}, state=RecordDict(),
                              run_config=dict(run_config)))
 
