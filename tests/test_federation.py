@@ -64,6 +64,8 @@ class FaultyApp:
             arrays[first] = arrays[first].double()
         elif fault == "keys":
             arrays["extra.weight"] = torch.zeros(1)
+        elif fault == "scale":  # a poisoning client: finite, right shapes, 1000x too large
+            arrays = {k: v * 1000 if v.is_floating_point() else v for k, v in arrays.items()}
         reply.content["arrays"] = ArrayRecord(arrays)
         return reply
 
@@ -109,20 +111,79 @@ def test_local_policy_keeps_norm_on_clients(tmp_path: Path) -> None:
     assert len(recorder.history) == config.rounds
 
 
+def shared_deviation(config: SimConfig) -> float:
+    """Largest change of a shared (non-norm) weight between the initial and the final model."""
+    from fedctx.federated.runtime import build_model, get_runtime
+
+    final = torch.load(Path(config.out) / "model.pt", weights_only=False)["shared"]
+    initial = build_model(config, get_runtime(to_run_config(config)).data).state_dict()
+    return max(float((final[k] - initial[k]).abs().max()) for k in final)
+
+
+@pytest.mark.parametrize("name", ["krum", "fedmedian", "fedtrimmedavg"])
+def test_robust_strategies_ignore_a_poisoning_client(tmp_path: Path, name: str) -> None:
+    # fedctx's Krum, FedMedian and FedTrimmedAvg (their fedctx defaults, in fedctx's server with
+    # real clients) keep the shared weights where honest training puts them when one client of
+    # five sends weights 1000x too large; FedAvg's mean is dragged far away.
+    attack = FaultyApp(client_app, {4: "scale"})
+    robust = small_config(tmp_path / name, clients=5, rounds=1, strategy=name)
+    fedavg = small_config(tmp_path / "fedavg", clients=5, rounds=1)
+    assert run(robust, attack).history[0]["clients_ok"] == 5  # accepted: only the rule helps
+    run(fedavg, attack)
+    honest, dragged = shared_deviation(robust), shared_deviation(fedavg)
+    assert honest < 2.0 and dragged > 50 * honest, (honest, dragged)
+
+
+def test_fedadam_server_moments_move_between_rounds_and_are_checkpointed(tmp_path: Path
+                                                                          ) -> None:
+    from fedctx.results import read_checkpoint
+
+    def leaves(value) -> list[torch.Tensor]:
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in leaves(v)]
+        if isinstance(value, list | tuple):
+            return [t for v in value for t in leaves(v)]
+        return [torch.as_tensor(value)] if isinstance(value, torch.Tensor | float) else []
+
+    config = small_config(tmp_path, rounds=2, strategy="fedadam")
+    run(config)
+    moments = [read_checkpoint(Path(config.out) / name)["strategy"]["inner"]["attributes"]
+               for name in ("checkpoint.prev.pt", "checkpoint.pt")]  # after rounds 1 and 2
+    for key in ("m_t", "v_t"):
+        first, second = leaves(moments[0][key]), leaves(moments[1][key])
+        assert first and any(float(t.abs().max()) > 0 for t in first), key  # round 1 set them
+        assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True)), key
+
+
+def test_fedprox_sends_its_proximal_term_to_the_clients_fedavg_does_not(tmp_path: Path
+                                                                         ) -> None:
+    # the term itself pulls a client towards the global weights: test below
+    received: dict[str, list[float]] = {}
+
+    def recording(name: str):
+        def app(msg: Message, context) -> Message:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                received.setdefault(name, []).append(
+                    float(msg.content["config"].get("proximal-mu", 0.0)))
+            return client_app(msg, context)
+        return app
+
+    for name in ("fedprox", "fedavg"):
+        run(small_config(tmp_path / name, rounds=1, strategy=name), recording(name))
+    assert received == {"fedprox": [0.01] * 4, "fedavg": [0.0] * 4}
+
+
 @pytest.mark.parametrize("name", sorted(strategies.BUILTIN))
 def test_every_builtin_strategy_trains_with_any_policy(tmp_path: Path, name: str) -> None:
-    # What each strategy is for is tested in tests/test_norm_strategy.py; here: every one runs
-    # inside fedctx's server with some policy, aggregates every reply and moves the weights.
+    # What each strategy is for: the tests above (fedctx's server) and tests/test_norm_strategy.py
+    # (the wrapper alone); here: every one runs inside fedctx's server with some policy,
+    # aggregates every reply and moves the weights.
     policy = {"fedavg": "average", "fedprox": "per-context", "fedadam": "stats-local",
               "krum": "local"}.get(name, "per-context")
     config = small_config(tmp_path, rounds=1, strategy=name, norm_policy=policy)
     recorder = run(config)
     assert recorder.history[0]["clients_ok"] == 4
-    final = torch.load(Path(config.out) / "model.pt", weights_only=False)["shared"]
-    from fedctx.federated.runtime import build_model, get_runtime
-
-    initial = build_model(config, get_runtime(to_run_config(config)).data).state_dict()
-    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    assert shared_deviation(config) > 0
 
 
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
