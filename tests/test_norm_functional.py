@@ -124,7 +124,7 @@ def test_batchgroup_and_proxy_match_the_previous_implementation() -> None:
     x = torch.randn(5, 8, 3, 4, dtype=D) * 3 - 1
     bg = _randomize(BatchGroupNorm(8, num_groups=2, dtype=D))
     _check_against(_old_batchgroup, bg, x)
-    for activation in ("relu", "gelu", "tanh"):
+    for activation in sorted(NF.ACTIVATIONS):
         pn = _randomize(ProxyNorm(8, num_groups=4, activation=activation, dtype=D))
         _check_against(_old_proxy, pn, x)
 
@@ -190,14 +190,17 @@ def test_gradcheck_cross_iteration_with_history() -> None:
     )
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
-def test_gradcheck_scaled_activation(activation: str) -> None:
+@pytest.mark.parametrize("activation", sorted(NF.ACTIVATIONS))
+def test_gradcheck_proxy_kernel(activation: str) -> None:
     torch.manual_seed(6)
-    u = torch.randn(4, 3, 5, dtype=D, requires_grad=True)
-    scale = torch.rand(3, dtype=D, requires_grad=True)
-    shift = torch.randn(3, dtype=D, requires_grad=True)
+    x = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
+    w = torch.randn(3, 4, dtype=D, requires_grad=True)
+    b = torch.randn(3, 4, dtype=D, requires_grad=True)
+    scale = torch.rand(4, dtype=D, requires_grad=True)
+    shift = torch.randn(4, dtype=D, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda u, s, t: NF._ScaledActivation.apply(u, s, t, activation), (u, scale, shift)
+        lambda *t: NF._ProxyNorm.apply(t[0], 2, *t[1:], 1e-5, activation),
+        (x, w, b, scale, shift),
     )
 
 
@@ -206,12 +209,7 @@ def test_gradcheck_scaled_activation(activation: str) -> None:
 NAMES = [n for n in available() if n != "none"]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(raises=ValueError, strict=False,
-                                             reason="constructor without device/dtype yet"))
-    if n in ("uan", "mixture") else n
-    for n in NAMES
-])
+@pytest.mark.parametrize("name", NAMES)
 def test_every_norm_takes_device_and_dtype(name: str) -> None:
     meta = make_norm(name, 8, num_contexts=2, device="meta")
     tensors = list(meta.parameters()) + list(meta.buffers())
@@ -225,6 +223,14 @@ def test_every_norm_takes_device_and_dtype(name: str) -> None:
     assert y.dtype == D
     y.sum().backward()
     assert x.grad.dtype == D
+
+
+def test_functional_reexports_the_uan_and_mixture_math() -> None:
+    import fedctx.norm.mixture as mixture
+    import fedctx.norm.uan as uan
+
+    assert NF.uan_norm is uan.uan_norm and NF.mixture_norm is mixture.mixture_norm
+    assert {"uan_norm", "mixture_norm"} <= set(NF.__all__)
 
 
 # ----------------------------------------------------------------- which modules are norms

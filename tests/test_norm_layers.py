@@ -392,23 +392,3 @@ def test_adain_per_context_affine() -> None:
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="dims"):
         make_norm("adain", 3, dims=0, num_contexts=2)
-
-
-@pytest.mark.parametrize("assignment", [
-    "authors", pytest.param("softmax", marks=pytest.mark.slow),  # ~10 s each on 2 cores
-])
-def test_uan_kernel_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch,
-                                             assignment: str) -> None:
-    import fedctx.norm.uan as uan
-
-    monkeypatch.setattr(uan, "_CHUNK_ELEMENTS", 50)  # several sample chunks
-    torch.manual_seed(0)
-    x = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    var = (torch.rand(3, 3, dtype=torch.float64) + 0.3).requires_grad_()
-    prior = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
-    log_eps = math.log(1e-3) if assignment == "authors" else None  # eps denominator or softmax
-    assert torch.autograd.gradcheck(
-        lambda x, m, v, p: uan._UANFunction.apply(x, m, v, p, 1e-3, log_eps),
-        (x, mean, var, prior),
-    )

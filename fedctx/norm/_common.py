@@ -40,11 +40,12 @@ def group_counts(ids: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torc
 
 
 def grouped_moments(
-    x: torch.Tensor, ids: torch.Tensor, num_groups: int
+    x: torch.Tensor, ids: torch.Tensor | None, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group, per-channel mean and biased variance of ``x`` ``(N, C, S)``.
 
-    Sample ``n`` belongs to group ``ids[n]``. Per-sample moments come from two fast reductions
+    Sample ``n`` belongs to group ``ids[n]`` (``ids=None``: each sample is its own group,
+    ``num_groups = N``, no scatter). Per-sample moments come from two fast reductions
     (``mean`` and the squared L2 norm, ``v_n = E[x^2] - m_n^2``, accumulated in float32 or wider),
     then are merged with the parallel-variance rule ``var_k = mean_n(v_n + (m_n - mean_k)^2)``,
     so cancellation only happens within one sample-channel row (relative error about
@@ -58,6 +59,12 @@ def grouped_moments(
     xs = x.to(sd)
     m_n = xs.mean(-1)  # (N, C)
     v_n = (torch.linalg.vector_norm(xs, dim=-1).square() / x.shape[-1] - m_n.square()).clamp_min(0)
+    if ids is None:
+        return m_n, v_n, m_n.new_ones(x.shape[0])
+    if num_groups == 1:  # a mean over samples (index_add is slow on wide rows on CPU)
+        mean = m_n.mean(0, keepdim=True)
+        var = (v_n + (m_n - mean).square()).mean(0, keepdim=True)
+        return mean, var, m_n.new_full((1,), x.shape[0])
     counts = group_counts(ids, num_groups, sd)
     denom = counts.clamp_min(1).unsqueeze(1)
     zeros = m_n.new_zeros(num_groups, x.shape[1])

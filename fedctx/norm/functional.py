@@ -44,10 +44,99 @@ def _expand_channels(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if size == 1 else t.repeat_interleave(size, dim=1)
 
 
+def _per_row(t: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Group values ``(K, C)`` -> per sample ``(N, C, 1)`` (``ids=None``: one group a sample;
+    one group: ``(1, C, 1)``, broadcast)."""
+    return (t if ids is None or t.shape[0] == 1 else t[ids]).unsqueeze(-1)
+
+
+def _group_sum(rows: torch.Tensor, ids: torch.Tensor | None, num_groups: int) -> torch.Tensor:
+    """Per-sample values ``(N, C)`` summed per group -> ``(K, C)``."""
+    if ids is None:
+        return rows
+    if num_groups == 1:
+        return rows.sum(0, keepdim=True)
+    return rows.new_zeros(num_groups, rows.shape[1]).index_add(0, ids, rows)
+
+
+def _grouped_forward(
+    x: torch.Tensor,
+    ids: torch.Tensor | None,
+    num_groups: int,
+    channel_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """Forward of :class:`_GroupedBatchNorm`: ``(out, mean, var, inv_std, counts)``."""
+    n, c = x.shape[:2]
+    size = c // channel_groups
+    rows = x if size == 1 else x.reshape(n, channel_groups, -1)
+    mean, var, counts = grouped_moments(rows, ids, num_groups)
+    inv_std = torch.rsqrt(var + eps)
+    mean_c, inv_c = _expand_channels(mean, size), _expand_channels(inv_std, size)
+    scale = inv_c if weight is None else inv_c * weight.to(inv_c.dtype)
+    shift = -mean_c * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    out = torch.addcmul(_per_row(shift, ids), x.to(scale.dtype), _per_row(scale, ids))
+    return out, mean, var, inv_std, counts
+
+
+def _grouped_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    ids: torch.Tensor | None,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    counts: torch.Tensor,
+    weight: torch.Tensor | None,
+    need_x: bool,
+    out_scale: torch.Tensor | None = None,
+    row_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Backward of :class:`_GroupedBatchNorm` for the output gradient ``g * out_scale`` (a
+    per-channel factor ``(C,)`` applied after the norm, folded in here instead of a pass).
+    ``row_sums``: ``(sum_s g, sum_s g x)`` ``(N, C)`` when the caller has them.
+
+    Returns ``(grad_x or None, grad_weight, grad_bias)``, the last two ``(K, C)`` sums of
+    ``g xhat`` and ``g`` per group, in the statistics dtype.
+    """
+    sd = mean.dtype
+    g = g.to(sd)
+    xs = x.to(sd)
+    k, r = mean.shape
+    c = x.shape[1]
+    size = c // r
+    row_g, row_gx = row_sums or (g.sum(-1), torch.einsum("ncs,ncs->nc", g, xs))
+    sum_g, sum_gx = _group_sum(row_g, ids, k), _group_sum(row_gx, ids, k)
+    if out_scale is not None:
+        sum_g, sum_gx = sum_g * out_scale, sum_gx * out_scale
+    mean_c, inv_c = _expand_channels(mean, size), _expand_channels(inv_std, size)
+    sum_g_xhat = inv_c * (sum_gx - mean_c * sum_g)  # per channel: sum of g * xhat
+    grad_x = None
+    if need_x:
+        w = None if weight is None else weight.to(sd)
+        s1 = sum_g if w is None else w * sum_g  # sums of g w and g w xhat, per group
+        s2 = sum_g_xhat if w is None else w * sum_g_xhat
+        s1, s2 = s1.view(k, r, size).sum(-1), s2.view(k, r, size).sum(-1)
+        m = (counts * (size * x.shape[-1])).clamp_min(1).unsqueeze(1)
+        coef_x = _expand_channels(-inv_std.square() * s2 / m, size)
+        const = _expand_channels(inv_std * (mean * inv_std * s2 - s1) / m, size)
+        a = inv_c if w is None else inv_c * w
+        if out_scale is not None:
+            a = a * out_scale
+        grad_x = torch.addcmul(_per_row(const, ids), g, _per_row(a, ids))
+        grad_x.addcmul_(xs, _per_row(coef_x, ids))
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, sum_g_xhat, sum_g
+
+
 class _GroupedBatchNorm(torch.autograd.Function):
     """Batch norm of ``x`` ``(N, C, S)`` with statistics per sample group and channel group.
 
-    Sample ``n`` belongs to sample group ``ids[n]`` (``K`` groups); the ``C`` channels form ``R``
+    Sample ``n`` belongs to sample group ``ids[n]`` (``K`` groups; ``ids=None``: ``K = N``, each
+    sample its own group, nothing scattered or gathered); the ``C`` channels form ``R``
     consecutive channel groups. Group ``(k, r)`` is normalized with the mean and biased variance
     of its ``N_k * C / R * S`` values; the affine ``weight``/``bias`` are ``(K, C)`` (or ``None``).
     This is context batch norm (``R = C``, ``K`` contexts), ghost batch norm (``K`` ghost
@@ -64,27 +153,19 @@ class _GroupedBatchNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
-        ids: torch.Tensor,
+        ids: torch.Tensor | None,
         num_groups: int,
         channel_groups: int,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, c = x.shape[:2]
-        size = c // channel_groups
-        rows = x if size == 1 else x.reshape(n, channel_groups, -1)
-        mean, var, counts = grouped_moments(rows, ids, num_groups)
-        inv_std = torch.rsqrt(var + eps)
-        mean_c, inv_c = _expand_channels(mean, size), _expand_channels(inv_std, size)
-        scale = inv_c if weight is None else inv_c * weight.to(inv_c.dtype)
-        shift = -mean_c * scale
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
-        out = torch.addcmul(shift[ids].unsqueeze(-1), x.to(scale.dtype), scale[ids].unsqueeze(-1))
-        ctx.save_for_backward(x, ids, mean, inv_std, counts, weight)
+        out, mean, var, inv_std, counts = _grouped_forward(
+            x, ids, num_groups, channel_groups, weight, bias, eps
+        )
+        ctx.save_for_backward(x, mean, inv_std, counts, weight)
+        ctx.ids = ids
         ctx.has_bias = bias is not None
-        ctx.channel_groups = channel_groups
         ctx.mark_non_differentiable(mean, var)
         return out.to(x.dtype), mean, var
 
@@ -96,31 +177,11 @@ class _GroupedBatchNorm(torch.autograd.Function):
         _grad_mean: torch.Tensor | None,
         _grad_var: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        x, ids, mean, inv_std, counts, weight = ctx.saved_tensors
-        sd = mean.dtype
-        g = grad_out.to(sd)
-        xs = x.to(sd)
-        k, r = mean.shape
-        c = x.shape[1]
-        size = c // r
-        zeros = mean.new_zeros(k, c)
-        sum_g = zeros.index_add(0, ids, g.sum(-1))
-        sum_gx = zeros.index_add(0, ids, torch.einsum("ncs,ncs->nc", g, xs))
-        mean_c, inv_c = _expand_channels(mean, size), _expand_channels(inv_std, size)
-        sum_g_xhat = inv_c * (sum_gx - mean_c * sum_g)  # per channel: sum of g * xhat
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w = None if weight is None else weight.to(sd)
-            s1 = sum_g if w is None else w * sum_g  # sums of g w and g w xhat, per group
-            s2 = sum_g_xhat if w is None else w * sum_g_xhat
-            s1, s2 = s1.view(k, r, size).sum(-1), s2.view(k, r, size).sum(-1)
-            m = (counts * (size * x.shape[-1])).clamp_min(1).unsqueeze(1)
-            coef_x = _expand_channels(-inv_std.square() * s2 / m, size)
-            const = _expand_channels(inv_std * (mean * inv_std * s2 - s1) / m, size)
-            a = inv_c if w is None else inv_c * w
-            grad_x = torch.addcmul(const[ids].unsqueeze(-1), g, a[ids].unsqueeze(-1))
-            grad_x.addcmul_(xs, coef_x[ids].unsqueeze(-1))
-            grad_x = grad_x.to(x.dtype)
+        x, mean, inv_std, counts, weight = ctx.saved_tensors
+        grad_x, sum_g_xhat, sum_g = _grouped_backward(
+            grad_out, x, ctx.ids, mean, inv_std, counts, weight, ctx.needs_input_grad[0]
+        )
+        grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[4]:
             grad_w = sum_g_xhat.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[5]:
@@ -130,7 +191,7 @@ class _GroupedBatchNorm(torch.autograd.Function):
 
 def grouped_batch_norm(
     x: torch.Tensor,
-    ids: torch.Tensor,
+    ids: torch.Tensor | None,
     num_groups: int,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -142,7 +203,8 @@ def grouped_batch_norm(
 
     Args:
         x: ``(N, C, *spatial)``.
-        ids: ``LongTensor[N]`` of sample-group ids in ``0..num_groups-1``.
+        ids: ``LongTensor[N]`` of sample-group ids in ``0..num_groups-1``, or ``None``: each
+            sample its own group (``num_groups = N``).
         weight, bias: ``(num_groups, C)`` or ``None``.
         channel_groups: ``R`` dividing ``C`` (default ``C``: per-channel statistics).
     Returns:
@@ -396,9 +458,8 @@ def conditional_instance_norm(
     its spatial positions, then the affine of its context, ``weight``/``bias`` ``(K, C)``
     (``contexts=None``: their mean over contexts). Train and eval compute the same function."""
     n = x.shape[0]
-    ids = torch.arange(n, device=x.device)
     w, b = _per_sample(weight, contexts, n), _per_sample(bias, contexts, n)
-    return grouped_batch_norm(x, ids, n, w, b, eps)[0]
+    return grouped_batch_norm(x, None, n, w, b, eps)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +550,7 @@ class _CrossIterationBatchNorm(torch.autograd.Function):
         g = grad_out.to(sd)
         xs = x.to(sd)
         sum_g = g.sum((0, 2))  # dL/dshift
-        sum_gx = torch.einsum("ncs,ncs->c", g, xs)  # dL/dscale
+        sum_gx = torch.einsum("ncs,ncs->nc", g, xs).sum(0)  # dL/dscale (no transposed copies)
         w = None if weight is None else weight.to(sd)
         d_affine = sum_gx - mean * sum_g  # dL/d(inv_std * w) with shift = -mean * scale
         d_inv = d_affine if w is None else d_affine * w
@@ -598,25 +659,48 @@ def proxy_moments(
     return mean, var
 
 
-class _ScaledActivation(torch.autograd.Function):
-    """``phi(u) * scale + shift`` for ``u`` ``(N, C, S)``, ``scale``/``shift`` ``(C,)``.
+#: ``g * phi'(u)`` for each activation (``torch``'s own backward kernels).
+ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
+    "gelu": lambda g, u: torch.ops.aten.gelu_backward(g, u),
+    "silu": lambda g, u: torch.ops.aten.silu_backward(g, u),
+    "leaky_relu": lambda g, u: torch.ops.aten.leaky_relu_backward(g, u, 0.1, False),
+    "tanh": lambda g, u: torch.ops.aten.tanh_backward(g, torch.tanh(u)),
+    "identity": lambda g, u: g,
+}
+#: Activations with ``phi(u) = phi'(u) u`` (positively homogeneous): ``sum g phi(u)`` is
+#: ``sum (g phi'(u)) u``, no recomputed ``phi(u)``.
+_HOMOGENEOUS = frozenset({"relu", "leaky_relu", "identity"})
 
-    Backward: ``dphi`` from ``phi``'s own backward on a recomputed ``phi(u)`` (which also gives
-    the scale gradient), one pass for ``g * scale`` folded into it; no ``(N, C, S)`` tensor is
-    kept but ``u``.
+
+class _ProxyNorm(torch.autograd.Function):
+    """``phi(GN(x) * w + b) * scale + shift`` for ``x`` ``(N, C, S)``: the group norm is
+    :class:`_GroupedBatchNorm` with each sample its own group (``weight``/``bias`` ``(N, C)``),
+    ``scale``/``shift`` ``(C,)`` the proxy normalization (their gradients flow on through
+    :func:`proxy_moments` by autograd).
+
+    Forward: moments, the ``u`` pass, the activation and the scaling in place. Backward:
+    ``g phi'(u)`` in one pass, then the group norm's two passes with ``scale`` folded in.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        u: torch.Tensor,
+        x: torch.Tensor,
+        num_groups: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
         scale: torch.Tensor,
         shift: torch.Tensor,
+        eps: float,
         activation: str,
     ) -> torch.Tensor:
-        z = ACTIVATIONS[activation](u)
-        out = torch.addcmul(shift.view(1, -1, 1), z, scale.view(1, -1, 1))
-        ctx.save_for_backward(u, scale)
+        n = x.shape[0]
+        u, mean, _, inv_std, counts = _grouped_forward(x, None, n, num_groups, weight, bias, eps)
+        out = ACTIVATIONS[activation](u)
+        out = torch.addcmul(shift.view(1, -1, 1), out, scale.view(1, -1, 1), out=out) \
+            if out is not u else torch.addcmul(shift.view(1, -1, 1), out, scale.view(1, -1, 1))
+        ctx.save_for_backward(x, mean, inv_std, counts, weight, bias, u, scale)
         ctx.activation = activation
         return out
 
@@ -625,14 +709,26 @@ class _ScaledActivation(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        u, scale = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = u.detach().requires_grad_()
-            z = ACTIVATIONS[ctx.activation](leaf)
-            (grad_u,) = torch.autograd.grad(z, leaf, grad_out)
-        grad_u = grad_u * scale.view(1, -1, 1)
-        grad_scale = torch.einsum("ncs,ncs->c", grad_out, z.detach())
-        return grad_u, grad_scale, grad_out.sum((0, 2)), None
+        x, mean, inv_std, counts, weight, bias, u, scale = ctx.saved_tensors
+        activation = ctx.activation
+        grad_u = ACTIVATION_GRADS[activation](grad_out, u)  # dL/du without the scale
+        row_g = grad_u.sum(-1)
+        row_gx = torch.einsum("ncs,ncs->nc", grad_u, x)
+        if activation in _HOMOGENEOUS:  # sum g phi(u) = sum (g phi'(u)) (x a + b), a, b per row
+            size = x.shape[1] // mean.shape[1]
+            a = _expand_channels(inv_std, size) * weight
+            b = bias - _expand_channels(mean, size) * a
+            grad_scale = (a * row_gx + b * row_g).sum(0)
+        else:
+            z = ACTIVATIONS[activation](u)
+            grad_scale = torch.einsum("ncs,ncs->nc", grad_out, z).sum(0)
+        grad_shift = grad_out.sum((0, 2))
+        grad_x, sum_g_xhat, sum_g = _grouped_backward(
+            grad_u, x, None, mean, inv_std, counts, weight, ctx.needs_input_grad[0], scale,
+            (row_g, row_gx),
+        )
+        return (grad_x, None, sum_g_xhat.to(weight.dtype), sum_g.to(weight.dtype), grad_scale,
+                grad_shift, None, None)
 
 
 def proxy_norm(
@@ -654,14 +750,11 @@ def proxy_norm(
     n, c = x.shape[:2]
     sd = stats_dtype(x.dtype)
     w, b = weight.to(sd), bias.to(sd)
-    ids = torch.arange(n, device=x.device)
-    u, _, _ = _GroupedBatchNorm.apply(
-        x.reshape(n, c, -1).to(sd), ids, n, num_groups, w.expand(n, c), b.expand(n, c), eps
-    )
     mean, var = proxy_moments(ACTIVATIONS[activation], w, b, proxy_weight.to(sd),
                               proxy_bias.to(sd), quantiles.to(sd))
     inv = torch.rsqrt(var + proxy_eps)
-    out = _ScaledActivation.apply(u, inv, -mean * inv, activation)
+    out = _ProxyNorm.apply(x.reshape(n, c, -1).to(sd), num_groups, w.expand(n, c),
+                           b.expand(n, c), inv, -mean * inv, eps, activation)
     return out.to(x.dtype).reshape(x.shape)
 
 
@@ -681,7 +774,9 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # modules may import this one)
 
 _ELSEWHERE = {
+    "uan_norm": "fedctx.norm.uan",
     "unsupervised_adaptive_norm": "fedctx.norm.uan",
+    "mixture_norm": "fedctx.norm.mixture",
 }
 
 
@@ -699,6 +794,7 @@ __all__ = [
     "conditional_instance_norm",
     "context_batch_norm",
     "cross_iteration_batch_norm",
+    "ACTIVATION_GRADS",
     "gaussian_quantiles",
     "ghost_batch_norm",
     "grouped_batch_norm",
