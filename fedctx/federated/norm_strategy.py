@@ -633,10 +633,10 @@ class NormPolicyStrategy(Strategy):
                 log.warning("round %d: client %s failed: %s", report.server_round,
                             self.client_key(node), reply.error.reason)
                 continue
-            self.trained.add(self.client_key(node))  # it holds its own norm state now
             failed = self.failed_check(reply)
             if "metrics" in reply.content and isinstance(reply.content["metrics"], MetricRecord):
                 self._learn_from_train(node, reply.content["metrics"], failed is None)
+            self.trained.add(self.client_key(node))  # it holds its own norm state now
             if failed is None:
                 accepted.append(reply)
                 continue
@@ -716,14 +716,13 @@ class NormPolicyStrategy(Strategy):
             return self._fail(report, f"only {len(accepted)} sound replies "
                                       f"(< {self.min_replies})")
         self._record_metrics(accepted, report)
-        confidence = self._weighted_metric(accepted, "confidence")
         updates = [u for r in accepted if (u := self._split_reply(r)) is not None]
         self._common_metrics(accepted)
         shared, metrics = self.strategy.aggregate_train(server_round, accepted)
         if shared is None:
             return self._fail(report, f"{type(self.strategy).__name__} aggregated no model")
         self.norm.update(updates)
-        self.source_confidence = confidence
+        self.source_confidence = report.metrics.get("confidence")  # round r+1's config
         report.aggregated = True
         new = shared.to_torch_state_dict()
         full = ArrayRecord({**{k: new[k].to(self.reference[k].dtype) for k in self.split.shared},
