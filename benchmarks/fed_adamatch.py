@@ -3,7 +3,7 @@ training with AdaMatch's unlabelled objective, against centralized AdaMatch and 
 baselines whose target clients are absent, on MNIST -> USPS and MNIST -> MNIST-M.
 
     python benchmarks/fed_adamatch.py --data-dir DIR [--pairs mnist-usps,mnist-mnistm]
-                                      [--seeds 0,1,2] [--rounds 6] [--rows ROW,...]
+                                      [--seeds 0,1,2] [--rounds 4] [--rows ROW,...]
                                       [--budget-minutes 0]
     python benchmarks/fed_adamatch.py --page-only
 
@@ -65,7 +65,8 @@ LABELS = {"fed-adamatch": "fed-AdaMatch (`context`, `per-context`, unlabelled ta
 def federated_flags(row: str, pair: str, rounds: int) -> list[str]:
     target = PAIRS[pair]
     common = ["--scenario", pair, "--fraction", "1", "--min-clients", "2", "--rounds",
-              str(rounds), "--local-epochs", "1", "--batch-size", str(BATCH)]
+              str(rounds), "--eval-every", str(rounds), "--local-epochs", "1", "--batch-size",
+              str(BATCH)]
     if row == "fed-adamatch":
         return [*common, "--clients", "4", "--norm", "context", "--norm-policy", "per-context",
                 "--unlabelled-domains", target]
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="", help="folder with MNIST, USPS, MNIST-M")
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rows", default=",".join(ROWS), help="rows to run (all by default)")
     parser.add_argument("--budget-minutes", type=float, default=0)
     parser.add_argument("--page-only", action="store_true",
