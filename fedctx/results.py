@@ -292,14 +292,9 @@ class RunRecorder:
         self.history: list[dict[str, Any]] = []
         self.started = time.time() if started is None else started
         self.startup_seconds: float | None = None  # start of the command -> clients registered
-        self.error: BaseException | None = None
         self.summary: dict[str, Any] | None = None
         # per-client accuracy stays in metrics.jsonl: hundreds of columns/tags otherwise
         self.files = RunFiles(self.out, "round", skip=("accuracy_per_client",))
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.files.metrics_path
 
     def say(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fedctx.adamatch.data import DOMAINS
@@ -17,7 +16,6 @@ from fedctx.config import (
     ConfigError,
     add_option_arguments,
     check_fields,
-    load_options_file,
     norm_names,
     option,
     resolve_options,
@@ -110,11 +108,6 @@ class AdaptConfig:
 
     def replace(self, **changes: Any) -> AdaptConfig:
         return dataclasses.replace(self, **changes)
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    """Top-level keys of a TOML file as option values (``-`` or ``_`` in names)."""
-    return load_options_file(AdaptConfig, path, AdaptConfigError)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
