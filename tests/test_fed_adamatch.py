@@ -158,6 +158,11 @@ def test_client_app_with_unlabelled_clients(tmp_path: Path) -> None:
         InProcessGrid(app, config.clients, run_config=run_config))
 
     k = rt.data.num_contexts
+    counts = sum(torch.bincount(c.y, minlength=10) for c in rt.data.clients if c.y is not None)
+    for pid in unlabelled:  # what the server sent them: round 1 without confidence, round 2 with
+        first, second = app.metrics[("config", pid)]
+        assert first["label-distribution"] == pytest.approx((counts / counts.sum()).tolist())
+        assert "source-confidence" not in first and 0 < second["source-confidence"] <= 1
     for pid, client in enumerate(rt.data.clients):
         (query,) = app.metrics[(MessageType.QUERY, pid)]
         if pid in unlabelled:
