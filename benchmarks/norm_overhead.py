@@ -9,13 +9,16 @@ Usage::
 
 Every layer is timed in the same run, alternating step by step with the BatchNorm baseline
 (``--repeats`` pairs per layer); the ratio of the minima (best step of each; robust to other load
-on the machine) is reported, with the layer's median time alongside. Writes a markdown table to
-``--out`` (default ``docs/results/norm_overhead.md``).
+on the machine) is reported, with the layer's median time alongside, and the ratio of an earlier
+run (``--before``, a run record). Writes a markdown page to ``--out`` (default
+``docs/results/norm_overhead.md``) with a profile of the baseline and of every layer that misses
+its target, and this run's JSON record beside the other run records.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -28,7 +31,10 @@ import torch
 from torch import nn
 
 from fedctx.norm import make_norm, use_context
-from fedctx.results import cpu_name
+from fedctx.results import atomic_write_text, cpu_name
+
+#: The run record the page compares with by default: the page before the closed-form kernels.
+BEFORE = Path("docs/results/runs/norm_overhead/before-2b6cfc2.json")
 
 # (label, norm name, options, contexts kind, target ratio or None)
 CASES: list[tuple[str, str, dict[str, object], str, float | None]] = [
@@ -53,32 +59,31 @@ CASES: list[tuple[str, str, dict[str, object], str, float | None]] = [
     ("instance", "instance", {}, "none", None),
 ]
 NOTES = """
-## Where the time goes (profiled with torch.profiler on CPU)
+## How each layer is computed (what its cost is made of)
 
-- `context`, mixed batch: per-sample moments from two cheap reductions (`mean`, squared L2
-  norm), merged per context with `index_add`; one `addcmul` pass out; closed-form backward
-  (one `sum`, one `einsum` dot, two `addcmul` passes). Same pass count as native batch norm.
-  A single `int` context calls `F.batch_norm` itself. On a 2-core CPU much of every layer's time
-  is first-touch page faults of the fresh 64 MiB output/gradient buffers, common to all layers.
-- `uan` misses the 2x target. Its default training branch (`moments="batch"`, the authors'
-  Mixture-Normalization-style training) evaluates every activation against K=3 Gaussians and
-  then takes responsibility-weighted batch moments E_k, V_k, all on a `(N, K, C, S)` tensor (3x
-  the input) and through autograd: a profile of forward+backward (torch.profiler, 128x64x16x16)
-  shows 35 `aten::mul` calls on that tensor taking 59% of the time, then `neg`, `copy_`, `sum`,
-  `div`. A closed-form backward (as `context` has) and a fused kernel (one read of `x`, K exps
-  in registers) are what 2x needs; neither is written yet. `torch.compile` (inductor, CPU) cuts
-  it by about 5x. The `moments="learned"` option (no batch statistics, closed-form backward) is
-  the row below it: about 6 forward and 15 backward passes over `(N, K, C, S)`, where native
-  batch norm makes ~5 over `(N, C, S)`.
-- `mixture` runs 3 EM iterations per batch on up to 16k values per channel plus posteriors
-  over the whole `(N, K, C, S)` tensor; `proxy` and `crossiter` add a GroupNorm/activation or
-  extra `E[x^2]` passes that native kernels fuse; `adain` pays `instance_norm` plus a gathered
-  per-sample affine pass.
-- Measurement noise: on this shared 2-core machine the BatchNorm step itself ranges from about
-  30 to 90 ms between runs (allocator/page-fault state, other jobs), so each layer is paired
-  step by step with BatchNorm; ratios still vary by roughly +-15% between runs (e.g. the
-  `context` K=4 mixed batch measured 1.05x-1.14x, single int context 0.93x-1.14x, on 30-pair
-  runs 1.14x and 1.00x).
+Every count below is a pass over the `(N, C, S)` tensor; `nn.BatchNorm2d`'s native kernel makes
+about two in the forward (statistics, output) and two in the backward (gradient sums, input
+gradient). The per-layer profiles under "Where the time goes" are from this run.
+
+- `context` (mixed batch), `ghost`, `adain`, `batchgroup`, and `proxy`'s GroupNorm: one grouped
+  batch-norm kernel (`fedctx.norm.functional.grouped_batch_norm`): per-sample moments from two
+  reductions (`mean`, squared L2 norm), merged per group with no scatter when each sample is its
+  own group (`adain`, `proxy`) or there is one group (`batchgroup`); the affine folded into one
+  `addcmul` output pass; closed-form backward: `sum`, one `einsum` dot, two `addcmul` passes.
+  A single `int` context calls `F.batch_norm` itself.
+- `acn`: one `addcmul` pass; backward one multiply pass and two reductions.
+- `crossiter`: the same moments, window statistics by the parallel-variance rule on `(C,)`
+  vectors, one output pass; closed-form backward as batch norm's (formerly autograd through
+  `square`, `maximum`, `mean`: about a dozen passes).
+- `proxy`: GroupNorm output `u` (one pass, kept for the backward), the activation and the proxy
+  scaling (two passes); backward: the activation's gradient (one pass), then the GroupNorm
+  backward with the proxy scale folded in; for ReLU-like activations the proxy-scale gradient
+  comes from the GroupNorm's own sums (no extra pass).
+- `uan`, `mixture`: `fedctx/norm/_mixkernel.py` (a fused kernel with a closed-form backward).
+- Measurement noise: on this shared 2-core machine the BatchNorm step itself ranges over several
+  times between runs (allocator/page-fault state, other jobs: compare the BatchNorm row of the
+  two tables); each layer is paired step by step with BatchNorm, and ratios still vary by about
+  +-15% between runs.
 """
 COMPILED = {"context K=4, mixed batch", "acn K=4, mixed batch", "uan K=3"}
 
@@ -151,6 +156,50 @@ def _compiled_step(module: nn.Module, compiled: Callable[..., torch.Tensor], x: 
     return step
 
 
+def profile_step(device: str, shape: tuple[int, ...], label: str, top: int = 6) -> list[str]:
+    """The ops taking most of one forward+backward of ``label`` (torch.profiler, 2 steps)."""
+    from torch.profiler import profile
+
+    _, name, options, kind, _ = next(case for case in CASES if case[0] == label)
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device)
+    m = make_norm(name, shape[1], dims=len(shape) - 2, **options).to(device)
+    contexts = {"none": None, "int": 0, "mixed": torch.arange(shape[0], device=device) % 4}[kind]
+    step = make_step(m, x, torch.randn_like(x), contexts)
+    step()
+    with profile() as prof:
+        for _ in range(2):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [f"`{e.key}` {100 * e.self_cpu_time_total / total:.0f}% ({e.count // 2}/step)"
+            for e in events[:top]]
+
+
+def _verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    if ratio <= target:
+        return f"yes ({100 * (target - ratio) / target:.0f}% under)"
+    return f"**no** (+{ratio - target:.2f}x, {100 * (ratio - target) / target:.0f}% over)"
+
+
+def _before(path: Path | None) -> tuple[dict[str, float], list[str]]:
+    """Ratios by label and a markdown section of an earlier run record (``--before``)."""
+    if path is None or not path.is_file():
+        return {}, []
+    record = json.loads(path.read_text())
+    ratios = {row["label"]: row["ratio"] for row in record["rows"]}
+    lines = ["", f"## Before ({record['device']}, from `{path.as_posix()}`)", "",
+             f"- source: {record['source']}"]
+    lines += [f"- {key}: {record[key]}" for key in ("note", "command", "input", "machine")
+              if record.get(key)]
+    lines += ["", "| layer | min ms | median ms | ratio to BN |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['label']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | {r['ratio']:.2f} |"
+              for r in record["rows"]]
+    return ratios, lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[256, 64, 32, 32])
@@ -161,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default=None,
                         help="comma-separated norm names to time (default: all); the "
                              "nn.BatchNorm2d baseline is always timed")
+    parser.add_argument("--before", type=Path, default=BEFORE,
+                        help="an earlier run record whose ratios are shown beside this run's")
     parser.add_argument("--out", default="docs/results/norm_overhead.md")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="where this run's JSON record goes (default: "
+                             "docs/results/runs/norm_overhead/<out's stem>.json)")
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     shape = tuple(args.shape)
@@ -172,34 +226,50 @@ def main(argv: list[str] | None = None) -> None:
         if layers - known:
             parser.error(f"unknown layer(s) {sorted(layers - known)}; valid choices: "
                          f"{', '.join(sorted(known))}")
-    lines = [
-        "# Normalization overhead: forward + backward time relative to nn.BatchNorm2d",
-        "",
-        f"- command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
-        f"- input: {'x'.join(map(str, shape))} float32, fresh `requires_grad` input each step, "
-        f"each layer alternates step by step with nn.BatchNorm2d ({args.repeats} pairs after "
-        f"{args.warmup} warm-up pairs); ratio = min(layer) / min(BatchNorm2d) of those pairs",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch.get_num_threads()="
-        f"{torch.get_num_threads()}, torch {torch.__version__}, Python "
-        f"{platform.python_version()}",
-    ]
+    command = f"python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}"
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch.get_num_threads()="
+               f"{torch.get_num_threads()}, torch {torch.__version__}, Python "
+               f"{platform.python_version()}")
     if torch.cuda.is_available():
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+        machine += f", GPU: {torch.cuda.get_device_name()}"
+    setup = (f"{'x'.join(map(str, shape))} float32, fresh `requires_grad` input each step, "
+             f"each layer alternates step by step with nn.BatchNorm2d ({args.repeats} pairs "
+             f"after {args.warmup} warm-up pairs); ratio = min(layer) / min(BatchNorm2d) of "
+             "those pairs")
+    lines = ["# Normalization overhead: forward + backward time relative to nn.BatchNorm2d", "",
+             f"- command: `{command}`", f"- input: {setup}", f"- machine: {machine}"]
+    before, before_lines = _before(args.before)
+    record: dict[str, object] = {"command": command, "input": setup, "machine": machine,
+                                 "rows": []}
     for device in devices:
         rows = bench(device, shape, args.repeats, args.warmup, args.compile, layers)
         lines += ["", f"## {device}", "",
-                  "| layer | min ms | median ms | ratio to BN | target | met |",
-                  "|---|---:|---:|---:|---:|---|"]
+                  "| layer | min ms | median ms | ratio to BN | before | target | met |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        profiles = []
         for label, ms, med, ratio, target in rows:
-            met = "" if target is None else ("yes" if ratio <= target else "**no**")
             tgt = "" if target is None else f"<= {target:g}x"
-            lines.append(f"| {label} | {ms:.1f} | {med:.1f} | {ratio:.2f} | {tgt} | {met} |")
+            old = f"{before[label]:.2f}" if device == "cpu" and label in before else ""
+            lines.append(f"| {label} | {ms:.1f} | {med:.1f} | {ratio:.2f} | {old} | {tgt} | "
+                         f"{_verdict(ratio, target)} |")
+            record["rows"].append({"device": device, "label": label, "min_ms": ms,
+                                   "median_ms": med, "ratio": ratio, "target": target})
             print(f"{device:5s} {label:40s} {ms:9.1f} ms  {ratio:6.2f}x  {tgt}", flush=True)
+            if (target is not None and ratio > target and "[compiled]" not in label) \
+                    or label == CASES[0][0]:
+                profiles.append((label, profile_step(device, shape, label)))
+        lines += ["", f"### Where the time goes ({device}: the baseline and every missed "
+                  "target, torch.profiler self time of 2 steps)", ""]
+        lines += [f"- {label}: " + ", ".join(ops) for label, ops in profiles]
     lines.append(NOTES)
+    lines += before_lines
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    record_path = args.record or Path("docs/results/runs/norm_overhead") / f"{out.stem}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} and {record_path}")
 
 
 if __name__ == "__main__":
