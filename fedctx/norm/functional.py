@@ -94,10 +94,12 @@ def _grouped_backward(
     need_x: bool,
     out_scale: torch.Tensor | None = None,
     row_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Backward of :class:`_GroupedBatchNorm` for the output gradient ``g * out_scale`` (a
     per-channel factor ``(C,)`` applied after the norm, folded in here instead of a pass).
-    ``row_sums``: ``(sum_s g, sum_s g x)`` ``(N, C)`` when the caller has them.
+    ``row_sums``: ``(sum_s g, sum_s g x)`` ``(N, C)`` when the caller has them; ``overwrite``:
+    ``g`` is the caller's scratch, ``dx`` is written into it (no new buffer).
 
     Returns ``(grad_x or None, grad_weight, grad_bias)``, the last two ``(K, C)`` sums of
     ``g xhat`` and ``g`` per group, in the statistics dtype.
@@ -126,7 +128,8 @@ def _grouped_backward(
         a = inv_c if w is None else inv_c * w
         if out_scale is not None:
             a = a * out_scale
-        grad_x = torch.addcmul(_per_row(const, ids), g, _per_row(a, ids))
+        grad_x = torch.addcmul(_per_row(const, ids), g, _per_row(a, ids),
+                               out=g if overwrite and g.dtype == x.dtype else None)
         grad_x.addcmul_(xs, _per_row(coef_x, ids))
         grad_x = grad_x.to(x.dtype)
     return grad_x, sum_g_xhat, sum_g
@@ -659,18 +662,17 @@ def proxy_moments(
     return mean, var
 
 
-#: ``g * phi'(u)`` for each activation (``torch``'s own backward kernels).
-ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
+#: Positively homogeneous activations (``phi(u) = phi'(u) u``) and their slope below 0: applied
+#: in place, their gradient read from the output (``u > 0`` exactly where the output exceeds the
+#: proxy shift, the proxy scale being positive), so ``u`` is not kept, and ``sum g phi(u)`` comes
+#: from the group norm's own sums.
+_HOMOGENEOUS: dict[str, float] = {"relu": 0.0, "leaky_relu": 0.1, "identity": 1.0}
+#: ``g * phi'(u)`` for the other activations (``torch``'s own backward kernels).
+_ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gelu": lambda g, u: torch.ops.aten.gelu_backward(g, u),
     "silu": lambda g, u: torch.ops.aten.silu_backward(g, u),
-    "leaky_relu": lambda g, u: torch.ops.aten.leaky_relu_backward(g, u, 0.1, False),
     "tanh": lambda g, u: torch.ops.aten.tanh_backward(g, torch.tanh(u)),
-    "identity": lambda g, u: g,
 }
-#: Activations with ``phi(u) = phi'(u) u`` (positively homogeneous): ``sum g phi(u)`` is
-#: ``sum (g phi'(u)) u``, no recomputed ``phi(u)``.
-_HOMOGENEOUS = frozenset({"relu", "leaky_relu", "identity"})
 
 
 class _ProxyNorm(torch.autograd.Function):
@@ -679,8 +681,9 @@ class _ProxyNorm(torch.autograd.Function):
     ``scale``/``shift`` ``(C,)`` the proxy normalization (their gradients flow on through
     :func:`proxy_moments` by autograd).
 
-    Forward: moments, the ``u`` pass, the activation and the scaling in place. Backward:
-    ``g phi'(u)`` in one pass, then the group norm's two passes with ``scale`` folded in.
+    Forward: moments, the ``u`` pass, the activation and the scaling in place (one buffer, as
+    batch norm; other activations keep ``u``). Backward: ``g phi'(u)`` in one pass, then the
+    group norm's two passes with ``scale`` folded in, written over ``g phi'(u)``.
     """
 
     @staticmethod
@@ -697,10 +700,16 @@ class _ProxyNorm(torch.autograd.Function):
     ) -> torch.Tensor:
         n = x.shape[0]
         u, mean, _, inv_std, counts = _grouped_forward(x, None, n, num_groups, weight, bias, eps)
-        out = ACTIVATIONS[activation](u)
-        out = torch.addcmul(shift.view(1, -1, 1), out, scale.view(1, -1, 1), out=out) \
-            if out is not u else torch.addcmul(shift.view(1, -1, 1), out, scale.view(1, -1, 1))
-        ctx.save_for_backward(x, mean, inv_std, counts, weight, bias, u, scale)
+        slope = _HOMOGENEOUS.get(activation)
+        if slope is None:
+            out = ACTIVATIONS[activation](u)
+        elif slope == 0.0:
+            out = u.relu_()
+        else:
+            out = u if slope == 1.0 else F.leaky_relu_(u, slope)
+        out = torch.addcmul(shift.view(1, -1, 1), out, scale.view(1, -1, 1), out=out)
+        ctx.save_for_backward(x, mean, inv_std, counts, weight, bias, scale, shift,
+                              out if slope is not None else u)
         ctx.activation = activation
         return out
 
@@ -709,23 +718,30 @@ class _ProxyNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, mean, inv_std, counts, weight, bias, u, scale = ctx.saved_tensors
+        x, mean, inv_std, counts, weight, bias, scale, shift, kept = ctx.saved_tensors
         activation = ctx.activation
-        grad_u = ACTIVATION_GRADS[activation](grad_out, u)  # dL/du without the scale
+        slope = _HOMOGENEOUS.get(activation)
+        if slope is None:  # kept is u
+            grad_u = _ACTIVATION_GRADS[activation](grad_out, kept)  # dL/du without the scale
+        elif slope == 1.0:
+            grad_u = grad_out
+        else:  # kept is the output
+            below = grad_out * slope if slope else 0.0
+            grad_u = torch.where(kept > shift.view(1, -1, 1), grad_out, below)
         row_g = grad_u.sum(-1)
         row_gx = torch.einsum("ncs,ncs->nc", grad_u, x)
-        if activation in _HOMOGENEOUS:  # sum g phi(u) = sum (g phi'(u)) (x a + b), a, b per row
+        if slope is not None:  # sum g phi(u) = sum (g phi'(u)) (x a + b), a, b per row
             size = x.shape[1] // mean.shape[1]
             a = _expand_channels(inv_std, size) * weight
             b = bias - _expand_channels(mean, size) * a
             grad_scale = (a * row_gx + b * row_g).sum(0)
         else:
-            z = ACTIVATIONS[activation](u)
+            z = ACTIVATIONS[activation](kept)
             grad_scale = torch.einsum("ncs,ncs->nc", grad_out, z).sum(0)
         grad_shift = grad_out.sum((0, 2))
         grad_x, sum_g_xhat, sum_g = _grouped_backward(
             grad_u, x, None, mean, inv_std, counts, weight, ctx.needs_input_grad[0], scale,
-            (row_g, row_gx),
+            (row_g, row_gx), overwrite=grad_u is not grad_out,
         )
         return (grad_x, None, sum_g_xhat.to(weight.dtype), sum_g.to(weight.dtype), grad_scale,
                 grad_shift, None, None)
@@ -794,7 +810,6 @@ __all__ = [
     "conditional_instance_norm",
     "context_batch_norm",
     "cross_iteration_batch_norm",
-    "ACTIVATION_GRADS",
     "gaussian_quantiles",
     "ghost_batch_norm",
     "grouped_batch_norm",
