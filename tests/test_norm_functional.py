@@ -21,6 +21,7 @@ from fedctx.norm import (
     CrossIterationBatchNorm,
     ProxyNorm,
     available,
+    convert_norms,
     is_norm_module,
     make_norm,
     register_norm,
@@ -223,6 +224,16 @@ def test_every_norm_takes_device_and_dtype(name: str) -> None:
     assert y.dtype == D
     y.sum().backward()
     assert x.grad.dtype == D
+
+
+@pytest.mark.parametrize("name", ["context", "acn", "proxy", "crossiter"])
+def test_convert_norms_builds_on_the_old_layers_dtype(name: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(D)
+    converted = convert_norms(model, name, num_contexts=2)
+    tensors = list(converted.parameters()) + list(converted.buffers())
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {D}
+    with use_context(converted, torch.tensor([0, 1])):
+        assert converted(torch.randn(2, 3, 5, 5, dtype=D)).dtype == D
 
 
 def test_functional_reexports_the_uan_and_mixture_math() -> None:

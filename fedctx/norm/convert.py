@@ -28,8 +28,9 @@ def convert_norms(
     ``BatchNorm1d`` maps to ``dims=0`` (which also accepts ``(N, C, L)``), ``BatchNorm2d`` to 2,
     ``BatchNorm3d`` to 3 (``SyncBatchNorm``: 2). Parameters and buffers the new layer shares by
     name (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``) are
-    copied, into every context entry when they are per-context ``(K, C)``; the new layer is put
-    on the old one's device and dtype and in its train/eval mode. Returns the converted module
+    copied, into every context entry when they are per-context ``(K, C)``; the new layer is built
+    on the old one's device and dtype (``device=``/``dtype=`` in ``options`` override) and put in
+    its train/eval mode. Returns the converted module
     (the same object unless ``module`` itself is a BatchNorm), as timm's
     ``convert_splitbn_model``.
     """
@@ -37,10 +38,10 @@ def convert_norms(
         dims = _DIMS.get(type(module), 2)
         if not module.affine and "affine" not in options:
             options = {**options, "affine": False} if name in ("batch", "context") else options
-        new = make_norm(name, module.num_features, dims=dims, num_contexts=num_contexts, **options)
         ref = module.weight if module.weight is not None else module.running_mean
-        if ref is not None:
-            new = new.to(ref.device)
+        place = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = make_norm(name, module.num_features, dims=dims, num_contexts=num_contexts,
+                        **{**place, **options})
         for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             _copy_into(getattr(new, attr, None), getattr(module, attr, None))
         new.train(module.training)
