@@ -172,3 +172,18 @@ def test_digits_cnn_keeps_the_signal_without_a_norm() -> None:
     expected = (2 / (conv.in_channels * 25)) ** 0.5  # Kaiming-normal, fan-in, ReLU gain
     assert abs(float(conv.weight.detach().std()) / expected - 1) < 0.15
     assert float(conv.bias.detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("norm", ["context", "proxy", "weightstd", "layer"])
+def test_models_take_device_and_dtype(name: str, norm: str) -> None:
+    size = {"dim": 16, "depth": 1, "heads": 2} if name == "vit-tiny" else {"width": 4}
+    meta = make_model(name, norm=norm, num_contexts=2, device="meta", **size)
+    tensors = list(meta.parameters()) + list(meta.buffers())
+    assert all(t.device.type == "meta" for t in tensors)
+    if name != "digits-cnn":
+        return
+    model = make_model(name, norm=norm, num_contexts=2, dtype=torch.float64, **size)
+    assert {t.dtype for t in model.parameters()} == {torch.float64}
+    with use_context(model, torch.tensor([0, 1])):
+        assert model(torch.randn(2, 3, 28, 28, dtype=torch.float64)).dtype == torch.float64

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,6 +21,7 @@ class DigitsCNN(nn.Module):
     channel counts (FedBN uses 64, 64, 128 and FC 2048, 512; the default here is a quarter, so a
     federated round on two CPU cores takes about a second). Norms that normalize over spatial
     positions only (``instance``, ``adain``) are used after the convs; the FC layers then have none.
+    ``device``/``dtype`` place every parameter and buffer, as in ``torch.nn``.
 
     Every norm here is followed by a ReLU, so each is built with
     :func:`fedctx.norm.make_norm_act` (``proxy``: Proxy Norm fuses the ReLU, no second one);
@@ -33,21 +37,25 @@ class DigitsCNN(nn.Module):
         num_contexts: int = 1,
         width: int = 16,
         in_channels: int = 3,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
         **norm_options: object,
     ) -> None:
         super().__init__()
         c1, c2, c3, f1, f2 = width, width, 2 * width, 8 * width, 4 * width
-        conv = conv2d_class(norm)  # WSConv2d for ``weightstd``
+        fk = {"device": device, "dtype": dtype}
+        conv = partial(conv2d_class(norm), **fk)  # WSConv2d for ``weightstd``
+        linear = partial(nn.Linear, **fk)
 
         def block2d(c: int) -> NormAct:  # every norm here is followed by a ReLU
             return make_norm_act(norm, c, "relu", dims=2, num_contexts=num_contexts,
-                                 **norm_options)
+                                 **fk, **norm_options)
 
         def block1d(c: int) -> NormAct:
             if norm in SPATIAL_ONLY_NORMS:  # nothing to normalize over in an (N, C) feature
                 return NormAct(nn.Identity(), nn.ReLU(inplace=True))
             return make_norm_act(norm, c, "relu", dims=0, num_contexts=num_contexts,
-                                 **norm_options)
+                                 **fk, **norm_options)
 
         self.features = nn.Sequential(
             conv(in_channels, c1, 5, padding=2), *block2d(c1), nn.MaxPool2d(2),
@@ -56,9 +64,9 @@ class DigitsCNN(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c3 * 7 * 7, f1), *block1d(f1),
-            nn.Linear(f1, f2), *block1d(f2),
-            nn.Linear(f2, num_classes),
+            linear(c3 * 7 * 7, f1), *block1d(f1),
+            linear(f1, f2), *block1d(f2),
+            linear(f2, num_classes),
         )
 
         self.reset_parameters()

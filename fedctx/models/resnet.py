@@ -9,6 +9,8 @@ identity shortcuts replaced by 1x1 projections) and the ResNet-18 layout for 32x
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ class BasicBlock(nn.Module):
 
     def __init__(
         self, c_in: int, c_out: int, stride: int, make: Callable[[int, str | None], NormAct],
-        conv: type[nn.Conv2d] = nn.Conv2d,
+        conv: Callable[..., nn.Conv2d] = nn.Conv2d,
     ) -> None:
         super().__init__()
         self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
@@ -60,6 +62,7 @@ class CifarResNet(nn.Module):
         norm: normalization layer name; ``num_contexts`` sizes context-aware norms; extra keyword
             arguments are that norm's options.
         stages: blocks per stage; ``widths``: channels per stage.
+        device, dtype: of every parameter and buffer, as in ``torch.nn``.
     """
 
     def __init__(
@@ -71,17 +74,20 @@ class CifarResNet(nn.Module):
         stages: tuple[int, ...] = (3, 3, 3),
         widths: tuple[int, ...] = (16, 32, 64),
         in_channels: int = 3,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
         **norm_options: object,
     ) -> None:
         super().__init__()
         if len(stages) != len(widths):
             raise ValueError("stages and widths must have the same length")
+        fk = {"device": device, "dtype": dtype}
 
         def make(c: int, activation: str | None) -> NormAct:
             return make_norm_act(norm, c, activation, dims=2, num_contexts=num_contexts,
-                                 **norm_options)
+                                 **fk, **norm_options)
 
-        conv = conv2d_class(norm)  # WSConv2d for ``weightstd``
+        conv = partial(conv2d_class(norm), **fk)  # WSConv2d for ``weightstd``
         self.stem = nn.Sequential(
             conv(in_channels, widths[0], 3, 1, 1, bias=False), *make(widths[0], "relu"),
         )
@@ -94,7 +100,7 @@ class CifarResNet(nn.Module):
                 c_in = c
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
+        self.fc = nn.Linear(c_in, num_classes, **fk)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -19,6 +19,7 @@ embedding is a weight-standardized convolution (``WSConv2d``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ class TokenNorm(nn.Module):
     """Apply a fedctx norm to tokens ``(N, T, D)``."""
 
     def __init__(self, dim: int, norm: str, num_contexts: int, **options: object) -> None:
+        """``options``: the norm's, ``device``/``dtype`` included."""
         super().__init__()
         self.layer_norm = norm == "layer"
         if self.layer_norm:
@@ -48,14 +50,16 @@ class Block(nn.Module):
     """Pre-norm transformer encoder block."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, make: Callable[[int], nn.Module]
+        self, dim: int, heads: int, mlp_ratio: float, make: Callable[[int], nn.Module],
+        **factory_kwargs: Any,
     ) -> None:
         super().__init__()
         self.norm1 = make(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, **factory_kwargs)
         self.norm2 = make(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, **factory_kwargs), nn.GELU(),
+                                 nn.Linear(hidden, dim, **factory_kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -67,7 +71,8 @@ class ViT(nn.Module):
     """Small ViT for ``(N, C, 32, 32)`` inputs (default: 4x4 patches, D=128, 6 blocks, 4 heads).
 
     ``norm`` is any :func:`fedctx.norm.available` name (default ``'layer'``); ``num_contexts``
-    sizes context-aware norms; extra keyword arguments are that norm's options.
+    sizes context-aware norms; extra keyword arguments are that norm's options;
+    ``device``/``dtype`` place every parameter and buffer, as in ``torch.nn``.
     """
 
     def __init__(
@@ -83,22 +88,26 @@ class ViT(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 2.0,
         in_channels: int = 3,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
         **norm_options: object,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError("patch_size must divide image_size")
+        fk = {"device": device, "dtype": dtype}
 
         def make(d: int) -> nn.Module:
-            return TokenNorm(d, norm, num_contexts, **norm_options)
+            return TokenNorm(d, norm, num_contexts, **fk, **norm_options)
 
-        self.patch = conv2d_class(norm)(in_channels, dim, patch_size, patch_size)
+        self.patch = conv2d_class(norm)(in_channels, dim, patch_size, patch_size, **fk)
         tokens = (image_size // patch_size) ** 2 + 1
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, make) for _ in range(depth)])
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim, **fk))
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim, **fk) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, make, **fk)
+                                      for _ in range(depth)])
         self.norm = make(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes, **fk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.patch(x).flatten(2).transpose(1, 2)  # (N, T, D)
