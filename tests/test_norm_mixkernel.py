@@ -23,13 +23,14 @@ def _inputs(shape=(5, 3, 13), k=3, dtype=torch.float64, given=False, seed=0):
     coef = torch.rand(k, c, dtype=dtype) + 0.5
     e, v = (torch.randn(k, c, dtype=dtype), torch.rand(k, c, dtype=dtype) + 0.2) if given else (
         None, None)
-    return x, q, mu, r, coef, e, v
+    weight, bias = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    return x, q, mu, r, coef, e, v, weight, bias
 
 
 @pytest.mark.parametrize("log_eps", [math.log(1e-3), None], ids=["authors", "softmax"])
 @pytest.mark.parametrize("given", [False, True], ids=["batch", "given"])
 def test_gradcheck(log_eps: float | None, given: bool) -> None:
-    """13 positions: one full 4-lane float64 block and a partial one."""
+    """13 positions: three full 4-lane float64 blocks and a partial one; affine included."""
     inputs = [t if t is None else t.requires_grad_() for t in _inputs(given=given)]
     assert torch.autograd.gradcheck(
         lambda *a: mk._MixtureMomentsFunction.apply(*a, 1e-3, log_eps, True)[0], inputs)
@@ -42,10 +43,10 @@ def test_kernel_matches_tensor_operations(given: bool, tau_grad: bool, shape) ->
     """Outputs, moments and gradients; ``tau_grad=False`` (tau constant) and ``coef=None``
     (Mixture Normalization's mean posterior) included; large enough to split channels across
     threads in the second case."""
-    x, q, mu, r, coef, e, v = _inputs(shape, given=given)
+    x, q, mu, r, coef, e, v, weight, bias = _inputs(shape, given=given)
     for cf in (coef, None) if not given else (coef,):
         leaves = [t.clone().requires_grad_() for t in (x, q, mu, r)]
-        extra = [t if t is None else t.clone().requires_grad_() for t in (cf, e, v)]
+        extra = [t if t is None else t.clone().requires_grad_() for t in (cf, e, v, weight, bias)]
         args = (*leaves, *extra, 1e-3, math.log(1e-3), tau_grad)
         got = mk._MixtureMomentsFunction.apply(*args)
         want = mk._tensor_ops(*args)
@@ -67,13 +68,14 @@ def test_kernel_matches_tensor_operations(given: bool, tau_grad: bool, shape) ->
 def test_float32_kernel_close_to_float64() -> None:
     """The float32 kernel's own exp (a polynomial) against float64."""
     args = _inputs((16, 4, 100), k=4, dtype=torch.float32)
-    y32 = mk.mixture_moments_norm(*args[:5], eps=1e-3, log_eps=math.log(1e-3))[0]
-    y64 = mk._tensor_ops(*(t.double() for t in args[:5]), None, None, 1e-3, math.log(1e-3), True)
+    y32 = mk.mixture_moments_norm(*args, eps=1e-3, log_eps=math.log(1e-3))[0]
+    y64 = mk._tensor_ops(*(t if t is None else t.double() for t in args), 1e-3, math.log(1e-3),
+                         True)
     torch.testing.assert_close(y32.double(), y64[0], atol=2e-5, rtol=1e-5)
 
 
 def test_far_activations_get_no_component_and_stay_finite() -> None:
-    x, q, mu, r, coef, _, _ = _inputs(dtype=torch.float32)
+    x, q, mu, r, coef, _, _, _, _ = _inputs(dtype=torch.float32)
     x[0, 0, :4] = torch.tensor([50.0, -80.0, 1e4, -1e4])
     x.requires_grad_()
     y = mk.mixture_moments_norm(x, q, mu, r, coef, eps=1e-3, log_eps=math.log(1e-3))[0]

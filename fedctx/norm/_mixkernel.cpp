@@ -143,10 +143,11 @@ void stats(const T* x, int64_t N, int64_t C, int64_t S, const T* q, const T* mu,
   }
 }
 
-// mix: y = sum_k tau_k a_k (x - e_k).
+// mix: y = sum_k tau_k a_k (x - e_k) + b.
 template <typename T, int K>
 void mix(const T* x, int64_t N, int64_t C, int64_t S, const T* q, const T* mu, const T* r,
-         T log_eps, int use_eps, const T* a_, const T* e_, int64_t c0, int64_t c1, T* y) {
+         T log_eps, int use_eps, const T* a_, const T* e_, const T* b, int64_t c0, int64_t c1,
+         T* y) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::L;
   for (int64_t c = c0; c < c1; ++c) {
@@ -160,7 +161,7 @@ void mix(const T* x, int64_t N, int64_t C, int64_t S, const T* q, const T* mu, c
       const T* row = x + (n * C + c) * S;
       T* yrow = y + (n * C + c) * S;
       for (int64_t s = 0; s < S; s += L) {
-        V mask, tau[K], out{};
+        V mask, tau[K], out = V{} + b[c];
         const V xv = load(row, s, S, &mask);
         p.assign(xv, tau);
         for (int k = 0; k < K; ++k) out += tau[k] * (a[k] * xv - ae[k]);
@@ -175,12 +176,12 @@ void mix(const T* x, int64_t N, int64_t C, int64_t S, const T* q, const T* mu, c
 //   gx   = sum_k tau_k (g a_k + u_k + 2 w_k d_k) - [tau_grad] sum_k dl_k m_k r_k^2
 //   dl_k = tau_k (G_k - sum_j tau_j G_j)                        (dL/dl_k)
 // out (5, K, C) = sums of g tau_k, g tau_k d_k, dl_k, dl_k m_k, dl_k m_k^2 (only the first two
-// when ReduceOnly, and gx is then not written).
+// when ReduceOnly, and gx is then not written); gsum (C) = sum of g (not when ReduceOnly).
 template <typename T, int K, bool ReduceOnly>
 void backward(const T* x, const T* g, int64_t N, int64_t C, int64_t S, const T* q, const T* mu,
               const T* r, T log_eps, int use_eps, const T* a_, const T* e_, const T* v_,
               const T* u_, const T* w_, int tau_grad, int64_t c0, int64_t c1, T* gx,
-              double* out) {
+              double* out, double* gsum) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::L;
   constexpr int NS = ReduceOnly ? 2 : 5;
@@ -195,16 +196,17 @@ void backward(const T* x, const T* g, int64_t N, int64_t C, int64_t S, const T* 
       w[k] = w_[k * C + c];
       r2[k] = p.r[k] * p.r[k];
     }
-    double tot[NS][K] = {};
+    double tot[NS][K] = {}, gtot = 0;
     for (int64_t n = 0; n < N; ++n) {
       const T* row = x + (n * C + c) * S;
       const T* grow = g + (n * C + c) * S;
-      V acc[NS][K] = {};
+      V acc[NS][K] = {}, gacc{};
       for (int64_t s = 0; s < S; s += L) {
         V mask, tau[K];
         const V xv = load(row, s, S, &mask);
         const V gv = load(grow, s, S, &mask);  // zero past the row's end: no contribution
         p.assign(xv, tau);
+        gacc += gv;
         V G[K], sg{}, o{};
         for (int k = 0; k < K; ++k) {
           const V gt = gv * tau[k], d = xv - e[k];
@@ -230,9 +232,11 @@ void backward(const T* x, const T* g, int64_t N, int64_t C, int64_t S, const T* 
       }
       for (int i = 0; i < NS; ++i)
         for (int k = 0; k < K; ++k) tot[i][k] += hsum<T>(acc[i][k]);
+      gtot += hsum<T>(gacc);
     }
     for (int i = 0; i < NS; ++i)
       for (int k = 0; k < K; ++k) out[(i * K + k) * C + c] = tot[i][k];
+    if (!ReduceOnly) gsum[c] = gtot;
   }
 }
 
@@ -278,19 +282,19 @@ struct Backward {
   }                                                                                           \
   extern "C" int mix_##SUFFIX(int K, const T* x, int64_t N, int64_t C, int64_t S, const T* q, \
                               const T* mu, const T* r, T log_eps, int use_eps, const T* a,    \
-                              const T* e, int64_t c0, int64_t c1, T* y) {                     \
-    return dispatch<T, Mix>(K, x, N, C, S, q, mu, r, log_eps, use_eps, a, e, c0, c1, y);      \
+                              const T* e, const T* b, int64_t c0, int64_t c1, T* y) {         \
+    return dispatch<T, Mix>(K, x, N, C, S, q, mu, r, log_eps, use_eps, a, e, b, c0, c1, y);   \
   }                                                                                           \
   extern "C" int backward_##SUFFIX(int K, int reduce_only, const T* x, const T* g, int64_t N, \
                                    int64_t C, int64_t S, const T* q, const T* mu, const T* r, \
                                    T log_eps, int use_eps, const T* a, const T* e,            \
                                    const T* v, const T* u, const T* w, int tau_grad,          \
-                                   int64_t c0, int64_t c1, T* gx, double* out) {              \
+                                   int64_t c0, int64_t c1, T* gx, double* out, double* gsum) { \
     if (reduce_only)                                                                          \
       return dispatch<T, Reduce>(K, x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u, w, \
-                                 tau_grad, c0, c1, gx, out);                                  \
+                                 tau_grad, c0, c1, gx, out, gsum);                            \
     return dispatch<T, Backward>(K, x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u, w,  \
-                                 tau_grad, c0, c1, gx, out);                                  \
+                                 tau_grad, c0, c1, gx, out, gsum);                            \
   }
 
 FEDCTX_EXPORT(float, f32)

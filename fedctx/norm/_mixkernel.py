@@ -55,10 +55,13 @@ from pathlib import Path
 
 import torch
 
+from fedctx.norm._common import apply_affine
+
 _SOURCE = Path(__file__).with_name("_mixkernel.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 _MAX_COMPONENTS = 8
 _PARALLEL_ELEMENTS = 1 << 15  # below this, one thread (the pool's hand-off costs more)
+_SHORT_ROW = 32  # rows (spatial positions) shorter than this are regrouped per channel
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 _pool: ThreadPoolExecutor | None = None
@@ -99,9 +102,10 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, f"stats_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, i64,
                                                     i64, p]
         getattr(lib, f"mix_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, p, p,
-                                                  i64, i64, p]
+                                                  p, i64, i64, p]
         getattr(lib, f"backward_{suffix}").argtypes = [i32, i32, p, p, i64, i64, i64, p, p, p, t,
-                                                       i32, p, p, p, p, p, i32, i64, i64, p, p]
+                                                       i32, p, p, p, p, p, i32, i64, i64, p, p,
+                                                       p]
     return lib
 
 
@@ -121,20 +125,23 @@ def kernel_available(x: torch.Tensor, num_components: int) -> bool:
 
 
 def _run(name: str, x: torch.Tensor, make_args) -> None:
-    """Call ``name`` over channel ranges, in parallel threads when ``x`` is large."""
+    """Call ``name`` over channel ranges, on ``torch.get_num_threads()`` threads when ``x`` is
+    large (a few ranges per thread, so that a thread slowed by other load does not hold the
+    rest up)."""
     global _pool
     lib = _library()
     fn = getattr(lib, f"{name}_{'f32' if x.dtype == torch.float32 else 'f64'}")
     c = x.shape[1]
-    parts = 1 if x.numel() < _PARALLEL_ELEMENTS else min(c, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    parts = 1 if x.numel() < _PARALLEL_ELEMENTS or threads == 1 else min(c, 4 * threads)
     bounds = [c * i // parts for i in range(parts + 1)]
     calls = [make_args(c0, c1) for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)]
     if parts == 1:
         codes = [fn(*calls[0])]
     else:
         with _lock:
-            if _pool is None or _pool._max_workers < parts:
-                _pool = ThreadPoolExecutor(parts, thread_name_prefix="fedctx-mixkernel")
+            if _pool is None or _pool._max_workers != threads:
+                _pool = ThreadPoolExecutor(threads, thread_name_prefix="fedctx-mixkernel")
         codes = list(_pool.map(lambda args: fn(*args), calls))
     if any(codes):
         raise RuntimeError(f"fedctx mixture kernel {name}: unsupported number of components")
@@ -154,13 +161,13 @@ def _kernel_stats(x, q, mu, r, log_eps):
     return out
 
 
-def _kernel_mix(x, q, mu, r, log_eps, a, e):
+def _kernel_mix(x, q, mu, r, log_eps, a, e, b):
     k = q.shape[0]
     y = torch.empty_like(x)
     n, c, s = x.shape
     le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
     _run("mix", x, lambda c0, c1: (k, _ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
-                                   _ptr(a), _ptr(e), c0, c1, _ptr(y)))
+                                   _ptr(a), _ptr(e), _ptr(b), c0, c1, _ptr(y)))
     return y
 
 
@@ -168,13 +175,14 @@ def _kernel_backward(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad, reduce_on
     k = q.shape[0]
     n, c, s = x.shape
     out = torch.zeros(2 if reduce_only else 5, k, c, dtype=torch.float64)
+    gsum = torch.zeros(c, dtype=torch.float64)
     gx = None if reduce_only else torch.empty_like(x)
     le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
     _run("backward", x, lambda c0, c1: (
         k, int(reduce_only), _ptr(x), _ptr(g), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
         _ptr(a), _ptr(e), _ptr(v), _ptr(u), _ptr(w), int(tau_grad), c0, c1,
-        None if gx is None else _ptr(gx), _ptr(out)))
-    return gx, out
+        None if gx is None else _ptr(gx), _ptr(out), _ptr(gsum)))
+    return gx, out, gsum
 
 
 def _contig(*ts: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -189,13 +197,16 @@ def _moments(sums: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class _MixtureMomentsFunction(torch.autograd.Function):
-    """The fused CPU kernel with the closed-form backward of the module docstring."""
+    """The fused CPU kernel with the closed-form backward of the module docstring; the affine
+    ``weight, bias`` ``(C,)`` are folded in (``a_k <- weight a_k``, ``+ bias`` in the output
+    pass, ``dL/dbias = sum g``, ``dL/dweight = sum_k a_k A1_k / weight``)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
         coef: torch.Tensor | None, e: torch.Tensor | None, v: torch.Tensor | None,
+        weight: torch.Tensor | None, bias: torch.Tensor | None,
         eps: float, log_eps: float | None, tau_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dt = x.dtype
@@ -210,11 +221,14 @@ class _MixtureMomentsFunction(torch.autograd.Function):
         coef = (torch.rsqrt(mass / (x.shape[0] * x.shape[2])).clamp_max(1e6).to(dt)
                 if coef is None else coef.detach().to(dt))
         scale = torch.rsqrt(v + eps)
-        a = (coef * scale).contiguous()
-        y = _kernel_mix(x, q, mu, r, log_eps, a, e)
-        ctx.save_for_backward(x, q, mu, r, a, e, v, scale, mass.to(dt))
-        ctx.eps, ctx.log_eps, ctx.tau_grad, ctx.batch = eps, log_eps, tau_grad, batch
+        a = coef * scale  # before the affine weight
+        w = torch.ones(x.shape[1], dtype=dt) if weight is None else weight.detach().to(dt)
+        b = torch.zeros(x.shape[1], dtype=dt) if bias is None else bias.detach().to(dt)
+        aw = (a * w).contiguous()
+        y = _kernel_mix(x, q, mu, r, log_eps, aw, e, b.contiguous())
         mass = mass.to(dt)
+        ctx.save_for_backward(x, q, mu, r, a, aw, w, e, v, scale, mass)
+        ctx.eps, ctx.log_eps, ctx.tau_grad, ctx.batch = eps, log_eps, tau_grad, batch
         ctx.mark_non_differentiable(e, v, mass)
         return y, e, v, mass
 
@@ -222,32 +236,29 @@ class _MixtureMomentsFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, q, mu, r, a, e, v, scale, mass = ctx.saved_tensors
+        x, q, mu, r, a, aw, w, e, v, scale, mass = ctx.saved_tensors
         g = grad.contiguous()
         zeros = torch.zeros_like(a)
-        args = (x, g, q, mu, r, ctx.log_eps, a, e, v)
+        args = (x, g, q, mu, r, ctx.log_eps, aw, e, v)
         if ctx.batch:
-            _, sums = _kernel_backward(*args, zeros, zeros, False, True)
-            a0, a1 = sums.to(x.dtype)
-            grad_e = -a * a0
-            grad_v = -0.5 * a * a1 / (v + ctx.eps)
-            u = (grad_e / mass).contiguous()
-            w = (grad_v / mass).contiguous()
-            gx, sums = _kernel_backward(*args, u, w, ctx.tau_grad, False)
+            sums = _kernel_backward(*args, zeros, zeros, False, True)[1].to(x.dtype)
+            u = (-aw * sums[0] / mass).contiguous()  # dL/dE / M
+            w_v = (-0.5 * aw * sums[1] / ((v + ctx.eps) * mass)).contiguous()  # dL/dV / M
+            gx, sums, gsum = _kernel_backward(*args, u, w_v, ctx.tau_grad, False)
         else:
-            gx, sums = _kernel_backward(*args, zeros, zeros, ctx.tau_grad, False)
-        sums = sums.to(x.dtype)
-        a0, a1, t0, t1, t2 = sums
-        need = ctx.needs_input_grad
-        tau_grads = ctx.tau_grad
+            gx, sums, gsum = _kernel_backward(*args, zeros, zeros, ctx.tau_grad, False)
+        a0, a1, t0, t1, t2 = sums.to(x.dtype)
+        need, tg, given = ctx.needs_input_grad, ctx.tau_grad, not ctx.batch
         return (
             gx,
-            t0 if tau_grads and need[1] else None,
-            r.square() * t1 if tau_grads and need[2] else None,
-            -r * t2 if tau_grads and need[3] else None,
-            a1 * scale if need[4] else None,
-            -a * a0 if not ctx.batch and need[5] else None,
-            -0.5 * a * a1 / (v + ctx.eps) if not ctx.batch and need[6] else None,
+            t0 if tg and need[1] else None,
+            r.square() * t1 if tg and need[2] else None,
+            -r * t2 if tg and need[3] else None,
+            a1 * scale * w if need[4] else None,
+            -aw * a0 if given and need[5] else None,
+            -0.5 * aw * a1 / (v + ctx.eps) if given and need[6] else None,
+            (a * a1).sum(0) if need[7] else None,
+            gsum.to(x.dtype) if need[8] else None,
             None, None, None,
         )
 
@@ -266,22 +277,49 @@ def responsibilities(logits: torch.Tensor, dim: int, log_eps: float | None) -> t
     return torch.exp(logits - torch.logaddexp(lse, torch.full_like(lse, log_eps)))
 
 
-def _tensor_ops(x, q, mu, r, coef, e, v, eps, log_eps, tau_grad):
-    """The same map as tensor operations over ``(N, K, C, S)``, differentiated by autograd."""
-    xs = x.unsqueeze(1)  # (N, 1, C, S)
-    z = (xs - mu.unsqueeze(-1)) * r.unsqueeze(-1)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and tau_grad):
-        tau = responsibilities(q.unsqueeze(-1) - 0.5 * z.square(), 1, log_eps)
+def _tau(x: torch.Tensor, q, mu, r, log_eps) -> torch.Tensor:
+    """``tau`` ``(N, K, C, S)`` as tensor operations."""
+    z = (x.unsqueeze(1) - mu.unsqueeze(-1)) * r.unsqueeze(-1)
+    return responsibilities(q.unsqueeze(-1) - 0.5 * z.square(), 1, log_eps)
+
+
+def _weighted_moments(x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(M, E, V)`` ``(K, C)`` of ``x`` ``(N, C, S)`` weighted by ``tau`` over ``(N, S)``."""
+    xs = x.unsqueeze(1)
     mass = tau.sum((0, 3))
+    w = tau / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
+    e = (w * xs).sum((0, 3))
+    return mass, e, (w * (xs - e.unsqueeze(-1)).square()).sum((0, 3))
+
+
+def _tensor_ops(x, q, mu, r, coef, e, v, weight, bias, eps, log_eps, tau_grad):
+    """The same map as tensor operations over ``(N, K, C, S)``, differentiated by autograd."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and tau_grad):
+        tau = _tau(x, q, mu, r, log_eps)
     if e is None:
-        w = tau / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
-        e = (w * xs).sum((0, 3))
-        v = (w * (xs - e.unsqueeze(-1)).square()).sum((0, 3))
+        mass, e, v = _weighted_moments(x, tau)
+    else:
+        mass = tau.sum((0, 3))
     if coef is None:
         coef = torch.rsqrt(mass.detach() / (x.shape[0] * x.shape[2])).clamp_max(1e6)
     a = coef * torch.rsqrt(v + eps)
-    y = (tau * a.unsqueeze(-1) * (xs - e.unsqueeze(-1))).sum(1)
-    return y, e.detach(), v.detach(), mass.detach()
+    y = (tau * a.unsqueeze(-1) * (x.unsqueeze(1) - e.unsqueeze(-1))).sum(1)
+    return apply_affine(y, weight, bias), e.detach(), v.detach(), mass.detach()
+
+
+@torch.no_grad()
+def mixture_moments(
+    x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
+    log_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M, E, V)`` ``(K, C)``: summed ``tau`` and the ``tau``-weighted mean and variance of
+    ``x`` ``(N, C, S)`` over ``(N, S)``, without gradient (one EM step's statistics); one kernel
+    pass on CPU."""
+    if torch.compiler.is_compiling() or not kernel_available(x, q.shape[0]):
+        return _weighted_moments(x, _tau(x, q, mu, r, log_eps))
+    q, mu, r = _contig(q, mu, r, dtype=x.dtype)
+    sums = _kernel_stats(x.contiguous(), q, mu, r, log_eps)
+    return tuple(t.to(x.dtype) for t in _moments(sums, mu))  # type: ignore[return-value]
 
 
 def mixture_moments_norm(
@@ -292,11 +330,14 @@ def mixture_moments_norm(
     coef: torch.Tensor | None,
     e: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     log_eps: float | None = None,
     tau_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``y = sum_k tau_k coef_k (x - E_k) / sqrt(V_k + eps)`` (see the module docstring).
+    """``y = weight * sum_k tau_k coef_k (x - E_k) / sqrt(V_k + eps) + bias`` (see the module
+    docstring).
 
     Args:
         x: ``(N, C, S)``, float32 or float64.
@@ -304,6 +345,7 @@ def mixture_moments_norm(
         coef: ``(K, C)`` per-component factor, or ``None`` for ``M_k^-1/2`` with ``M_k`` the
             mean ``tau_k`` over the batch (Mixture Normalization's ``lambda_k``), a constant.
         e, v: ``(K, C)`` moments, or ``None`` for the ``tau``-weighted batch moments.
+        weight, bias: ``(C,)`` affine after the normalization, or ``None``.
         eps: added to ``V`` under the square root.
         log_eps: ``log`` of the ``eps`` in ``tau``'s denominator (UAN's authors' form), or
             ``None`` for the softmax.
@@ -314,8 +356,14 @@ def mixture_moments_norm(
         component ``(K, C)``, without gradient (``M`` is zero when ``e`` and ``v`` are given on
         the kernel path).
     """
+    args = (q, mu, r, coef, e, v, weight, bias, eps, log_eps, tau_grad)
     if torch.compiler.is_compiling() or not kernel_available(x, q.shape[0]):
-        return _tensor_ops(x, q, mu, r, coef, e, v, eps, log_eps, tau_grad)
-    return _MixtureMomentsFunction.apply(x.contiguous(), q, mu, r, coef, e, v, eps, log_eps,
-                                         tau_grad)
+        return _tensor_ops(x, *args)
+    n, c, s = x.shape
+    if s >= _SHORT_ROW or n == 1:
+        return _MixtureMomentsFunction.apply(x.contiguous(), *args)
+    # short rows (e.g. (N, C) features): one row of N * S values per channel fills the vectors
+    xt = x.transpose(0, 1).reshape(1, c, n * s).contiguous()
+    y, *stats = _MixtureMomentsFunction.apply(xt, *args)
+    return y.reshape(c, n, s).transpose(0, 1), *stats
 

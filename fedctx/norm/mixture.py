@@ -40,21 +40,15 @@ import torch
 
 from fedctx.norm._common import (
     BatchStatsNorm,
-    apply_affine,
     check_input,
     describe,
     momentum_update,
     stats_dtype,
 )
-from fedctx.norm._mixkernel import mixture_moments_norm
+from fedctx.norm._mixkernel import mixture_moments, mixture_moments_norm
 
 _VAR_FLOOR = 1e-6
 _PRIOR_FLOOR = 1e-12
-
-
-def _log_gauss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, prior: torch.Tensor):
-    """``log(prior N(x; mean, var))`` broadcast over ``x`` ``(..., 1, C, S)`` and ``(K, C, 1)``."""
-    return torch.log(prior) - 0.5 * torch.log(2 * math.pi * var) - (x - mean).square() / (2 * var)
 
 
 @torch.no_grad()
@@ -63,28 +57,27 @@ def fit_gmm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit one 1-D GMM per channel of ``x`` ``(N, C, S)`` by EM; all channels at once.
 
-    Returns ``(prior, mean, var)``, each ``(K, C)``.
+    Returns ``(prior, mean, var)``, each ``(K, C)`` (variance floored at 1e-6).
     """
     n, c, s = x.shape
-    data = x.transpose(0, 1).reshape(c, n * s).to(stats_dtype(x.dtype))  # (C, M)
-    if max_samples is not None and data.shape[1] > max_samples:
-        stride = math.ceil(data.shape[1] / max_samples)
-        data = data[:, ::stride]
+    total = n * s
+    if max_samples is not None and total > max_samples:  # every stride-th of the N * S values
+        idx = torch.arange(0, total, math.ceil(total / max_samples), device=x.device)
+        data = x[idx // s, :, idx % s].T  # (C, M), gathered without copying x
+    else:
+        data = x.transpose(0, 1).reshape(c, total)
+    data = data.to(stats_dtype(x.dtype)).contiguous()
     var0, mean0 = torch.var_mean(data, dim=1, correction=0)  # (C,)
     k = torch.arange(num_components, device=x.device, dtype=data.dtype)
     z = math.sqrt(2.0) * torch.erfinv(2 * (k + 0.5) / num_components - 1)  # (K,)
     mean = mean0 + z.unsqueeze(1) * var0.sqrt()  # (K, C)
-    var = (var0 / num_components).clamp_min(1e-6).expand(num_components, c).clone()
+    var = (var0 / num_components).clamp_min(_VAR_FLOOR).expand(num_components, c).clone()
     prior = torch.full_like(mean, 1.0 / num_components)
-    xk = data.unsqueeze(0)  # (1, C, M)
-    for _ in range(iters):
-        resp = torch.softmax(
-            _log_gauss(xk, mean.unsqueeze(-1), var.unsqueeze(-1), prior.unsqueeze(-1)), dim=0
-        )  # (K, C, M)
-        nk = resp.sum(-1).clamp_min(1e-12)  # (K, C)
-        mean = (resp * xk).sum(-1) / nk
-        var = ((resp * (xk - mean.unsqueeze(-1)).square()).sum(-1) / nk).clamp_min(1e-6)
-        prior = nk / data.shape[1]
+    for _ in range(iters):  # E step and M step: one pass over the samples
+        q, r = _gmm_logits(prior, mean, var)
+        mass, mean, var = mixture_moments(data.unsqueeze(0), q, mean, r)
+        var = var.clamp_min(_VAR_FLOOR)
+        prior = mass.clamp_min(_PRIOR_FLOOR) / data.shape[1]
     return prior, mean, var
 
 
@@ -133,10 +126,12 @@ def mixture_norm(
     n, c = input.shape[:2]
     sd = stats_dtype(input.dtype)
     x = input.to(sd).reshape(n, c, -1)
+    weight, bias = (None if t is None else t.to(sd) for t in (weight, bias))
     if training or running_mean is None:
         prior, mean, var = fit_gmm(x, num_components, em_iters, em_max_samples)
         q, r = _gmm_logits(prior, mean, var)
-        out, e, v, mass = mixture_moments_norm(x, q, mean, r, None, eps=eps, tau_grad=False)
+        out, e, v, mass = mixture_moments_norm(x, q, mean, r, None, None, None, weight, bias,
+                                               eps, tau_grad=False)
         if training and running_mean is not None:
             momentum_update(running_mean, e, momentum)
             momentum_update(running_var, v, momentum)
@@ -147,8 +142,8 @@ def mixture_norm(
         lam = running_prior.to(sd)
         q, r = _gmm_logits(lam, e, v)
         coef = torch.rsqrt(lam.clamp_min(_PRIOR_FLOOR))
-        out = mixture_moments_norm(x, q, e, r, coef, e, v, eps)[0]
-    return apply_affine(out, weight, bias).to(input.dtype).reshape(input.shape)
+        out = mixture_moments_norm(x, q, e, r, coef, e, v, weight, bias, eps)[0]
+    return out.to(input.dtype).reshape(input.shape)
 
 
 class MixtureNorm(BatchStatsNorm):

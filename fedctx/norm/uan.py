@@ -77,7 +77,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedctx.norm._common import (
-    apply_affine,
     check_input,
     describe,
     init_affine,
@@ -157,12 +156,14 @@ def uan_norm(
         e, v = running_mean.to(sd), running_var.to(sd)
     out, e_batch, v_batch, _ = mixture_moments_norm(
         x, torch.log(prior).unsqueeze(1).expand(k, c), mean, torch.rsqrt(var + eps),
-        torch.rsqrt(prior + eps).unsqueeze(1).expand(k, c), e, v, eps, _log_eps(assignment, eps),
+        torch.rsqrt(prior + eps).unsqueeze(1).expand(k, c), e, v,
+        *(None if t is None else t.to(sd) for t in (weight, bias)), eps,
+        _log_eps(assignment, eps),
     )
     if batch and training and running_mean is not None:
         momentum_update(running_mean, e_batch, momentum)
         momentum_update(running_var, v_batch, momentum)
-    return apply_affine(out, weight, bias).to(input.dtype).reshape(input.shape)
+    return out.to(input.dtype).reshape(input.shape)
 
 
 def unsupervised_adaptive_norm(
