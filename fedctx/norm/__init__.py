@@ -6,16 +6,10 @@ Public API: :func:`make_norm`, :func:`available`, :func:`norm_layer`, :func:`use
 """
 
 from fedctx.norm import functional
-from fedctx.norm.acn import AdaptiveContextNorm, SupervisedClusterNorm, adaptive_context_norm
+from fedctx.norm.acn import AdaptiveContextNorm, SupervisedClusterNorm
 from fedctx.norm.adain import ConditionalInstanceNorm
 from fedctx.norm.batchgroup import BatchGroupNorm
-from fedctx.norm.context import (
-    ContextNorm,
-    ContextNorm1d,
-    ContextNorm2d,
-    ContextNorm3d,
-    context_batch_norm,
-)
+from fedctx.norm.context import ContextNorm, ContextNorm1d, ContextNorm2d, ContextNorm3d
 from fedctx.norm.convert import convert_norms
 from fedctx.norm.crossiter import CrossIterationBatchNorm
 from fedctx.norm.factory import (
@@ -32,6 +26,7 @@ from fedctx.norm.factory import (
     register_norm,
     train_defaults,
 )
+from fedctx.norm.functional import adaptive_context_norm, context_batch_norm
 from fedctx.norm.ghost import GhostBatchNorm
 from fedctx.norm.mixture import MixtureNorm, fit_gmm
 from fedctx.norm.proxy import ProxyNorm
