@@ -10,7 +10,7 @@ import torch
 
 from fedctx.norm import _mixkernel as mk
 
-pytestmark = pytest.mark.skipif(not mk.kernel_available(torch.zeros(1), 1),
+pytestmark = pytest.mark.skipif(not mk.kernel_available(torch.zeros(1, dtype=torch.float64), 3),
                                 reason="no C++ compiler: the kernel is not built")
 
 

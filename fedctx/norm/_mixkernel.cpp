@@ -3,8 +3,9 @@
 // One pass reads x (N, C, S) once and evaluates, per activation, the K responsibilities
 //   l_k = q_k - ((x - mu_k) r_k)^2 / 2,   tau_k = exp(l_k) / (sum_j exp(l_j) + [eps])
 // in registers (never an (N, K, C, S) tensor). fedctx/norm/_mixkernel.py documents the math
-// of each pass and builds this file; every function handles the channels [c0, c1) so that
-// Python threads (ctypes drops the GIL) split the channels between them.
+// of each pass and builds this file once per element type FEDCTX_T and component count
+// FEDCTX_K; every function handles the channels [c0, c1) so that Python threads (ctypes drops
+// the GIL) split the channels between them.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -240,62 +241,35 @@ void backward(const T* x, const T* g, int64_t N, int64_t C, int64_t S, const T* 
   }
 }
 
-template <typename T, template <typename, int> class F, typename... A>
-int dispatch(int K, A... args) {
-  switch (K) {
-    case 1: F<T, 1>::run(args...); return 0;
-    case 2: F<T, 2>::run(args...); return 0;
-    case 3: F<T, 3>::run(args...); return 0;
-    case 4: F<T, 4>::run(args...); return 0;
-    case 5: F<T, 5>::run(args...); return 0;
-    case 6: F<T, 6>::run(args...); return 0;
-    case 7: F<T, 7>::run(args...); return 0;
-    case 8: F<T, 8>::run(args...); return 0;
-    default: return 1;
-  }
-}
-
-template <typename T, int K>
-struct Stats {
-  template <typename... A> static void run(A... a) { stats<T, K>(a...); }
-};
-template <typename T, int K>
-struct Mix {
-  template <typename... A> static void run(A... a) { mix<T, K>(a...); }
-};
-template <typename T, int K>
-struct Reduce {
-  template <typename... A> static void run(A... a) { backward<T, K, true>(a...); }
-};
-template <typename T, int K>
-struct Backward {
-  template <typename... A> static void run(A... a) { backward<T, K, false>(a...); }
-};
-
 }  // namespace
 
-#define FEDCTX_EXPORT(T, SUFFIX)                                                              \
-  extern "C" int stats_##SUFFIX(int K, const T* x, int64_t N, int64_t C, int64_t S,          \
-                                const T* q, const T* mu, const T* r, T log_eps, int use_eps,  \
-                                int64_t c0, int64_t c1, double* out) {                        \
-    return dispatch<T, Stats>(K, x, N, C, S, q, mu, r, log_eps, use_eps, c0, c1, out);        \
-  }                                                                                           \
-  extern "C" int mix_##SUFFIX(int K, const T* x, int64_t N, int64_t C, int64_t S, const T* q, \
-                              const T* mu, const T* r, T log_eps, int use_eps, const T* a,    \
-                              const T* e, const T* b, int64_t c0, int64_t c1, T* y) {         \
-    return dispatch<T, Mix>(K, x, N, C, S, q, mu, r, log_eps, use_eps, a, e, b, c0, c1, y);   \
-  }                                                                                           \
-  extern "C" int backward_##SUFFIX(int K, int reduce_only, const T* x, const T* g, int64_t N, \
-                                   int64_t C, int64_t S, const T* q, const T* mu, const T* r, \
-                                   T log_eps, int use_eps, const T* a, const T* e,            \
-                                   const T* v, const T* u, const T* w, int tau_grad,          \
-                                   int64_t c0, int64_t c1, T* gx, double* out, double* gsum) { \
-    if (reduce_only)                                                                          \
-      return dispatch<T, Reduce>(K, x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u, w, \
-                                 tau_grad, c0, c1, gx, out, gsum);                            \
-    return dispatch<T, Backward>(K, x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u, w,  \
-                                 tau_grad, c0, c1, gx, out, gsum);                            \
-  }
+// One build per element type and component count (the Python side passes both as macros).
+using Elem = FEDCTX_T;
+constexpr int NumComponents = FEDCTX_K;
 
-FEDCTX_EXPORT(float, f32)
-FEDCTX_EXPORT(double, f64)
+extern "C" void mixkernel_stats(const Elem* x, int64_t N, int64_t C, int64_t S, const Elem* q,
+                                const Elem* mu, const Elem* r, Elem log_eps, int use_eps,
+                                int64_t c0, int64_t c1, double* out) {
+  stats<Elem, NumComponents>(x, N, C, S, q, mu, r, log_eps, use_eps, c0, c1, out);
+}
+
+extern "C" void mixkernel_mix(const Elem* x, int64_t N, int64_t C, int64_t S, const Elem* q,
+                              const Elem* mu, const Elem* r, Elem log_eps, int use_eps,
+                              const Elem* a, const Elem* e, const Elem* b, int64_t c0,
+                              int64_t c1, Elem* y) {
+  mix<Elem, NumComponents>(x, N, C, S, q, mu, r, log_eps, use_eps, a, e, b, c0, c1, y);
+}
+
+extern "C" void mixkernel_backward(int reduce_only, const Elem* x, const Elem* g, int64_t N,
+                                   int64_t C, int64_t S, const Elem* q, const Elem* mu,
+                                   const Elem* r, Elem log_eps, int use_eps, const Elem* a,
+                                   const Elem* e, const Elem* v, const Elem* u, const Elem* w,
+                                   int tau_grad, int64_t c0, int64_t c1, Elem* gx, double* out,
+                                   double* gsum) {
+  if (reduce_only)
+    backward<Elem, NumComponents, true>(x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u, w,
+                                        tau_grad, c0, c1, gx, out, gsum);
+  else
+    backward<Elem, NumComponents, false>(x, g, N, C, S, q, mu, r, log_eps, use_eps, a, e, v, u,
+                                         w, tau_grad, c0, c1, gx, out, gsum);
+}

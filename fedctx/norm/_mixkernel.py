@@ -30,13 +30,15 @@ Normalization, TPAMI 2019; Faye et al., UAN, IJCNN 2024)::
 branch has it). Sums run over ``(N, S)``.
 
 On CPU (float32, float64; ``K <= 8``) each pass is one read of ``x`` in a C++ kernel
-(``_mixkernel.cpp``, built once per machine with the system C++ compiler into the user cache
-and loaded with ctypes; ``tau`` is recomputed in registers, never stored as an
-``(N, K, C, S)`` tensor): two passes forward (moments, output) and two backward (``A0, A1``,
-then the rest) with batch moments, one each way with given moments. Elsewhere (CUDA, other
-dtypes, no compiler) the same forward runs as tensor operations over ``(N, K, C, S)`` and
-autograd differentiates it; the tests check both paths against each other and gradcheck the
-kernel in float64.
+(``_mixkernel.cpp``, explicit SIMD; built with the system C++ compiler once per machine, element
+type and ``K`` into the user cache, a few seconds, and loaded with ctypes; ``tau`` is recomputed
+in registers, never stored as an ``(N, K, C, S)`` tensor): two passes forward (moments, output)
+and two backward (``A0, A1``, then the rest) with batch moments, one each way with given
+moments; the affine ``weight, bias`` are folded into the passes, and samples with fewer than 32
+positions are regrouped into one row per channel. Elsewhere (CUDA, other dtypes, no compiler,
+``torch.compile``) the same map runs as tensor operations over ``(N, K, C, S)`` and autograd
+differentiates it; the tests check both paths against each other and gradcheck the kernel in
+float64.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ _MAX_COMPONENTS = 8
 _PARALLEL_ELEMENTS = 1 << 15  # below this, one thread (the pool's hand-off costs more)
 _SHORT_ROW = 32  # rows (spatial positions) shorter than this are regrouped per channel
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
-_pool: ThreadPoolExecutor | None = None
+_libs: dict[tuple[torch.dtype, int], ctypes.CDLL | None] = {}  # None: cannot be built
+_pool: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
 
 
 def _cache_dir() -> Path:
@@ -72,79 +74,80 @@ def _cache_dir() -> Path:
     return Path(root) / "fedctx" if root else Path.home() / ".cache" / "fedctx"
 
 
-def _build() -> ctypes.CDLL | None:
-    """Compile (once per source, flags, machine) and load the kernel; ``None`` when impossible."""
+def _build(dtype: torch.dtype, num_components: int) -> ctypes.CDLL | None:
+    """Compile (once per source, flags, element type, ``K`` and machine) and load the kernel;
+    ``None`` when impossible."""
     try:
         source = _SOURCE.read_bytes()
     except OSError:
         return None
+    c_type, elem = ((ctypes.c_float, "float") if dtype == torch.float32
+                    else (ctypes.c_double, "double"))
+    flags = [*_FLAGS, f"-DFEDCTX_T={elem}", f"-DFEDCTX_K={num_components}"]
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(_FLAGS).encode(), platform.machine().encode(),
+        b"\0".join([source, " ".join(flags).encode(), platform.machine().encode(),
                     platform.node().encode(), sys.platform.encode()])
     ).hexdigest()[:16]
-    path = _cache_dir() / f"mixkernel-{key}.so"
+    path = _cache_dir() / f"mixkernel-{elem}-k{num_components}-{key}.so"
     if not path.exists():
         compiler = os.environ.get("CXX", "c++")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
+            subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], check=True,
                            capture_output=True, timeout=300)
             os.replace(tmp, path)  # atomic: concurrent processes never load a partial file
         except (OSError, subprocess.SubprocessError) as err:
             warnings.warn(f"fedctx: mixture-norm CPU kernel not built ({err}); uan and mixture "
-                          "use the slower tensor-operation path", RuntimeWarning, stacklevel=3)
+                          "use the slower tensor-operation path", RuntimeWarning, stacklevel=4)
             return None
     lib = ctypes.CDLL(str(path))
-    for t, suffix in ((ctypes.c_float, "f32"), (ctypes.c_double, "f64")):
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        getattr(lib, f"stats_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, i64,
-                                                    i64, p]
-        getattr(lib, f"mix_{suffix}").argtypes = [i32, p, i64, i64, i64, p, p, p, t, i32, p, p,
-                                                  p, i64, i64, p]
-        getattr(lib, f"backward_{suffix}").argtypes = [i32, i32, p, p, i64, i64, i64, p, p, p, t,
-                                                       i32, p, p, p, p, p, i32, i64, i64, p, p,
-                                                       p]
+    p, i64, i32, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, c_type
+    lib.mixkernel_stats.argtypes = [p, i64, i64, i64, p, p, p, t, i32, i64, i64, p]
+    lib.mixkernel_mix.argtypes = [p, i64, i64, i64, p, p, p, t, i32, p, p, p, i64, i64, p]
+    lib.mixkernel_backward.argtypes = [i32, p, p, i64, i64, i64, p, p, p, t, i32, p, p, p, p, p,
+                                       i32, i64, i64, p, p, p]
+    for fn in (lib.mixkernel_stats, lib.mixkernel_mix, lib.mixkernel_backward):
+        fn.restype = None
     return lib
 
 
-def _library() -> ctypes.CDLL | None:
-    global _lib
-    if _lib is False:
+def _library(dtype: torch.dtype, num_components: int) -> ctypes.CDLL | None:
+    key = (dtype, num_components)
+    if key not in _libs:
         with _lock:
-            if _lib is False:
-                _lib = _build()
-    return _lib  # type: ignore[return-value]
+            if key not in _libs:
+                _libs[key] = _build(dtype, num_components)
+    return _libs[key]
 
 
 def kernel_available(x: torch.Tensor, num_components: int) -> bool:
     """Whether the fused CPU kernel handles ``x`` (CPU float32/float64, ``K <= 8``)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and num_components <= _MAX_COMPONENTS and _library() is not None)
+            and num_components <= _MAX_COMPONENTS
+            and _library(x.dtype, num_components) is not None)
 
 
-def _run(name: str, x: torch.Tensor, make_args) -> None:
+def _run(name: str, x: torch.Tensor, k: int, make_args) -> None:
     """Call ``name`` over channel ranges, on ``torch.get_num_threads()`` threads when ``x`` is
     large (a few ranges per thread, so that a thread slowed by other load does not hold the
     rest up)."""
     global _pool
-    lib = _library()
-    fn = getattr(lib, f"{name}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    fn = getattr(_library(x.dtype, k), f"mixkernel_{name}")
     c = x.shape[1]
     threads = torch.get_num_threads()
     parts = 1 if x.numel() < _PARALLEL_ELEMENTS or threads == 1 else min(c, 4 * threads)
     bounds = [c * i // parts for i in range(parts + 1)]
     calls = [make_args(c0, c1) for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)]
     if parts == 1:
-        codes = [fn(*calls[0])]
+        fn(*calls[0])
     else:
-        with _lock:
-            if _pool is None or _pool._max_workers != threads:
-                _pool = ThreadPoolExecutor(threads, thread_name_prefix="fedctx-mixkernel")
-        codes = list(_pool.map(lambda args: fn(*args), calls))
-    if any(codes):
-        raise RuntimeError(f"fedctx mixture kernel {name}: unsupported number of components")
+        with _lock:  # a new pool for a new thread count, or in a forked child (no threads)
+            if _pool is None or _pool[0] != (threads, os.getpid()):
+                _pool = ((threads, os.getpid()),
+                         ThreadPoolExecutor(threads, thread_name_prefix="fedctx-mixkernel"))
+        list(_pool[1].map(lambda args: fn(*args), calls))
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -156,7 +159,7 @@ def _kernel_stats(x, q, mu, r, log_eps):
     out = torch.zeros(3, k, x.shape[1], dtype=torch.float64)
     n, c, s = x.shape
     le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
-    _run("stats", x, lambda c0, c1: (k, _ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+    _run("stats", x, k, lambda c0, c1: (_ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
                                      c0, c1, _ptr(out)))
     return out
 
@@ -166,7 +169,7 @@ def _kernel_mix(x, q, mu, r, log_eps, a, e, b):
     y = torch.empty_like(x)
     n, c, s = x.shape
     le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
-    _run("mix", x, lambda c0, c1: (k, _ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+    _run("mix", x, k, lambda c0, c1: (_ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
                                    _ptr(a), _ptr(e), _ptr(b), c0, c1, _ptr(y)))
     return y
 
@@ -178,8 +181,8 @@ def _kernel_backward(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad, reduce_on
     gsum = torch.zeros(c, dtype=torch.float64)
     gx = None if reduce_only else torch.empty_like(x)
     le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
-    _run("backward", x, lambda c0, c1: (
-        k, int(reduce_only), _ptr(x), _ptr(g), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
+    _run("backward", x, k, lambda c0, c1: (
+        int(reduce_only), _ptr(x), _ptr(g), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
         _ptr(a), _ptr(e), _ptr(v), _ptr(u), _ptr(w), int(tau_grad), c0, c1,
         None if gx is None else _ptr(gx), _ptr(out), _ptr(gsum)))
     return gx, out, gsum
