@@ -10,8 +10,9 @@ import torch
 
 from fedctx.norm import _mixkernel as mk
 
-pytestmark = pytest.mark.skipif(not mk.kernel_available(torch.zeros(1, dtype=torch.float64), 3),
-                                reason="no C++ compiler: the kernel is not built")
+needs_kernel = pytest.mark.skipif(
+    not mk.kernel_available(torch.zeros(1, dtype=torch.float64), 3),
+    reason="no C++ compiler: the kernel is not built")
 
 
 def _inputs(shape=(5, 3, 13), k=3, dtype=torch.float64, given=False, seed=0):
@@ -27,6 +28,7 @@ def _inputs(shape=(5, 3, 13), k=3, dtype=torch.float64, given=False, seed=0):
     return x, q, mu, r, coef, e, v, weight, bias
 
 
+@needs_kernel
 @pytest.mark.parametrize("log_eps", [math.log(1e-3), None], ids=["authors", "softmax"])
 @pytest.mark.parametrize("given", [False, True], ids=["batch", "given"])
 def test_gradcheck(log_eps: float | None, given: bool) -> None:
@@ -36,6 +38,7 @@ def test_gradcheck(log_eps: float | None, given: bool) -> None:
         lambda *a: mk._MixtureMomentsFunction.apply(*a, 1e-3, log_eps, True)[0], inputs)
 
 
+@needs_kernel
 @pytest.mark.parametrize("given", [False, True], ids=["batch", "given"])
 @pytest.mark.parametrize("tau_grad", [True, False])
 @pytest.mark.parametrize("shape", [(5, 3, 13), (64, 3, 700)], ids=["one-thread", "threads"])
@@ -65,6 +68,7 @@ def test_kernel_matches_tensor_operations(given: bool, tau_grad: bool, shape) ->
                 torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
+@needs_kernel
 def test_float32_kernel_close_to_float64() -> None:
     """The float32 kernel's own exp (a polynomial) against float64."""
     args = _inputs((16, 4, 100), k=4, dtype=torch.float32)
@@ -74,6 +78,7 @@ def test_float32_kernel_close_to_float64() -> None:
     torch.testing.assert_close(y32.double(), y64[0], atol=2e-5, rtol=1e-5)
 
 
+@needs_kernel
 def test_far_activations_get_no_component_and_stay_finite() -> None:
     x, q, mu, r, coef, _, _, _, _ = _inputs(dtype=torch.float32)
     x[0, 0, :4] = torch.tensor([50.0, -80.0, 1e4, -1e4])
@@ -82,3 +87,24 @@ def test_far_activations_get_no_component_and_stay_finite() -> None:
     assert torch.isfinite(y).all() and y[0, 0, :4].abs().max() < 1e-6
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_without_a_compiler_layers_warn_and_use_tensor_operations(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    from fedctx.norm import make_norm
+
+    x = torch.randn(4, 3, 5, 5)
+
+    def run(name: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        return make_norm(name, 3)(x)
+
+    expected = {name: run(name) for name in ("uan", "mixture")}
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FEDCTX_CACHE", str(tmp_path))
+    monkeypatch.setattr(mk, "_libs", {})
+    with pytest.warns(RuntimeWarning, match="kernel not built"):
+        assert not mk.kernel_available(x, 3)
+        for name, want in expected.items():
+            torch.testing.assert_close(run(name), want, atol=1e-5, rtol=1e-5)
