@@ -423,16 +423,29 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
         error = err.__cause__ if isinstance(err.__cause__, Exception) else err
     if error is not None:
         report_failure(error, config, plugin)
-        return 1
+        return _failed_on_ray(config)
     if not (Path(config.out) / "summary.json").exists():
         print("error: run failed: the simulation engine stopped before the last round"
               + resume_hint(Path(config.out)), file=sys.stderr)
-        return 1
+        return _failed_on_ray(config)
     if failed := every_round_failed(Path(config.out)):
         print(f"error: {failed}", file=sys.stderr)
         return 1
     print(f"Done in {time.time() - t0:.1f}s.")
     return 0
+
+
+def _failed_on_ray(config: SimConfig) -> int:
+    """Status 1 for a run that failed. When Ray or a thread of Flower's engine still runs (e.g.
+    the ServerApp thread, waiting for clients whose app failed to load), the process leaves at
+    once, Ray's processes killed: those threads would keep it alive after the error."""
+    import threading
+
+    engine = [t for t in threading.enumerate()
+              if t.is_alive() and not t.daemon and t is not threading.current_thread()]
+    if config.backend == "ray" and (engine or _ray_started()):
+        _exit_now(1)
+    return 1
 
 
 def every_round_failed(out: Path) -> str:
