@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,7 @@ class RunFiles:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
-    def open(self, records: list[tuple[int, dict[str, Any]]] = ()) -> None:
+    def open(self, records: Sequence[tuple[int, dict[str, Any]]] = ()) -> None:
         """Start the files afresh from ``records`` (``(step, record)`` pairs, in order)."""
         from torch.utils.tensorboard import SummaryWriter
 
