@@ -3,7 +3,8 @@
 It reads the experiment from ``context.run_config``, wraps the chosen Flower strategy in a
 :class:`~fedctx.federated.norm_strategy.NormPolicyStrategy` (seeded sampling, norm policy, reply
 screening) and runs it with Flower's own ``Strategy.start``. After every round (Flower's
-``evaluate_fn`` hook) it evaluates per context when scheduled, writes the round to
+``evaluate_fn`` hook) it evaluates per context when scheduled (and, with ``--holdout-domain``,
+the held-out domain under every rule of :mod:`fedctx.federated.unseen`), writes the round to
 ``metrics.jsonl`` and an atomic ``checkpoint.pt``; ``resume = true`` continues from it.
 """
 
@@ -24,6 +25,7 @@ from fedctx.federated.norm_strategy import NormPolicyStrategy, RoundReport
 from fedctx.federated.run_config import from_run_config
 from fedctx.federated.runtime import build_model, get_runtime
 from fedctx.federated.training import evaluate
+from fedctx.federated.unseen import evaluate_unseen
 from fedctx.results import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -106,6 +108,20 @@ class Experiment:
                                                            device=self.rt.device)[0]
         return accs
 
+    def evaluate_holdout(self) -> dict[str, float]:
+        """The held-out domain's accuracy under every rule the policy allows (see
+        :func:`~fedctx.federated.unseen.evaluate_unseen`): the entries are the norm tensors
+        the server evaluates each training context with."""
+        _, x, y = self.rt.data.holdout
+        policy = self.strategy.policy
+        entries = ({k: self.strategy.norm_for_context(k)
+                    for k in range(self.rt.data.num_contexts)}
+                   if policy.evaluates_on_server else None)
+        server_norm = self.strategy.norm.outgoing(None) if policy.client_keeps == "stats" else None
+        shared = {k: self.arrays[k] for k in self.strategy.split.shared}
+        return evaluate_unseen(self.rt.model, shared, entries, server_norm, x, y,
+                               device=self.rt.device)
+
     def client_accuracies(self, report: RoundReport) -> tuple[dict[str, float], dict[str, float]]:
         """``local`` (FedBN) / ``stats-local`` (SiloBN): as in FedBN (Li et al. 2021), every
         client that holds its own normalization state evaluated the global shared weights with
@@ -154,6 +170,8 @@ class Experiment:
                 accs, per_client = self.client_accuracies(report)
                 record.update(accuracy_per_client=per_client, clients_evaluated=len(per_client))
             record.update(accuracy=self.overall(accs), accuracy_per_context=accs)
+            if self.rt.data.holdout is not None:
+                record["holdout_accuracy"] = self.evaluate_holdout()
         record["seconds"] = time.time() - report.started
         self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
         return MetricRecord({"accuracy": record["accuracy"]}) if "accuracy" in record else None
@@ -206,4 +224,21 @@ class Experiment:
             "startup_seconds": self.recorder.startup_seconds,
             **({} if on_server else {"accuracy_per_client": last["accuracy_per_client"],
                                      "clients_evaluated": last["clients_evaluated"]}),
+            **self.domain_summary(last),
         })
+
+    def domain_summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        """What the domain options add to the summary: the held-out domain's accuracy (per
+        rule, and under ``--unseen-rule``; ``None`` where the policy cannot follow it), the
+        unlabelled domains, and the adjusted Rand index of discovered contexts."""
+        data, out = self.rt.data, {}
+        if data.holdout is not None:
+            per_rule = last.get("holdout_accuracy", {})
+            out["holdout"] = {"domain": data.holdout[0], "rule": self.config.unseen_rule,
+                              "accuracy": per_rule.get(self.config.unseen_rule),
+                              "accuracy_per_rule": per_rule}
+        if data.unlabelled_domains:
+            out["unlabelled_domains"] = data.unlabelled_domains
+        if data.context_ari is not None:
+            out["context_ari"] = data.context_ari
+        return out
