@@ -248,3 +248,16 @@ def test_bad_value_in_config_file(capsys: pytest.CaptureFixture, tmp_path: Path)
     path.write_text('domain-alpha = -0.5\n')
     assert "--domain-alpha: invalid value -0.5" in _refused(capsys, tmp_path, "--config",
                                                             str(path))
+
+
+def test_real_pair_domain_options(real_data: Path) -> None:
+    """The real-data digit scenarios honour the domain options (``federate``)."""
+    mixed = _build("mnist-usps", clients=4, domain_alpha=1.0, data_dir=str(real_data))
+    assert sum(len(c) for c in mixed.clients) == 4 * 743
+    assert mixed.context_counts().sum(0).tolist() == [2 * 743, 2 * 743]
+    unlabelled = _build("mnist-usps", clients=4, unlabelled_domains="usps",
+                        data_dir=str(real_data))
+    assert [c.y is None for c in unlabelled.clients] == [False, True, False, True]
+    held = _build("mnist-usps", clients=3, holdout_domain="usps", data_dir=str(real_data))
+    assert held.context_names == ["mnist"] and held.holdout[0] == "usps"
+    assert [len(c) for c in held.clients] == [743] * 3 and len(held.holdout[2]) == 2000
