@@ -141,6 +141,7 @@ def bench(device: str, shape: tuple[int, ...], repeats: int, warmup: int, compil
             t_layer.append(timed(step))
         rows.append((label, min(t_layer) * 1e3, statistics.median(t_layer) * 1e3,
                      min(t_layer) / min(t_base), targets[label]))
+        print(f"{device:5s} {label:40s} {rows[-1][1]:9.1f} ms  {rows[-1][3]:6.2f}x", flush=True)
     return rows
 
 
@@ -254,7 +255,6 @@ def main(argv: list[str] | None = None) -> None:
                          f"{_verdict(ratio, target)} |")
             record["rows"].append({"device": device, "label": label, "min_ms": ms,
                                    "median_ms": med, "ratio": ratio, "target": target})
-            print(f"{device:5s} {label:40s} {ms:9.1f} ms  {ratio:6.2f}x  {tgt}", flush=True)
             if (target is not None and ratio > target and "[compiled]" not in label) \
                     or label == CASES[0][0]:
                 profiles.append((label, profile_step(device, shape, label)))
