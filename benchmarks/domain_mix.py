@@ -123,7 +123,9 @@ def render(records: dict[tuple[str, str], list[dict]], seeds: str) -> str:
         "(round-robin); A > 0 draws each client's mix of domains from Dirichlet(A) "
         "(`fedctx.data.partition.domain_mix_split`): 0.1 mostly one domain, 10 near-equal mixes.",
         f"Budget: 4 rounds (short: accuracies are far from converged; the comparison is at equal "
-        f"budget). Runs finished: {len(done)} of {total}.",
+        f"budget). Runs finished: {len(done)} of {total} (the grid runs alpha by alpha, in the "
+        "order of the sections below, and starts no run once `--budget-minutes` is spent; "
+        "a cell without runs shows –; `python benchmarks/domain_mix.py` again completes it).",
         f"Machine: {machine()}.",
         "Final test accuracy (%) per context (300 test images each): mean ± 95% CI (t, n−1 dof) "
         "over seeds; Δ: paired difference of the overall accuracy to FedAvg over the same "

@@ -6,8 +6,11 @@ from fedctx.data.partition import (
     classes_split,
     dirichlet_split,
     domain_dirichlet_split,
+    domain_mix_split,
     domain_split,
     iid_split,
+    partition_clients,
+    shards_split,
 )
 from fedctx.data.sources import (
     READERS,
@@ -35,9 +38,11 @@ __all__ = [
     "classes_split",
     "dirichlet_split",
     "domain_dirichlet_split",
+    "domain_mix_split",
     "domain_split",
     "iid_split",
     "load_embedded_digits",
+    "partition_clients",
     "read_cached",
     "read_cifar",
     "read_mnist",
@@ -45,6 +50,7 @@ __all__ = [
     "read_svhn",
     "read_synthdigits",
     "read_usps",
+    "shards_split",
     "to_cifar_form",
     "to_digits_form",
 ]
