@@ -34,7 +34,6 @@ UAN), the posteriors recomputed in registers instead of stored as an ``(N, K, C,
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 
@@ -158,8 +157,6 @@ class MixtureNorm(BatchStatsNorm):
         em_max_samples: values per channel the EM fit uses (strided subsample; ``None``: all).
     """
 
-    is_normalization: ClassVar[bool] = True
-
     def __init__(
         self,
         num_features: int,
@@ -175,15 +172,14 @@ class MixtureNorm(BatchStatsNorm):
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
         shape = (num_components, num_features)
+        prior = torch.full(shape, 1.0 / num_components, device=device, dtype=dtype)
         super().__init__(
             num_features, eps, momentum, affine, stats_shape=shape,
-            extra_stats={"running_prior": torch.full(shape, 1.0 / num_components)},
+            extra_stats={"running_prior": prior}, device=device, dtype=dtype,
         )
         self.num_components = num_components
         self.em_iters = em_iters
         self.em_max_samples = em_max_samples
-        if device is not None or dtype is not None:  # BatchStatsNorm builds on the CPU
-            self.to(device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:

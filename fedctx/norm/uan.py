@@ -247,10 +247,8 @@ class UnsupervisedAdaptiveNorm(nn.Module):
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
         self.var_raw = nn.Parameter(torch.empty(shape, **factory_kwargs))
         self.prior_raw = nn.Parameter(torch.empty(num_components, **factory_kwargs))
-        init_affine(self, affine, (num_features,))
-        init_running_stats(self, shape if moments == "batch" else None)
-        if device is not None or dtype is not None:  # the shared helpers build on the CPU
-            self.to(**factory_kwargs)
+        init_affine(self, affine, (num_features,), **factory_kwargs)
+        init_running_stats(self, shape if moments == "batch" else None, **factory_kwargs)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
