@@ -11,12 +11,15 @@ which is printed too; ``python -m fedctx.report OUT`` reads the same runs.
 Concurrency. Unless ``--backend`` or ``--ray-address`` is given, the seeds run as concurrent
 child processes with ``--backend inprocess`` (same seed, same metrics as on Ray), as many at a
 time as the cores hold clients (``cores // --cpus-per-client``; cores = ``--num-cpus``, else
-this machine's). Measured on this project's 2-core machine (shared with other jobs, so wall
-times are loose) for 3 seeds of ``--rounds 2`` of the default experiment: three Ray runs one
-after another took 335 s, three in-process runs at once 177 s, one after another 162 s. Each
-Ray run spends most of its time starting Ray, and a second Ray instance beside the first only
-competes for the same cores, so with ``--backend ray`` (or ``--ray-address``) the seeds run one
-after another, each with every core (or the cluster).
+this machine's). Measured on this project's 2-core machine, shared with other jobs (load
+average about 10, so wall times are loose), for 3 seeds of the default experiment with
+``--rounds 2``: ``--seeds 0,1,2 --rounds 2`` (in-process children, 2 at a time) took 117 s,
+``--seeds 0,1,2 --rounds 2 --backend ray`` (Ray runs one after another) 164 s, with identical
+accuracies per seed; by hand, three Ray runs in sequence took 335 s, three in-process runs at
+once 177 s and one after another 162 s. Each Ray run spends most of its time starting Ray,
+and a second Ray instance beside the first only competes for the same cores, so with
+``--backend ray`` (or ``--ray-address``) the seeds run one after another, each with every
+core (or the cluster).
 """
 
 from __future__ import annotations
