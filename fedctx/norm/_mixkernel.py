@@ -74,12 +74,18 @@ def _cache_dir() -> Path:
     return Path(root) / "fedctx" if root else Path.home() / ".cache" / "fedctx"
 
 
+def _warn_unbuilt(err: Exception) -> None:
+    warnings.warn(f"fedctx: mixture-norm CPU kernel not built ({err}); uan and mixture use the "
+                  "slower tensor-operation path", RuntimeWarning, stacklevel=5)
+
+
 def _build(dtype: torch.dtype, num_components: int) -> ctypes.CDLL | None:
     """Compile (once per source, flags, element type, ``K`` and machine) and load the kernel;
     ``None`` when impossible."""
     try:
         source = _SOURCE.read_bytes()
-    except OSError:
+    except OSError as err:
+        _warn_unbuilt(err)
         return None
     c_type, elem = ((ctypes.c_float, "float") if dtype == torch.float32
                     else (ctypes.c_double, "double"))
@@ -99,8 +105,7 @@ def _build(dtype: torch.dtype, num_components: int) -> ctypes.CDLL | None:
                            capture_output=True, timeout=300)
             os.replace(tmp, path)  # atomic: concurrent processes never load a partial file
         except (OSError, subprocess.SubprocessError) as err:
-            warnings.warn(f"fedctx: mixture-norm CPU kernel not built ({err}); uan and mixture "
-                          "use the slower tensor-operation path", RuntimeWarning, stacklevel=4)
+            _warn_unbuilt(err)
             return None
     lib = ctypes.CDLL(str(path))
     p, i64, i32, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, c_type
