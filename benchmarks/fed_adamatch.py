@@ -206,6 +206,12 @@ def write_page(records: dict[tuple[str, str], list[dict[str, Any]]], pairs: list
                 sentences.append(f"- MNIST → {DISPLAY[target]}: "
                                  + verdict(paired_difference(ours, tgt), "fed-AdaMatch",
                                            LABELS[row]))
+        absent = [{r["seed"]: accuracy(r, d) for r in records[(pair, row)]}
+                  for row in ("per-context-absent", "fedavg-absent") for d in ("mnist", target)]
+        if absent[0] and absent[:2] == absent[2:]:
+            lines += ["", "The two target-absent rows are equal on every seed: with the target "
+                      "held out one context remains, and a `context` norm over one context "
+                      "normalizes as BatchNorm does while a one-entry bank is the average."]
         for row in ("per-context-absent", "fedavg-absent"):
             recs = records[(pair, row)]
             rules = sorted({k for r in recs for k, v in r["holdout"]["accuracy_per_rule"].items()
