@@ -133,6 +133,7 @@ class Recorder:
         return reply
 
 
+@pytest.mark.slow  # a 2-round federation end to end: ~7 s alone
 def test_client_app_with_unlabelled_clients(tmp_path: Path) -> None:
     from fedctx.config import SimConfig
     from fedctx.federated.client import app as client_app
