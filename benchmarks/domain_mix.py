@@ -2,7 +2,8 @@
 ``--domain-alpha`` in {one domain per client, 10, 1, 0.1} for FedAvg, FedBN, SiloBN and
 per-context norms on the ``digits`` scenario, seeds 0, 1, 2, written to
 docs/results/domain_mix.md (mean ± 95% CI, paired difference to FedAvg); and the same
-per-context runs with contexts discovered by k-means (issue #12 item 4).
+per-context runs with contexts discovered by k-means (issue #12 item 4), and the held-out-domain
+table (MNIST-M held out, every rule of ``fedctx.federated.unseen`` per policy; item 2).
 
     python benchmarks/domain_mix.py [--seeds 0,1,2] [--budget-minutes 0] [--page-only]
 
@@ -15,10 +16,19 @@ grid, 48 runs, takes about 40 minutes on 2 idle cores); finished runs are kept i
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 from common import REPO, Budget, by_seed, estimate, machine, run_cell
 
 from fedctx.report import mean_ci, paired_difference, verdict
+from fedctx.results import atomic_write_text
 
 RESULTS = REPO / "docs" / "results"
 RUNS = RESULTS / "runs" / "domain_mix"
@@ -34,6 +44,8 @@ ROWS = {
     "per-context (`context`, `per-context`)": ("context", "per-context"),
 }
 BASELINE = next(iter(ROWS))
+#: The held-out-domain table (issue #12 item 2): one domain per client, MNIST-M held out.
+HOLDOUT = "mnistm"
 #: Discovered contexts (issue #12 item 4): the per-context row, one domain per client, with
 #: contexts from federated k-means (K = 4) instead of the domains.
 KMEANS = ("context", "per-context")
@@ -71,9 +83,72 @@ def main() -> None:
                                [*flags(0.0, *KMEANS), "--contexts", "kmeans"], budget)
                 if rec is not None:
                     kmeans.append({**rec, "context_ari": context_ari(seed)})
+    held: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for row, (norm, policy) in ROWS.items():
+            rec = run_holdout(f"digits-holdout-{HOLDOUT}-{norm}-{policy}", seed,
+                              [*flags(0.0, norm, policy), "--holdout-domain", HOLDOUT], budget)
+            if rec is not None:
+                held.setdefault(row, []).append(rec)
     page = RESULTS / "domain_mix.md"
-    page.write_text(render(records, args.seeds) + render_kmeans(kmeans, records))
+    page.write_text("\n".join([render(records, args.seeds), render_kmeans(kmeans, records),
+                               render_holdout(held)]))
     print(f"wrote {page}")
+
+
+def run_holdout(cell: str, seed: int, shown: list[str], budget: Budget | None
+                ) -> dict[str, Any] | None:
+    """``common.run_cell``'s contract (read the record if kept, else run unless the budget is
+    spent) for a run whose summary's ``holdout`` it keeps (``run_cell`` keeps the trained
+    contexts' accuracy only)."""
+    path = RUNS / f"{cell}-seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if budget is None or budget.exhausted():
+        return None
+    argv = [*shown, "--seed", str(seed)]
+    with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "fedctx.simulate", *argv, "--backend",
+                               "inprocess", "--out", f"{tmp}/run"], cwd=REPO,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cell} seed {seed} failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
+    record = {"cell": cell, "seed": seed, "command": "python -m fedctx.simulate "
+              + shlex.join(argv), "accuracy": summary["accuracy"],
+              "accuracy_per_context": summary["accuracy_per_context"],
+              "holdout": summary["holdout"], "wall_seconds": time.time() - t0,
+              "machine": machine()}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    print(f"{cell} seed {seed}: held out {record['holdout']['accuracy_per_rule']}", flush=True)
+    return record
+
+
+def render_holdout(held: dict[str, list[dict]]) -> str:
+    from fedctx.config import UNSEEN_RULES
+
+    lines = [
+        f"## Held-out domain: {HOLDOUT}", "",
+        f"One domain per client, `--holdout-domain {HOLDOUT}`: no client holds {HOLDOUT}; the "
+        "other three domains train (same flags as above). The server evaluates the held-out "
+        "test set (300 images) under each rule of `fedctx.federated.unseen`: `bank-mean` (mean "
+        "of the server's per-context entries), `batch-stats` (each test batch of 256 "
+        "normalized with its own statistics), `nearest` (per batch, the entry whose running "
+        "statistics at the first norm layer are nearest in KL). Held-out accuracy (%), mean ± "
+        "95% CI over seeds; – : a rule the policy cannot follow (FedBN keeps every norm tensor "
+        "on its clients; SiloBN keeps their statistics there).", "",
+        "| norm policy | n | " + " | ".join(f"`{r}`" for r in UNSEEN_RULES)
+        + " | trained contexts (overall) |", "|---|---|" + "---|" * (len(UNSEEN_RULES) + 1)]
+    for row in ROWS:
+        recs = held.get(row, [])
+        cells = [mean_ci([r["holdout"]["accuracy_per_rule"][rule] for r in recs
+                          if rule in r["holdout"]["accuracy_per_rule"]]).format(100, 1)
+                 for rule in UNSEEN_RULES]
+        lines.append(f"| {row} | {len(recs)} | " + " | ".join(cells)
+                     + f" | {estimate(recs).format(100, 1)} |")
+    return "\n".join([*lines, ""])
 
 
 def context_ari(seed: int) -> float:
