@@ -9,7 +9,15 @@ import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 from test_norm_strategy import PlainClients, sampling, start, tiny
 
@@ -30,7 +38,9 @@ class Unreliable(PlainClients):
     def __call__(self, msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         if msg.metadata.message_type == MessageType.TRAIN and pid == 0:
-            self.release.wait(HANG_S)
+            deadline = time.monotonic() + HANG_S
+            while not self.release.wait(0.01) and time.monotonic() < deadline:
+                pass
         if msg.metadata.message_type == MessageType.TRAIN and pid == 1:
             raise RuntimeError("worker died")
         return super().__call__(msg, context)
@@ -86,3 +96,23 @@ def test_a_round_with_too_few_sound_replies_fails_and_keeps_the_model(
     resumed = NormPolicyStrategy(FedAvg(**sampling(4)), tiny(), "average")
     resumed.load_state_dict(strategy.state_dict(), finished_rounds=2)
     assert resumed.failed_rounds == [1, 2]
+
+
+def test_a_client_computing_past_the_timeout_is_stopped_and_its_node_freed() -> None:
+    calls = []
+
+    def app(msg: Message, context: Context) -> Message:
+        calls.append(msg)
+        while len(calls) == 1:  # the first message: compute forever
+            pass
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+
+    grid = InProcessGrid(app, 1)
+    first, second = (Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=1000)
+                     for _ in range(2))
+    assert grid.send_and_receive([first], timeout=0.5) == []
+    t0 = time.monotonic()
+    replies = grid.send_and_receive([second], timeout=HANG_S)
+    assert len(replies) == 1 and not replies[0].has_error()
+    assert time.monotonic() - t0 < HANG_S / 4
