@@ -232,6 +232,15 @@ def render(records: dict[tuple[str, str], list[dict]], seeds: str) -> str:
                 sentences.append(f"- `--domain-alpha` {label}: " + verdict(diff, row, "FedAvg"))
         lines.append("")
     lines += ["## What the intervals support", "", *sentences, ""]
+    context_row = next(r for r, v in ROWS.items() if v == KMEANS)
+    spread = [f"{label}: " + ", ".join(
+        f"seed {r['seed']} {100 * r['accuracy']:.1f}% (loss {r['curve'][-1]['train_loss']:.2f})"
+        for r in sorted(recs, key=lambda r: r["seed"]))
+        for label in ALPHAS if (recs := records.get((label, context_row)))]
+    if spread:
+        lines += ["Per-seed overall accuracy of the per-context row (and its last round's mean "
+                  "training loss), the spread behind its intervals: " + "; ".join(spread) + ".",
+                  ""]
     if done:
         lines += ["Mean seconds per run (measured while other jobs shared the two cores): "
                   f"{sum(r['wall_seconds'] for r in done) / len(done):.0f}.", ""]
