@@ -138,7 +138,9 @@ def render_holdout(held: dict[str, list[dict]]) -> str:
         "normalized with its own statistics), `nearest` (per batch, the entry whose running "
         "statistics at the first norm layer are nearest in KL). Held-out accuracy (%), mean ± "
         "95% CI over seeds; – : a rule the policy cannot follow (FedBN keeps every norm tensor "
-        "on its clients; SiloBN keeps their statistics there).", "",
+        "on its clients; SiloBN keeps their statistics there). With `batch` norm, FedAvg and "
+        "SiloBN train identically (running statistics never enter training; both average the "
+        "affine parameters), so their `batch-stats` columns coincide.", "",
         "| norm policy | n | " + " | ".join(f"`{r}`" for r in UNSEEN_RULES)
         + " | trained contexts (overall) |", "|---|---|" + "---|" * (len(UNSEEN_RULES) + 1)]
     for row in ROWS:
