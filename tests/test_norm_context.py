@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedctx.norm import ContextNorm2d, make_norm, use_context
+from fedctx.norm import ContextNorm1d, ContextNorm2d, make_norm, use_context
 
 
 def _run(m: nn.Module, x: torch.Tensor, g: torch.Tensor, ctx=None):
@@ -163,3 +163,31 @@ def test_authors_defaults_and_state_dict_shapes() -> None:
     assert sd["num_batches_tracked"].dtype == torch.long and sd["num_batches_tracked"].shape == (5,)
     clone = copy.deepcopy(cn)
     clone.load_state_dict(sd)
+
+
+def test_context_with_one_value_per_channel_uses_and_keeps_running_stats() -> None:
+    """A context holding one sample at a layer without spatial positions has zero batch
+    variance: it is normalized with its running statistics, which it leaves unchanged (averaging
+    a zero variance in drove evaluation of mixed-domain clients to 1/sqrt(eps) scale)."""
+    torch.manual_seed(0)
+    cn = ContextNorm1d(4, num_contexts=2)
+    with torch.no_grad():
+        cn.running_mean.copy_(torch.randn(2, 4))
+        cn.running_var.copy_(torch.rand(2, 4) + 0.5)
+        cn.weight.copy_(torch.randn(2, 4))
+        cn.bias.copy_(torch.randn(2, 4))
+    before = {k: v.clone() for k, v in cn.state_dict().items()}
+    x = torch.randn(6, 4)
+    ctx = torch.tensor([0, 0, 0, 1, 0, 0])
+    y, _ = _run(cn, x, torch.ones(6, 4), ctx)
+    assert torch.equal(cn.running_mean[1], before["running_mean"][1])
+    assert torch.equal(cn.running_var[1], before["running_var"][1])
+    assert cn.num_batches_tracked.tolist() == [1, 0]
+    assert not torch.equal(cn.running_var[0], before["running_var"][0])
+    lone = (x[3] - before["running_mean"][1]) / torch.sqrt(before["running_var"][1] + cn.eps)
+    torch.testing.assert_close(y[3], lone * before["weight"][1] + before["bias"][1])
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.weight.copy_(before["weight"][0])
+        bn.bias.copy_(before["bias"][0])
+    torch.testing.assert_close(y[ctx == 0], bn(x[ctx == 0]).detach())

@@ -107,8 +107,9 @@ class ContextNorm(ContextAware):
                 if isinstance(ctx, int):
                     self.num_batches_tracked[ctx] += 1
                 else:
-                    present = group_counts(ctx, self.num_contexts, torch.float32) > 0
-                    self.num_batches_tracked.add_(present.long())
+                    values = group_counts(ctx, self.num_contexts, torch.float32) * (
+                        x[0, 0].numel())
+                    self.num_batches_tracked.add_((values >= 2).long())  # as the stats move
         return context_batch_norm(
             x, ctx, self.running_mean, self.running_var, self.weight, self.bias,
             self.training, self.momentum, self.eps, self.num_contexts,

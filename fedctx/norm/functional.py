@@ -330,7 +330,9 @@ def context_batch_norm(
         contexts: ``int`` (whole batch), ``LongTensor[N]`` (per sample) or ``None`` (eval only:
             mean of the per-context entries).
         running_mean, running_var: ``(K, C)`` or ``None`` (no running statistics); updated in
-            place in training, only for contexts present in the batch (unbiased variance).
+            place in training (unbiased variance), only for contexts with at least two values
+            per channel in the batch; a context with one value per channel (one sample at a
+            layer without spatial positions) is normalized with its running statistics.
         weight, bias: ``(K, C)`` per-context, ``(C,)`` shared, or ``None``.
         training: use batch statistics.
         num_contexts: ``K`` (inferred from the running statistics or ``weight`` if omitted).
@@ -355,20 +357,32 @@ def context_batch_norm(
             w, b, use_batch_stats, momentum, eps,
         )
     n, c = x.shape[:2]
-    if not use_batch_stats:
+
+    def with_running_stats() -> torch.Tensor:
         scale = torch.rsqrt(running_var[contexts] + eps)  # (N, C)
         scale, shift = fold_affine(scale, -running_mean[contexts] * scale,
                                    _gather(weight, contexts), _gather(bias, contexts))
         return channel_affine(x, scale, shift)
+
+    if not use_batch_stats:
+        return with_running_stats()
     k = _num_contexts(num_contexts, running_mean, weight, contexts)
     w, b = (None if p is None else p if p.dim() == 2 else p.expand(k, c) for p in (weight, bias))
     out, mean, var = grouped_batch_norm(x, contexts, k, w, b, eps)
-    if training and running_mean is not None:
-        counts = group_counts(contexts, k, mean.dtype)
-        present = (counts > 0).unsqueeze(1)
-        unbiased = _unbiased(var, counts * (x.numel() // (n * c)))
-        momentum_update(running_mean, mean, momentum, where=present)
-        momentum_update(running_var, unbiased, momentum, where=present)
+    if running_mean is None:
+        return out
+    # A context with one value per channel in the batch (one sample at a layer without spatial
+    # positions) has zero batch variance: normalizing by it erases the sample, and averaging it
+    # into running_var drives that context's evaluation scale to 1/sqrt(eps) (this collapsed
+    # clients holding several domains). Such contexts use, and leave unchanged, their running
+    # statistics, as in evaluation (nn.BatchNorm refuses the case outright).
+    values = group_counts(contexts, k, mean.dtype) * (x.numel() // (n * c))
+    enough = (values >= 2).unsqueeze(1)  # training here: evaluation returned above
+    momentum_update(running_mean, mean, momentum, where=enough)
+    momentum_update(running_var, _unbiased(var, values), momentum, where=enough)
+    lone = (values == 1)[contexts]
+    if bool(lone.any()):
+        out = torch.where(lone.view(n, *([1] * (x.dim() - 1))), with_running_stats(), out)
     return out
 
 
