@@ -122,3 +122,18 @@ def test_kill_and_resume_on_ray_equals_uninterrupted_inprocess(python: str, tmp_
     for a, b in zip(got, want, strict=True):
         assert a["accuracy_per_context"] == b["accuracy_per_context"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9, abs=1e-12)
+
+
+def test_every_round_failed_exits_1_and_records_why(python: str, tmp_path: Path) -> None:
+    """--max-examples below every client's size: screening rejects every reply, each round keeps
+    the model and is listed in failed_rounds, and the run exits 1 with one line (#14 items 6, 8).
+    """
+    out = tmp_path / "run"
+    proc = simulate(python, "--clients", "4", "--rounds", "2", "--width", "4", "--backend",
+                    "inprocess", "--max-examples", "1", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: every round failed (2 of 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["failed_rounds"] == [1, 2]
+    first = metrics(out)[0]
+    assert first["failed"] and first["rejected_by_check"] == {"num-examples": first["rejected"]}

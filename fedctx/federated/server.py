@@ -57,7 +57,8 @@ def make_strategy(config: SimConfig, model) -> NormPolicyStrategy:  # noqa: ANN0
     inner = resolve_strategy(config.strategy, plugin_path=config.plugin_path)(config)
     return NormPolicyStrategy(
         inner, model, config.norm_policy, seed=config.seed, min_replies=config.min_clients,
-        evaluate_when=lambda r: r % config.eval_every == 0 or r == config.rounds)
+        evaluate_when=lambda r: r % config.eval_every == 0 or r == config.rounds,
+        round_timeout=config.round_timeout, max_examples=config.max_examples)
 
 
 class Experiment:
@@ -150,7 +151,9 @@ class Experiment:
             "sampled": sorted(self.strategy.client_key(n) for n in report.sampled),
             "clients_ok": report.accepted,
             "rejected": len(report.rejections), "failures": report.failures,
+            "failed": report.failed, "rejected_by_check": report.rejected_by_check,
             "rejections": report.rejections, "ray_nodes": report.ray_nodes,
+            **{k: v for k, v in report.metrics.items() if k != "train-loss"},
         }
 
     def after_round(self, start_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -222,6 +225,7 @@ class Experiment:
             "seed": self.config.seed, "evaluated_on": "server" if on_server else "clients",
             "wall_seconds": time.time() - self.recorder.started,
             "startup_seconds": self.recorder.startup_seconds,
+            "failed_rounds": list(self.strategy.failed_rounds),
             **({} if on_server else {"accuracy_per_client": last["accuracy_per_client"],
                                      "clients_evaluated": last["clients_evaluated"]}),
             **self.domain_summary(last),
