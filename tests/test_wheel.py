@@ -89,12 +89,13 @@ def test_wheel_installs_only_fedctx(wheel_env: tuple[Path, Path]) -> None:
             "fedctx.configs\n"
             "print(fedctx.__file__, fedctx.strategies.__file__, fedctx.scenarios.__file__)\n"
             "print(u.find_spec('strategies'), u.find_spec('simulations'), u.find_spec('configs'))\n"
-            "print(fedctx.scenarios.get_scenario('digits5').defaults()['lr'])")
+            "print(fedctx.scenarios.get_scenario('digits5').defaults()['lr'])\n"
+            "import fedctx.norm._mixkernel as k; print(k._SOURCE.is_file())")  # uan/mixture kernel
     lines = _run([str(python), "-c", code], cwd=work).stdout.splitlines()
     venv = python.parent.parent
     for file in lines[0].split():
         assert Path(file).resolve().is_relative_to(venv.resolve()), file
-    assert lines[1:] == ["None None None", "0.01"]
+    assert lines[1:] == ["None None None", "0.01", "True"]
 
 
 def _simulate(python: Path, work: Path, out: Path, *flags: str) -> dict:

@@ -11,6 +11,7 @@ so no pyplot state or global backend is touched and no display is needed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,16 @@ from matplotlib.figure import Figure
 from fedctx.data.federated import FederatedDataset
 
 _ANNOTATE_MAX_CELLS = 400
+
+
+def _save_png(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file, then a rename): a killed run never
+    leaves half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
 
 
 def _annotate(ax, values: np.ndarray, text: np.ndarray,  # noqa: ANN001 - an Axes
@@ -76,10 +87,7 @@ def save_label_heatmap(dataset: FederatedDataset, path: Path | str) -> Path:
         title += f"; held out: {dataset.holdout[0]}"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_png(fig, Path(path))
 
 
 def _to_image(x: torch.Tensor) -> np.ndarray:
@@ -111,10 +119,7 @@ def save_sample_grid(dataset: FederatedDataset, path: Path | str, per_context: i
     real = ", ".join(dataset.real_domains) or "none"
     fig.suptitle(f"test images per context; real data: {real}{note}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_png(fig, Path(path))
 
 
 def _one_per_class(labels: np.ndarray, n: int) -> list[int]:
