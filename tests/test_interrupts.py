@@ -147,3 +147,51 @@ def test_ctrl_c_exits_promptly_with_the_true_message(python: str, tmp_path: Path
         assert "nothing to resume" in err and "--resume" not in err
     if when == "mid-round":
         assert saved >= 1
+
+
+def _actor_pids(pgid: int) -> list[int]:
+    """Live Ray worker processes of the run (process group ``pgid``) running a client actor."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z" and b"ClientAppActor" in cmd:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_a_killed_ray_worker_fails_its_clients_then_is_replaced(python: str,
+                                                                tmp_path: Path) -> None:
+    """kill -9 of one of the two client workers mid-round: its clients count as failures in that
+    round, the run goes on (enough sound replies), and later rounds have every client back
+    (Ray restarts the worker) (#14 item 6)."""
+    out = tmp_path / "run"
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen([python, "-m", "fedctx.simulate", "--clients", "6", "--rounds",
+                                 "5", "--local-epochs", "6", "--num-cpus", "2", "--out", str(out)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and _rounds(out) < 1:
+                time.sleep(0.05)
+            time.sleep(1.0)  # into round 2's training
+            actors = _actor_pids(proc.pid)
+            assert len(actors) == 2, actors
+            os.kill(actors[0], signal.SIGKILL)
+            status = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert status == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 5
+    hit = [r["round"] for r in rounds if r["failures"] > 0]
+    assert hit and hit[0] >= 2, [(r["round"], r["failures"]) for r in rounds]
+    assert rounds[-1]["failures"] == 0
+    assert rounds[-1]["clients_ok"] == rounds[-1]["clients_sampled"]

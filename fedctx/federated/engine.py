@@ -162,7 +162,11 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
 
     quiet_flower(verbose)
     backend_config: dict[str, object] = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+        # A worker process that dies (killed, out of memory) is restarted by Ray: the clients it
+        # was running fail that round (counted as failures), later rounds use the new process.
+        # Flower's actor pool would otherwise keep handing out the dead actor.
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client,
+                             "max_restarts": -1},
     }
     if ray_address:
         join_ray_cluster(ray_address, verbose)
