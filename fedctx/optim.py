@@ -35,8 +35,9 @@ def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
     projection of ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``, which are
     linear kernels stored on the attention module itself). Never selected: biases, embeddings and
     other free parameters, and anything owned by a normalization module or one of its sub-modules
-    (:func:`fedctx.norm.is_norm_module`: ``torch.nn`` norms and every layer of
-    :mod:`fedctx.norm`), even a linear layer inside a norm.
+    (:func:`fedctx.norm.is_norm_module`: ``torch.nn`` norms, classes declaring
+    ``is_normalization`` and classes registered with ``register_norm``), even a linear layer
+    inside a norm.
 
     Returns:
         The selected parameters, in ``model.named_modules()`` order, without duplicates.

@@ -3,8 +3,9 @@ type (never by a substring of the name, which is how FedBN's code decides and ho
 models that name their layers otherwise).
 
 Normalization modules (:func:`fedctx.norm.is_norm_module`): ``torch.nn`` batch/instance/group/
-layer/local-response norms, and every layer class defined in :mod:`fedctx.norm` except
-convolutions and linear layers (e.g. ``WSConv2d``'s weight is a shared weight). Tensors of
+layer/local-response norms, and classes that declare ``is_normalization = True`` (every fedctx
+norm layer) or are registered with :func:`fedctx.norm.register_norm` (a third-party norm);
+never convolutions or linear layers (e.g. ``WSConv2d``'s weight is a shared weight). Tensors of
 sub-modules of a normalization module belong to it too.
 
 Transient state is never model state: a module may declare buffers that only make sense inside
