@@ -131,11 +131,14 @@ FAILURE_CASES = [
     ("5", "impossible resources and an unreachable Ray address fail before Ray, in one line",
      "tests/test_interrupts.py", ["test_impossible_resources_fail_before_ray",
                                   "test_unreachable_ray_address_ends_the_process"]),
-    ("6", "a hung or dead client is a failure; too few replies: failed round, model kept",
-     "tests/test_round_timeout.py", [
+    ("6", "a hung or dead client is a failure; too few replies: failed round, model kept; a "
+     "killed Ray worker is restarted; every round failed: exit 1",
+     "tests/test_round_timeout.py tests/test_interrupts.py tests/test_simulate_cli.py", [
          "test_in_process_grid_stops_waiting_at_the_timeout",
          "test_hung_and_dead_clients_are_failures_and_the_round_goes_on",
-         "test_a_round_with_too_few_sound_replies_fails_and_keeps_the_model"]),
+         "test_a_round_with_too_few_sound_replies_fails_and_keeps_the_model",
+         "test_a_killed_ray_worker_fails_its_clients_then_is_replaced",
+         "test_every_round_failed_exits_1_and_records_why"]),
     ("7", "resume hint only when a round is saved; plugin errors with their traceback",
      "tests/test_resume.py", ["test_a_run_error_without_finished_rounds_has_no_resume_hint",
                               "test_plugin_errors_show_their_traceback"]),
