@@ -9,6 +9,7 @@ time budget resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -43,6 +44,31 @@ class Budget:
 
     def exhausted(self) -> bool:
         return time.time() >= self.deadline
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark shares: ``--seeds``, ``--page-only`` and
+    ``--budget-minutes``; a script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--page-only", action="store_true",
+                        help="only rewrite the page from the finished runs")
+    parser.add_argument("--budget-minutes", type=float, default=0,
+                        help="start no new run after this many minutes (0: no limit)")
+    return parser
+
+
+def seeds_and_budget(parser: argparse.ArgumentParser, args: argparse.Namespace
+                     ) -> tuple[list[int], Budget | None]:
+    """The seeds of ``--seeds`` (one line and exit 2 for a bad list) and the run budget (``None``
+    with ``--page-only``: no run is started)."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds: invalid value {args.seeds!r}; expected integers like 0,1,2")
+    if not seeds:
+        parser.error("--seeds: no seed given")
+    return seeds, None if args.page_only else Budget(args.budget_minutes)
 
 
 def run_cell(runs_dir: Path, cell: str, seed: int, flags: Sequence[str], budget: Budget | None,

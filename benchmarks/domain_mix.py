@@ -15,7 +15,6 @@ grid, 48 runs, takes about 40 minutes on 2 idle cores); finished runs are kept i
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -25,7 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, Budget, by_seed, estimate, machine, run_cell
+from common import (
+    REPO,
+    Budget,
+    benchmark_parser,
+    by_seed,
+    estimate,
+    machine,
+    run_cell,
+    seeds_and_budget,
+)
 
 from fedctx.report import mean_ci, paired_difference, verdict
 from fedctx.results import atomic_write_text
@@ -60,14 +68,9 @@ def flags(alpha: float, norm: str, policy: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--page-only", action="store_true",
-                        help="only rewrite the page from the finished runs")
-    parser.add_argument("--budget-minutes", type=float, default=0)
+    parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    budget = None if args.page_only else Budget(args.budget_minutes)
+    seeds, budget = seeds_and_budget(parser, args)
     records: dict[tuple[str, str], list[dict]] = {}
     kmeans: list[dict] = []
     for i, (label, alpha) in enumerate(ALPHAS.items()):  # an interrupted grid has whole alphas

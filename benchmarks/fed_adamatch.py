@@ -33,7 +33,6 @@ federated rows, the same layout for ``adapt``) and skipped later; the page
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -45,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import REPO, Budget, machine, run_cell
+from common import REPO, Budget, benchmark_parser, machine, run_cell, seeds_and_budget
 
 from fedctx.report import mean_ci, paired_difference, verdict
 from fedctx.results import atomic_write_text
@@ -236,15 +235,11 @@ def write_page(records: dict[tuple[str, str], list[dict[str, Any]]], pairs: list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="", help="folder with MNIST, USPS, MNIST-M")
     parser.add_argument("--pairs", default=",".join(PAIRS))
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rows", default=",".join(ROWS), help="rows to run (all by default)")
-    parser.add_argument("--budget-minutes", type=float, default=0)
-    parser.add_argument("--page-only", action="store_true",
-                        help="only rewrite the page from the finished runs")
     args = parser.parse_args()
     pairs = args.pairs.split(",")
     if bad := [p for p in pairs if p not in PAIRS]:
@@ -252,8 +247,7 @@ def main() -> None:
     rows = args.rows.split(",")
     if bad := [r for r in rows if r not in ROWS]:
         parser.error(f"--rows: unknown {bad[0]!r}; valid choices: {', '.join(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    budget = None if args.page_only else Budget(args.budget_minutes)
+    seeds, budget = seeds_and_budget(parser, args)
     records: dict[tuple[str, str], list[dict[str, Any]]] = {
         (p, r): [] for p in pairs for r in ROWS}
     for seed in seeds:

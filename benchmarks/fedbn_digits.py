@@ -15,10 +15,18 @@ stops starting new ones.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import REPO, Budget, by_seed, estimate, machine, plot_curves, run_cell
+from common import (
+    REPO,
+    benchmark_parser,
+    by_seed,
+    estimate,
+    machine,
+    plot_curves,
+    run_cell,
+    seeds_and_budget,
+)
 
 from fedctx.report import paired_difference, verdict
 
@@ -141,24 +149,18 @@ def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="root holding MNIST/, USPS/, mnist_m/")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all)")
-    parser.add_argument("--page-only", action="store_true",
-                        help="only rewrite the page from the finished runs")
-    parser.add_argument("--budget-minutes", type=float, default=0,
-                        help="stop starting new runs after this long (0: no limit)")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds, budget = seeds_and_budget(parser, args)
     norms = args.norms.split(",")
     rows = [r for r in ROWS if not args.rows or r in args.rows.split(",")]
     present = domains_on_disk(args.data_dir)
     if not present:
         raise SystemExit(f"error: no digits domain found under {args.data_dir}")
-    budget = None if args.page_only else Budget(args.budget_minutes)
     records: dict[tuple[str, str], list[dict]] = {(r, n): [] for r in ROWS for n in NORMS}
     for group in PRIORITY:
         for seed in seeds:

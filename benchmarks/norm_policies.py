@@ -11,9 +11,15 @@ runs are skipped.
 
 from __future__ import annotations
 
-import argparse
-
-from common import REPO, Budget, by_seed, estimate, machine, run_cell
+from common import (
+    REPO,
+    benchmark_parser,
+    by_seed,
+    estimate,
+    machine,
+    run_cell,
+    seeds_and_budget,
+)
 
 from fedctx.report import paired_difference, verdict
 
@@ -25,14 +31,9 @@ LABELS = {"average": "`average` (FedAvg)", "local": "`local` (FedBN)",
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--page-only", action="store_true",
-                        help="only rewrite the page from the finished runs")
-    parser.add_argument("--budget-minutes", type=float, default=0)
+    parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    budget = None if args.page_only else Budget(args.budget_minutes)
+    seeds, budget = seeds_and_budget(parser, args)
     records: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for seed in seeds:
         for policy in POLICIES:

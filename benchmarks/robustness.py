@@ -13,7 +13,6 @@ later, so an interrupted benchmark resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, Budget, by_seed, estimate, machine
+from common import REPO, Budget, benchmark_parser, by_seed, estimate, machine, seeds_and_budget
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from fedctx.report import paired_difference, verdict
@@ -204,16 +203,11 @@ def attack_table(records: dict[tuple[str, str], list[dict]]) -> tuple[list[str],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="", help="real data sets (default: fedctx's)")
-    parser.add_argument("--page-only", action="store_true",
-                        help="only rewrite the page from the finished runs")
-    parser.add_argument("--budget-minutes", type=float, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    budget = None if args.page_only else Budget(args.budget_minutes)
+    seeds, budget = seeds_and_budget(parser, args)
     records: dict[tuple[str, str], list[dict]] = {(s, a): [] for s in STRATEGIES
                                                   for a in ATTACKS}
     for group in ORDER:  # a spent budget leaves every cell of the first groups comparable
