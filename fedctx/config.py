@@ -233,6 +233,9 @@ class SimConfig:
     num_contexts: int = option(0, "number of k-means contexts (--contexts kmeans; 0: as many as "
                                "the scenario's training domains)", min=0)
     cpus_per_client: float = option(1.0, "CPUs Ray reserves per simulated client", gt=0.0)
+    cohort_size: int = option(0, "clients carried by one Flower message in a simulation (0: one "
+                              "message per Ray worker each round; 1: one message per client)",
+                              min=0)
     gpus_per_client: float = option(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
                                   ge=0.0, le=1.0)
     num_cpus: int = option(0, "CPUs given to the local Ray instance (0: all of this machine)",

@@ -35,11 +35,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedctx.federated import norm_client
+from fedctx.federated.cohort import cohort_mod
 from fedctx.federated.runtime import Runtime, get_runtime
 from fedctx.federated.training import evaluate, local_train
 from fedctx.federated.unlabelled import source_confidence, unlabelled_train
 
-app = ClientApp()
+app = ClientApp(mods=[cohort_mod])
 
 
 def ray_node_tag() -> int:

@@ -44,7 +44,7 @@ def from_run_config(run_config: dict[str, Any]) -> SimConfig:
 # between a run and its ``--resume`` (``rounds`` may grow too: it extends the run).
 RUNTIME_OPTIONS = frozenset({
     "out", "resume", "overwrite", "verbose", "backend", "num_cpus", "cpus_per_client",
-    "gpus_per_client", "ray_address", "data_dir", "download", "plugin_path",
+    "gpus_per_client", "cohort_size", "ray_address", "data_dir", "download", "plugin_path",
 })
 
 

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedctx.config import SimConfig
 from fedctx.data.plots import save_label_heatmap
+from fedctx.federated.cohort import CohortGrid, ray_worker_slots
 from fedctx.federated.norm_strategy import NormPolicyStrategy, RoundReport
 from fedctx.federated.run_config import from_run_config
 from fedctx.federated.runtime import build_model, get_runtime
@@ -179,6 +180,24 @@ class Experiment:
         self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
         return MetricRecord({"accuracy": record["accuracy"]}) if "accuracy" in record else None
 
+    def member(self, node_id: int) -> tuple[int, int] | None:
+        """A registered node's (partition id, number of examples), for :class:`CohortGrid`."""
+        info = self.strategy.nodes.get(node_id)
+        if info is None or info.partition_id is None:
+            return None
+        return info.partition_id, info.num_examples or 1
+
+    def cohort_grid(self, grid: Grid) -> Grid | CohortGrid:
+        """``grid``, or a :class:`~fedctx.federated.cohort.CohortGrid` over it: ``--cohort-size
+        N`` clients per message, or (0) one message per Ray worker slot when on Ray."""
+        size = self.config.cohort_size
+        if size == 1:
+            return grid
+        if size > 1:
+            return CohortGrid(grid, self.member, size=size)
+        slots = ray_worker_slots(self.config.cpus_per_client, self.config.gpus_per_client)
+        return grid if slots is None else CohortGrid(grid, self.member, cohorts=slots)
+
     def run(self, grid: Grid) -> None:
         if not self.config.resume:
             if self.config.overwrite:
@@ -195,6 +214,7 @@ class Experiment:
             save_label_heatmap(self.rt.data, self.out / "label_counts.png")
         if hasattr(grid, "pull_interval"):  # Flower's in-memory grid polls every 0.1 s by default
             grid.pull_interval = 0.005
+        grid = self.cohort_grid(grid)
         c = self.config
         train_config = ConfigRecord({"lr": c.lr, "momentum": c.momentum,
                                      "weight-decay": c.weight_decay,

@@ -1,0 +1,209 @@
+"""Cohorts: several simulated clients carried by one Flower message.
+
+In a simulation every worker process can train any client (each builds the run's data), so the
+per-client price of the transport — one Flower message, one pickled model and one Ray task per
+client per round, and a worker idle between short tasks — can be paid once per worker instead,
+the observation behind pfl-research's simulator (Granqvist et al. 2024). Two halves, both on
+Flower's Message API:
+
+* :class:`CohortGrid` (server side) wraps the grid a strategy talks to. ``send_and_receive``
+  packs the round's messages into one message per cohort — each distinct record (the model, a
+  config) carried once, whichever members share it — and unpacks the cohort's reply into one
+  reply per member, as if each client had answered alone: the strategy, its screening and its
+  aggregation see per-client replies (Krum and FedMedian need them).
+* :func:`cohort_mod` (client side) is a Flower client mod: it runs the ClientApp's handler once
+  per member, with the member's own :class:`~flwr.app.Context` (its ``partition-id``), and packs
+  the replies; a member whose handler raises gets an error reply, the others are unaffected.
+
+Each member computes exactly what its own message would have computed (same seeds, same data),
+so results are bit for bit those of one message per client
+(``tests/test_cohort.py::test_cohorts_give_the_same_run_bit_for_bit``). What changes: a member's
+``context.state`` is fresh in every round (fedctx's ClientApp keeps client state in files, see
+:class:`~fedctx.federated.norm_client.FileStore`), and the round timeout covers the cohort as a
+whole — a hung member withholds its cohort's replies, counted as failures of every member.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+log = logging.getLogger("fedctx")
+COHORT_KEY = "fedctx-cohort"          # the cohort's layout (a ConfigRecord)
+ERRORS_KEY = "fedctx-cohort-errors"   # in a cohort's reply: member -> reason
+PACKED_TYPES = frozenset({"train", "evaluate"})
+# node id -> (partition id, weight), or None for a node whose partition is not known
+Member = Callable[[int], "tuple[int, int] | None"]
+
+
+def _member_key(index: int, name: str) -> str:
+    return f"m{index}.{name}"
+
+
+def pack(messages: list[Message], partitions: list[int]) -> Message:
+    """One message to ``messages[0]``'s node carrying every message's content: distinct records
+    once (``r<j>``), and the layout ``{"node-ids", "partition-ids", "m<i>": [name:r<j>]}``."""
+    content: dict[str, Any] = {}
+    refs: dict[int, str] = {}
+    layout: dict[str, Any] = {"node-ids": [m.metadata.dst_node_id for m in messages],
+                              "partition-ids": list(partitions)}
+    for i, msg in enumerate(messages):
+        entry = []
+        for name, record in msg.content.items():
+            ref = refs.setdefault(id(record), f"r{len(refs)}")
+            content[ref] = record
+            entry.append(f"{name}:{ref}")
+        layout[f"m{i}"] = entry
+    content[COHORT_KEY] = ConfigRecord(layout)
+    first = messages[0].metadata
+    return Message(RecordDict(content), dst_node_id=first.dst_node_id,
+                   message_type=first.message_type, group_id=first.group_id or None)
+
+
+def unpack_reply(reply: Message, members: list[Message]) -> list[Message]:
+    """One reply per member from the cohort's ``reply``: its records, or its error."""
+    if reply.has_error():
+        return [Message(reply.error, reply_to=m) for m in members]
+    content = reply.content
+    errors = content.get(ERRORS_KEY, ConfigRecord())
+    replies = []
+    for i, member in enumerate(members):
+        if (reason := errors.get(f"m{i}")) is not None:
+            replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                         reason=str(reason)), reply_to=member))
+            continue
+        prefix = _member_key(i, "")
+        records = {k[len(prefix):]: v for k, v in content.items() if k.startswith(prefix)}
+        replies.append(Message(RecordDict(records), reply_to=member))
+    return replies
+
+
+def ray_worker_slots(cpus_per_client: float, gpus_per_client: float = 0.0) -> int | None:
+    """How many clients the running Ray instance runs at once (its CPUs, and GPUs if clients
+    use them, over each client's share); ``None`` when Ray is not running in this process."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 0) // cpus_per_client)
+    if gpus_per_client > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus_per_client))
+    return max(1, slots)
+
+
+def split_into_cohorts(weights: list[int], cohorts: int) -> list[list[int]]:
+    """Indices of ``weights`` in ``cohorts`` groups of near-equal total weight (largest first,
+    each to the lightest group; ties to the lower group), each group in index order."""
+    groups: list[list[int]] = [[] for _ in range(cohorts)]
+    loads = [0] * cohorts
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        g = min(range(cohorts), key=lambda g: (loads[g], g))
+        groups[g].append(i)
+        loads[g] += weights[i]
+    return [sorted(g) for g in groups if g]
+
+
+class CohortGrid:
+    """``grid``, sending train and evaluate messages in cohorts.
+
+    Parameters
+    ----------
+    grid : the grid to send through (Flower's simulation grid; anything with the Grid API).
+    member : node id -> (partition id, weight such as its number of examples), ``None`` for a
+        node whose partition is unknown (it gets its own message, as do query messages).
+    cohorts : number of cohorts per call (e.g. the number of Ray workers), or
+    size : clients per cohort (one of the two; ``size=1`` sends every message alone).
+    """
+
+    def __init__(self, grid: Any, member: Member, *, cohorts: int = 0, size: int = 0) -> None:
+        if (cohorts > 0) == (size > 0):
+            raise ValueError("CohortGrid: give exactly one of cohorts= and size= (> 0)")
+        self._grid, self._member = grid, member
+        self.cohorts, self.size = cohorts, size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _groups(self, messages: list[Message]) -> list[list[Message]]:
+        """The cohorts of one message type's ``messages`` whose partitions are known; every
+        other message alone."""
+        known = [(m, info) for m in messages
+                 if (info := self._member(m.metadata.dst_node_id)) is not None]
+        alone = [[m] for m in messages if self._member(m.metadata.dst_node_id) is None]
+        if not known:
+            return alone
+        n = self.cohorts if self.cohorts else math.ceil(len(known) / self.size)
+        split = split_into_cohorts([max(1, w) for _, (_, w) in known], min(n, len(known)))
+        return [[known[i][0] for i in group] for group in split] + alone
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        """Flower's ``Grid.send_and_receive``, one message per cohort; the replies are the
+        members' own (none for the members of a cohort that did not answer in time)."""
+        by_type: dict[str, list[Message]] = {}
+        for msg in messages:
+            by_type.setdefault(msg.metadata.message_type, []).append(msg)
+        outgoing: list[Message] = []
+        members: dict[int, list[Message]] = {}  # carrier node id -> the cohort's messages
+        for message_type, group in by_type.items():
+            cohorts = (self._groups(group) if message_type in PACKED_TYPES
+                       else [[m] for m in group])
+            for cohort in cohorts:
+                if len(cohort) == 1:
+                    outgoing.append(cohort[0])
+                    continue
+                partitions = [self._member(m.metadata.dst_node_id)[0] for m in cohort]
+                outgoing.append(pack(cohort, partitions))
+                members[cohort[0].metadata.dst_node_id] = cohort
+        replies: list[Message] = []
+        for reply in self._grid.send_and_receive(outgoing, timeout=timeout):
+            cohort = members.get(reply.metadata.src_node_id)
+            replies.extend([reply] if cohort is None else unpack_reply(reply, cohort))
+        return replies
+
+
+def _member_message(msg: Message, content: RecordDict, node_id: int) -> Message:
+    """The message ``node_id`` would have received: ``msg``'s metadata, addressed to it."""
+    metadata = copy.copy(msg.metadata)
+    metadata.dst_node_id = node_id
+    return Message(content, metadata=metadata)
+
+
+def cohort_mod(msg: Message, context: Context,
+               call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower client mod: a cohort message runs ``call_next`` once per member, with the member's
+    content and a Context of its own (node id, ``partition-id``; the run config shared);
+    every other message passes through."""
+    if msg.has_error() or COHORT_KEY not in msg.content:
+        return call_next(msg, context)
+    layout = msg.content[COHORT_KEY]
+    out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for i, (node_id, partition) in enumerate(zip(layout["node-ids"], layout["partition-ids"],
+                                                 strict=True)):
+        content = RecordDict({name: msg.content[ref] for name, ref in
+                              (entry.split(":", 1) for entry in layout[f"m{i}"])})
+        member = _member_message(msg, content, node_id)
+        member_context = Context(run_id=context.run_id, node_id=node_id,
+                                 node_config={**context.node_config, "partition-id": partition},
+                                 state=RecordDict(), run_config=context.run_config)
+        try:
+            reply = call_next(member, member_context)
+        except Exception as err:  # noqa: BLE001 - one member's failure is its own error reply
+            log.exception("cohort member %s (partition %s) failed", node_id, partition)
+            errors[f"m{i}"] = f"{type(err)}:<'{err}'>"
+            continue
+        if reply.has_error():
+            errors[f"m{i}"] = reply.error.reason
+            continue
+        out.update({_member_key(i, name): record for name, record in reply.content.items()})
+    if errors:
+        out[ERRORS_KEY] = ConfigRecord(errors)
+    return Message(RecordDict(out), reply_to=msg)

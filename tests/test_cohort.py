@@ -1,0 +1,126 @@
+"""Cohorts (fedctx.federated.cohort): several clients per Flower message, same results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedctx.config import ConfigError, SimConfig
+from fedctx.federated.client import app as client_app
+from fedctx.federated.cohort import (
+    COHORT_KEY,
+    CohortGrid,
+    cohort_mod,
+    pack,
+    split_into_cohorts,
+    unpack_reply,
+)
+from fedctx.federated.local import InProcessGrid
+from fedctx.federated.run_config import to_run_config
+from fedctx.federated.server import Experiment
+from fedctx.results import RunRecorder
+
+
+def test_cohorts_balance_the_clients_weights() -> None:
+    groups = split_into_cohorts([5, 1, 1, 1, 1, 1, 4, 2], 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    loads = sorted(sum([5, 1, 1, 1, 1, 1, 4, 2][i] for i in g) for g in groups)
+    assert loads == [8, 8]
+    assert split_into_cohorts([1, 1], 5) == [[0], [1]]  # never an empty cohort
+
+
+def _train_message(node: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
+    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                   message_type=MessageType.TRAIN)
+
+
+def _echo(msg: Message, context: Context) -> Message:
+    """A handler that answers with its partition id and the first weight it received; it
+    raises for partition 2."""
+    pid = int(context.node_config["partition-id"])
+    if pid == 2:
+        raise RuntimeError("client 2 crashed")
+    first = msg.content["arrays"].to_torch_state_dict()["w"]
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid,
+                                                        "w": float(first[0]),
+                                                        "node": msg.metadata.dst_node_id})}),
+                   reply_to=msg)
+
+
+def test_a_cohort_carries_shared_records_once_and_answers_per_member() -> None:
+    InProcessGrid(client_app, 1)  # sets Flower's task identity (run and node) for new messages
+    model = ArrayRecord({"w": torch.tensor([1.5, 2.0])})
+    other = ArrayRecord({"w": torch.tensor([7.0, 0.0])})  # a second context's model
+    config = ConfigRecord({"lr": 0.1})
+    messages = [_train_message(10, model, config), _train_message(11, other, config),
+                _train_message(12, model, config), _train_message(13, model, config)]
+    packed = pack(messages, [0, 1, 2, 3])
+    records = [k for k in packed.content if k != COHORT_KEY]
+    assert len(records) == 3  # two models and one config, each once
+
+    carrier = Context(run_id=1, node_id=10, node_config={"partition-id": 0,
+                                                         "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    reply = cohort_mod(packed, carrier, _echo)
+    replies = unpack_reply(reply, messages)
+    assert [r.metadata.src_node_id for r in replies] == [10, 11, 12, 13]
+    assert replies[2].has_error() and "client 2 crashed" in replies[2].error.reason
+    ok = [r.content["metrics"] for r in replies if not r.has_error()]
+    assert [(m["partition-id"], m["w"], m["node"]) for m in ok] == [
+        (0, 1.5, 10), (1, 7.0, 11), (3, 1.5, 13)]
+
+
+class CountingGrid(InProcessGrid):
+    """An in-process grid that counts the messages it is handed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001
+        messages = list(messages)
+        self.sent.extend(m.metadata.message_type for m in messages)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _run(tmp_path: Path, name: str, **overrides) -> tuple[list[dict], CountingGrid]:
+    values = dict(clients=6, rounds=2, fraction=1.0, min_clients=2, width=4, batch_size=32,
+                  out=str(tmp_path / name), backend="inprocess")
+    config = SimConfig(**{**values, **overrides}).validate()
+    torch.set_num_threads(1)
+    run_config = to_run_config(config)
+    grid = CountingGrid(client_app, config.clients, run_config=run_config)
+    Experiment(config, run_config, RunRecorder(Path(config.out), config.rounds)).run(grid)
+    lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines], grid
+
+
+@pytest.mark.parametrize("policy", ["average", "local"])
+def test_cohorts_give_the_same_run_bit_for_bit(tmp_path: Path, policy: str) -> None:
+    alone, grid1 = _run(tmp_path, "alone", cohort_size=1, norm_policy=policy)
+    packed, grid3 = _run(tmp_path, "packed", cohort_size=4, norm_policy=policy)
+    assert packed == alone  # every metric, every round, to the last bit
+    assert grid1.sent.count(MessageType.TRAIN) == 12        # 6 clients x 2 rounds
+    assert grid3.sent.count(MessageType.TRAIN) == 4         # 2 cohorts x 2 rounds
+    if policy == "local":  # every client evaluates with its own norm: packed as well
+        assert grid1.sent.count(MessageType.EVALUATE) == 12
+        assert grid3.sent.count(MessageType.EVALUATE) == 4
+
+
+def test_cohort_grid_needs_one_way_to_size_cohorts() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        CohortGrid(None, lambda n: None)
+    with pytest.raises(ConfigError, match="cohort"):
+        SimConfig(cohort_size=-1).validate()
