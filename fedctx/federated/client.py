@@ -11,10 +11,10 @@ Everything comes from Flower: the experiment from ``context.run_config`` (see
   ``config``; out ``arrays`` (shared tensors plus the norm tensors the policy returns) and
   ``metrics`` (``num-examples``, ``train-loss``, ``context``, ``context-counts`` (training
   samples per context id), ``partition-id``, ``ray-node``). A node with labels trains
-  supervised and adds ``confidence`` (its mean top-class probability, the source side of
-  AdaMatch's relative threshold); a node without labels (``ClientData.y is None``, an
-  ``--unlabelled-domains`` domain) trains with AdaMatch's unlabelled objective
-  (:mod:`fedctx.federated.unlabelled`, reading ``label-distribution`` and
+  supervised and, in a run with ``--unlabelled-domains``, adds ``confidence`` (its mean
+  top-class probability, the source side of AdaMatch's relative threshold); a node without
+  labels (``ClientData.y is None``, an ``--unlabelled-domains`` domain) trains with AdaMatch's
+  unlabelled objective (:mod:`fedctx.federated.unlabelled`, reading ``label-distribution`` and
   ``source-confidence`` from ``config`` when the server sends them) and adds
   ``unlabelled-mask-rate``. Shared weights are averaged by ``num-examples`` either way.
 * ``evaluate`` (policies whose norm state stays on clients): accuracy of the global shared
@@ -97,7 +97,9 @@ def train(msg: Message, context: Context) -> Message:
         extra: dict[str, float] = {"unlabelled-mask-rate": mask_rate}
     else:
         loss = local_train(rt.model, data, **sgd)
-        extra = {"confidence": source_confidence(rt.model, data, generator, device=rt.device)}
+        extra = {}
+        if rt.data.unlabelled_domains:  # AdaMatch's relative threshold needs it; a forward pass
+            extra["confidence"] = source_confidence(rt.model, data, generator, device=rt.device)
     metrics = {"num-examples": len(data.x), "train-loss": loss, "context": data.context,
                "context-counts": data.context_counts(rt.data.num_contexts).tolist(),
                "partition-id": pid, "ray-node": ray_node_tag(), **extra}
