@@ -382,7 +382,10 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
     from fedctx.federated.run_config import to_run_config
     from fedctx.federated.runtime import get_runtime
     from fedctx.federated.server import STARTED_ENV, make_strategy
+    from fedctx.federated.startup import mark
 
+    mark("main", t0)
+    mark("imports")
     run_config = to_run_config(config)
     try:
         rt = get_runtime(run_config)  # data and model: fail fast, before Ray starts
@@ -399,6 +402,7 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
     except Exception as err:  # noqa: BLE001 - the plugin's own code: shown with its traceback
         report_failure(err, config, plugin)
         return 1 if _raised_in(err, plugin) else 2
+    mark("driver-ready")
     try:
         prepare_out(config)  # only now: every option, the data and the model are valid
     except OSError as err:

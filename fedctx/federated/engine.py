@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedctx.federated.startup import mark
+
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
@@ -180,6 +182,7 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
         write_app_config(Path(folder), run_config)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                           run_config=dict(run_config))
+        mark("engine")
         _run_simulation(server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,
                         num_supernodes=num_clients, backend_name="ray",
                         backend_config=backend_config, app_dir=folder, is_app=True,

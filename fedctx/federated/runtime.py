@@ -18,6 +18,7 @@ from fedctx.config import SimConfig
 from fedctx.data import FederatedDataset
 from fedctx.federated.params import StateSplit, split_state
 from fedctx.federated.run_config import from_run_config
+from fedctx.federated.startup import mark, mark_process
 from fedctx.models import MODELS, make_model
 from fedctx.scenarios import get_scenario
 
@@ -63,9 +64,12 @@ def get_runtime(run_config: dict[str, Any]) -> Runtime:
     key = tuple(sorted(run_config.items()))
     if _CURRENT is None or _CURRENT[0] != key:
         _CURRENT = None  # free the previous run's data first
+        mark_process()
+        mark("runtime-build")
         config = from_run_config(run_config)
         data = load_data(config)
         device = pick_device(config)
         model = build_model(config, data).to(device)
         _CURRENT = (key, Runtime(config, data, model, split_state(model), device))
+        mark("runtime-built")
     return _CURRENT[1]

@@ -1,0 +1,196 @@
+"""Start-up of ``python -m fedctx.simulate --clients 20`` (Ray): from the command to every client
+registered, and where the time goes.
+
+Each run is the real command (``--rounds 1``, a fresh ``--out``) with ``$FEDCTX_STARTUP_TRACE``
+set: the driver and every client worker append their phase timestamps
+(:mod:`fedctx.federated.startup`), read here with the run's ``startup_seconds`` (summary.json:
+registration finished, from the command's start in ``fedctx.simulate``). ``--code LABEL=DIR``
+(repeatable) runs the code checked out in ``DIR`` (e.g. an older commit, ``git archive``) under
+``LABEL``; runs of the versions alternate, so that a change in the machine's load hits them
+alike. Code without the marks gives the totals only. Each run's record is kept in
+``results/startup/`` (a later invocation skips it); writes ``docs/results/startup.md``.
+
+    python benchmarks/startup.py --runs 3 --code before=/tmp/fedctx-44c334f --code after=.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, machine  # noqa: E402
+
+from fedctx.federated.startup import STARTUP_TRACE_ENV, read_trace  # noqa: E402
+from fedctx.results import atomic_write_text  # noqa: E402
+
+TARGET_S = 8.0  # issue #13 item 2
+RUNS_DIR = REPO / "results" / "startup"
+PAGE = REPO / "docs" / "results" / "startup.md"
+
+#: (row, start, end): the phases of a run, each from one mark to another. A mark is a driver
+#: mark, ``launch`` (the benchmark started the process), ``registered`` (summary.json), or a
+#: worker mark: ``first:``/``last:`` the earliest/latest of the client workers' marks.
+PHASES = [
+    ("interpreter, `import fedctx.simulate`, options", "launch", "main"),
+    ("driver imports (torch, Flower, fedctx's apps)", "main", "imports"),
+    ("driver data + model build", "runtime-build", "runtime-built"),
+    ("driver ready (data, model, strategy)", "main", "driver-ready"),
+    ("Ray start (`ray.init`, driver thread)", "ray-init", "ray-ready"),
+    ("Flower engine called", "launch", "engine"),
+    ("workers: process start -> imports done (Ray worker, Flower actor, torch, fedctx)",
+     "first:process", "last:runtime-build"),
+    ("workers: data + model build (each)", "first:runtime-build", "last:runtime-built"),
+    ("registration: last worker ready -> every client registered (query round)",
+     "last:runtime-built", "registered"),
+    ("**command -> every client registered**", "launch", "registered"),
+]
+
+
+def one_run(label: str, code: Path, index: int, clients: int) -> dict:
+    """Run the command once with ``code``; its record (times in seconds from launch)."""
+    path = RUNS_DIR / f"{label}-run{index}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RUNS_DIR / f"{label}-run{index}"
+    trace = RUNS_DIR / f"{label}-run{index}.trace.jsonl"
+    trace.unlink(missing_ok=True)
+    flags = ["--clients", str(clients), "--rounds", "1", "--out", str(out), "--overwrite"]
+    env = {**os.environ, STARTUP_TRACE_ENV: str(trace), "PYTHONPATH": str(code)}
+    load = os.getloadavg()[0]
+    launch = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "fedctx.simulate", *flags], cwd=code, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    wall = time.time() - launch
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} run {index} failed:\n{err[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    marks = read_trace(trace) if trace.exists() else []
+    record = {"label": label, "code": str(code), "run": index, "load_1min": load,
+              "wall_seconds": wall, "startup_seconds": summary["startup_seconds"],
+              "accuracy": summary["accuracy"],
+              "command": "python -m fedctx.simulate " + shlex.join(flags[:4]),
+              "times": phase_times(marks, proc.pid, launch, summary["startup_seconds"]),
+              "machine": machine()}
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def phase_times(marks: list[dict], driver: int, launch: float, startup: float
+                ) -> dict[str, float]:
+    """Each mark's time from launch: the driver's by name, the workers' as ``first:``/``last:``
+    over the worker processes (``registered``: the command's start + ``startup_seconds``)."""
+    times: dict[str, float] = {"launch": 0.0}
+    workers: dict[str, list[float]] = {}
+    for m in marks:
+        t = float(m["t"]) - launch
+        if m["pid"] == driver:
+            times.setdefault(str(m["phase"]), t)
+        else:
+            workers.setdefault(str(m["phase"]), []).append(t)
+    for phase, ts in workers.items():
+        times[f"first:{phase}"], times[f"last:{phase}"] = min(ts), max(ts)
+    if "main" in times:
+        times["registered"] = times["main"] + startup
+    return times
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def page(records: dict[str, list[dict]], argv: list[str]) -> str:
+    """The results page from every label's run records."""
+    all_runs = [r for rs in records.values() for r in rs]
+    loads = ", ".join(f"{r['load_1min']:.2f}" for r in all_runs)
+    lines = ["# Start-up: command to every client registered", "",
+             f"Command: `python benchmarks/startup.py {shlex.join(argv)}`, each run "
+             f"`{all_runs[0]['command']}` (Ray backend, scenario `digits`) with a fresh `--out`; "
+             "runs of the versions alternate.",
+             f"Machine: {all_runs[0]['machine']}. 1-minute load average before each run: "
+             f"{loads}.", "",
+             "`startup_seconds` is the figure each run records in `summary.json` (from the "
+             "command's start in `fedctx.simulate` to the last client's `query` reply); "
+             "\"command\" adds the interpreter's start and `import fedctx.simulate`. "
+             f"Target (issue #13 item 2): ≤ {TARGET_S:.0f} s.", "",
+             "| version | runs | startup_seconds (median, min–max) | command → registered "
+             "(median) | round-1 accuracy | target |", "|---|---|---|---|---|---|"]
+    for label, rs in records.items():
+        su = [r["startup_seconds"] for r in rs]
+        full = [r["times"]["registered"] for r in rs if "registered" in r["times"]]
+        acc = sorted({f"{r['accuracy']:.4f}" for r in rs})
+        m = median(su)
+        verdict = ("met" if m <= TARGET_S else f"missed by {m - TARGET_S:.1f} s")
+        lines.append(f"| {label} | {len(rs)} | **{m:.2f}** ({min(su):.2f}–{max(su):.2f}) | "
+                     f"{fmt(median(full))} | {', '.join(acc)} | {verdict} |")
+    lines += ["", "Phases, seconds from the command's launch (median over runs; phases "
+              "overlap where processes run side by side; — : that version has no such mark):",
+              "", "| phase | " + " | ".join(f"{label} start → end (duration)"
+                                            for label in records) + " |",
+              "|---|" + "---|" * len(records)]
+    for row, start, end in PHASES:
+        cells = []
+        for rs in records.values():
+            s = median([r["times"][start] for r in rs if start in r["times"]])
+            e = median([r["times"][end] for r in rs if end in r["times"]])
+            d = median([r["times"][end] - r["times"][start] for r in rs
+                        if start in r["times"] and end in r["times"]])
+            cells.append("—" if s is None or e is None else f"{s:.2f} → {e:.2f} ({d:.2f})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Per run (startup_seconds, load):", ""]
+    for label, rs in records.items():
+        lines.append(f"- {label}: " + "; ".join(
+            f"{r['startup_seconds']:.2f} s (load {r['load_1min']:.2f})" for r in rs))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per version")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
+                        help="a version to run: its label and checkout (default: this=.)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="only rewrite the page from the kept run records")
+    parser.add_argument("--out", type=Path, default=PAGE)
+    args = parser.parse_args(argv)
+    codes: dict[str, Path] = {}
+    for item in args.code or ["this=."]:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not (Path(folder) / "fedctx" / "simulate.py").is_file():
+            parser.error(f"--code {item!r}: expected LABEL=DIR, DIR a fedctx checkout")
+        codes[label] = Path(folder).resolve()
+    records: dict[str, list[dict]] = {label: [] for label in codes}
+    for index in range(args.runs):
+        for label, code in codes.items():
+            path = RUNS_DIR / f"{label}-run{index}.json"
+            if args.page_only and not path.exists():
+                continue
+            record = one_run(label, code, index, args.clients)
+            records[label].append(record)
+            print(f"{label} run {index}: startup {record['startup_seconds']:.2f} s, "
+                  f"load {record['load_1min']:.2f}", flush=True)
+    if not any(records.values()):
+        parser.error("no run records to write a page from")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, page({k: v for k, v in records.items() if v}, argv))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

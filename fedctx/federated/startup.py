@@ -1,0 +1,53 @@
+"""Where a run's start-up time goes: phase timestamps from every process of the run.
+
+With ``$FEDCTX_STARTUP_TRACE`` naming a file, the driver (``python -m fedctx.simulate``) and
+each simulated-client worker append one JSON line per phase they reach: ``{"phase", "pid",
+"t"}`` (``t``: wall-clock seconds, :func:`time.time`, comparable across the processes of one
+machine). ``benchmarks/startup.py`` sets it and turns the lines into the breakdown of
+``docs/results/startup.md``. Unset (the default), :func:`mark` does nothing. Standard library
+only, so that marking costs no import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+STARTUP_TRACE_ENV = "FEDCTX_STARTUP_TRACE"
+
+
+def mark(phase: str, t: float | None = None) -> None:
+    """Record that this process reached ``phase`` at ``t`` (default: now), when tracing.
+
+    One ``O_APPEND`` write of a short line: lines of concurrent processes do not interleave.
+    """
+    path = os.environ.get(STARTUP_TRACE_ENV)
+    if not path:
+        return
+    line = json.dumps({"phase": phase, "pid": os.getpid(), "t": time.time() if t is None else t})
+    with open(path, "a") as trace:
+        trace.write(line + "\n")
+
+
+def mark_process() -> None:
+    """Record, when tracing, the time this process was created (``phase`` ``"process"``; from
+    Linux's ``/proc``: its start after boot, in clock ticks, against the uptime; nothing
+    elsewhere)."""
+    if not os.environ.get(STARTUP_TRACE_ENV):
+        return
+    try:
+        now = time.time()
+        with open("/proc/uptime") as uptime:
+            up = float(uptime.read().split()[0])
+        with open(f"/proc/{os.getpid()}/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return
+    mark("process", now - up + ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def read_trace(path: str | os.PathLike[str]) -> list[dict[str, float | int | str]]:
+    """The marks written to ``path``, in file order."""
+    with open(path) as trace:
+        return [json.loads(line) for line in trace if line.strip()]
