@@ -33,6 +33,12 @@ from fedctx.federated.server import Experiment
 from fedctx.results import RunRecorder
 
 
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower's task identity (run and node), which new messages read: set as a grid does."""
+    InProcessGrid(client_app, 1)
+
+
 def test_cohorts_balance_the_clients_weights() -> None:
     groups = split_into_cohorts([5, 1, 1, 1, 1, 1, 4, 2], 2)
     assert sorted(i for g in groups for i in g) == list(range(8))
@@ -60,7 +66,6 @@ def _echo(msg: Message, context: Context) -> Message:
 
 
 def test_a_cohort_carries_shared_records_once_and_answers_per_member() -> None:
-    InProcessGrid(client_app, 1)  # sets Flower's task identity (run and node) for new messages
     model = ArrayRecord({"w": torch.tensor([1.5, 2.0])})
     other = ArrayRecord({"w": torch.tensor([7.0, 0.0])})  # a second context's model
     config = ConfigRecord({"lr": 0.1})
@@ -124,3 +129,18 @@ def test_cohort_grid_needs_one_way_to_size_cohorts() -> None:
         CohortGrid(None, lambda n: None)
     with pytest.raises(ConfigError, match="cohort"):
         SimConfig(cohort_size=-1).validate()
+
+
+def test_payload_arrays_decode_exactly_what_flower_decodes() -> None:
+    tensors = {"w": torch.randn(3, 4), "scalar": torch.tensor(5), "empty": torch.zeros(0, 3),
+               "long": torch.arange(5), "double": torch.randn(2, 2, dtype=torch.float64),
+               "transposed": torch.randn(4, 3).t()}  # saved in Fortran order: Flower's path
+    record = ArrayRecord(tensors)
+    packed = pack([_train_message(7, record, ConfigRecord({}))], [0])
+    reply = Message(RecordDict({"m0.arrays": packed.content["r0"]}), reply_to=packed)
+    fast = unpack_reply(reply, [packed])[0].content["arrays"]
+    assert all(type(fast[k]).__name__ == "PayloadArray" for k in tensors)
+    for k in tensors:
+        want, got = record[k].numpy(), fast[k].numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+        assert torch.equal(torch.from_numpy(got), torch.from_numpy(want))
