@@ -294,13 +294,14 @@ def _strategy_chain(strategy: Any) -> list[Strategy]:
 class _NodesInOrder:
     """The grid, listing its nodes by partition id (then node id): with a seeded ``random``, the
     inner strategy's sampling then depends only on (seed, round) and the partition ids, not on
-    the random node ids Flower assigns. Everything else is the grid's own."""
+    the random node ids Flower assigns. ``in_order`` sorts the grid's node ids. Everything else
+    is the grid's own."""
 
-    def __init__(self, grid: Grid, order: Callable[[int], tuple[int, int]]) -> None:
-        self._grid, self._order = grid, order
+    def __init__(self, grid: Grid, in_order: Callable[[Iterable[int]], list[int]]) -> None:
+        self._grid, self._in_order = grid, in_order
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=self._order)
+        return self._in_order(self._grid.get_node_ids())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -356,6 +357,7 @@ class NormPolicyStrategy(Strategy):
                                            for n, c in (contexts or {}).items()}
         self.trained: set[int] = set()       # partition ids (node ids if none) holding own norm
         self.label_counts: dict[int, list[int]] = {}  # client key -> registered label counts
+        self._distribution: list[float] | None = None  # label_distribution(), kept current
         self.source_confidence: float | None = None   # last round's labelled confidence
         self.failed_rounds: list[int] = []
         self.round_offset = 0                # rounds finished before a resumed start()
@@ -363,6 +365,7 @@ class NormPolicyStrategy(Strategy):
         self.registered_at: float | None = None
         self._arrays_key = _inner_attr(strategy, "arrayrecord_key", "arrays")
         self._asked: set[int] = set()
+        self._ordered: tuple[set[int], list[int]] | None = None  # node ids, sorted by _order
         # the attributes at construction: callables among them are settings, not state
         self._initial = {id(s): dict(vars(s)) for s in _strategy_chain(strategy)}
 
@@ -375,6 +378,14 @@ class NormPolicyStrategy(Strategy):
     def _order(self, node_id: int) -> tuple[int, int]:
         pid = self.nodes.get(node_id, NodeInfo()).partition_id
         return (0, pid, node_id) if pid is not None else (1, node_id, node_id)
+
+    def _in_order(self, node_ids: Iterable[int]) -> list[int]:
+        """``node_ids`` sorted by :meth:`_order`. The sorted list is kept while the nodes and
+        their partition ids stay the same: sorting 10,000 nodes took 30 ms, twice a round."""
+        ids = set(node_ids)
+        if self._ordered is None or self._ordered[0] != ids:
+            self._ordered = (ids, sorted(ids, key=self._order))
+        return list(self._ordered[1])
 
     def _context(self, node_id: int) -> int | None:
         return self.nodes.get(node_id, NodeInfo()).context
@@ -396,6 +407,8 @@ class NormPolicyStrategy(Strategy):
             for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
                 if not reply.has_error() and "metrics" in reply.content:
                     self._register(reply.metadata.src_node_id, reply.content["metrics"])
+            self._distribution = self._sum_label_counts()
+            self._ordered = None
         if self.registered_at is None:
             self.registered_at = time.time()
 
@@ -421,12 +434,17 @@ class NormPolicyStrategy(Strategy):
             return
         if info.partition_id is None:
             info.partition_id = _count(metrics.get("partition-id"))
+            self._ordered = None
         if accepted and info.context is None:
             info.context = int(metrics["context"])
 
     def label_distribution(self) -> list[float] | None:
         """The labelled nodes' summed registered label counts, normalised to sum 1 (``None``:
-        no node registered label counts)."""
+        no node registered label counts). Summed once per registration, not per message: with
+        10,000 registered nodes the sum took 13 ms, paid for every sampled node's config."""
+        return self._distribution
+
+    def _sum_label_counts(self) -> list[float] | None:
         if not self.label_counts:
             return None
         totals = [sum(c) for c in zip(*self.label_counts.values(), strict=True)]
@@ -507,7 +525,7 @@ class NormPolicyStrategy(Strategy):
         report = RoundReport(server_round, time.time())
         self.reports[server_round] = report
         inner = self._seeded(server_round, lambda: self.strategy.configure_train(
-            server_round, self._shared_record(arrays), config, _NodesInOrder(grid, self._order)))
+            server_round, self._shared_record(arrays), config, _NodesInOrder(grid, self._in_order)))
         report.sampled = [m.metadata.dst_node_id for m in inner]
         return self._outgoing(inner, server_round)
 
@@ -735,7 +753,7 @@ class NormPolicyStrategy(Strategy):
         if not self.evaluate_when(server_round):
             return []
         inner = self._seeded(server_round, lambda: self.strategy.configure_evaluate(
-            server_round, self._shared_record(arrays), config, _NodesInOrder(grid, self._order)))
+            server_round, self._shared_record(arrays), config, _NodesInOrder(grid, self._in_order)))
         if not self.policy.evaluates_on_server:
             # A node that never trained holds only the initial norm state: as in FedBN, only
             # clients with their own normalization evaluate.
@@ -790,5 +808,6 @@ class NormPolicyStrategy(Strategy):
         load_strategy_state(self.strategy, state["inner"])
         self.failed_rounds = list(state.get("failed_rounds", []))
         self.label_counts = {int(k): list(v) for k, v in state.get("label_counts", {}).items()}
+        self._distribution = self._sum_label_counts()
         self.source_confidence = state.get("source_confidence")
         self.round_offset = finished_rounds
