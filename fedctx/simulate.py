@@ -14,8 +14,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
+
+if TYPE_CHECKING:
+    from fedctx.data import FederatedDataset
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -371,48 +375,32 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
         config = config_from_args(args)
         holder.append(config)
         check_out(config)
+        check_resources(config)
     except RunFinished as done:
         print(done)
         return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from fedctx.data.sources import MissingDataError
-    from fedctx.federated.engine import run_in_process, run_on_ray
-    from fedctx.federated.run_config import to_run_config
-    from fedctx.federated.runtime import get_runtime
-    from fedctx.federated.server import STARTED_ENV, make_strategy
     from fedctx.federated.startup import mark
 
     mark("main", t0)
-    mark("imports")
-    run_config = to_run_config(config)
-    try:
-        rt = get_runtime(run_config)  # data and model: fail fast, before Ray starts
-        check_resources(config)
-    except (MissingDataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    data = rt.data
-    from fedctx import strategies
-
-    plugin = strategies.plugin_source(config.strategy, plugin_path=config.plugin_path)
-    try:
-        make_strategy(config, rt.model)
-    except Exception as err:  # noqa: BLE001 - the plugin's own code: shown with its traceback
-        report_failure(err, config, plugin)
-        return 1 if _raised_in(err, plugin) else 2
+    local_ray = config.backend == "ray" and not config.ray_address
+    prepared = _prepare_beside_ray(config) if local_ray else _prepare(config)
+    if isinstance(prepared, int):
+        return prepared
+    data, plugin = prepared
     mark("driver-ready")
-    try:
-        prepare_out(config)  # only now: every option, the data and the model are valid
-    except OSError as err:
-        print(f"error: --out {config.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
     print(f"fedctx: scenario {config.scenario!r}: {config.clients} clients over "
           f"{data.num_contexts} contexts ({', '.join(data.context_names)}); norm "
           f"{config.norm!r}, policy {config.norm_policy!r}, strategy {config.strategy!r}; "
           f"{config.rounds} rounds, {config.fraction:.0%} of clients per round", flush=True)
+    from fedctx.federated.engine import run_in_process, run_on_ray
+    from fedctx.federated.run_config import to_run_config
+    from fedctx.federated.server import STARTED_ENV
+
     os.environ[STARTED_ENV] = str(t0)
+    run_config = to_run_config(config)
     error: BaseException | None = None
     try:
         if config.backend == "inprocess":
@@ -438,6 +426,77 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
         return 1
     print(f"Done in {time.time() - t0:.1f}s.")
     return 0
+
+
+def _prepare(config: SimConfig) -> tuple[FederatedDataset, str | None] | int:
+    """The driver's part before the engine: data and model (fail fast, before Ray is used), the
+    strategy (a plugin's error shown as such), the ``--out`` folder. The data and the strategy
+    plugin's source, or the exit status of a run that cannot start."""
+    from fedctx import strategies
+    from fedctx.data.sources import MissingDataError
+    from fedctx.federated.run_config import to_run_config
+    from fedctx.federated.runtime import get_runtime
+    from fedctx.federated.server import make_strategy
+    from fedctx.federated.startup import mark
+
+    mark("imports")
+    try:
+        rt = get_runtime(to_run_config(config))
+    except (MissingDataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plugin = strategies.plugin_source(config.strategy, plugin_path=config.plugin_path)
+    try:
+        make_strategy(config, rt.model)
+    except Exception as err:  # noqa: BLE001 - the plugin's own code: shown with its traceback
+        report_failure(err, config, plugin)
+        return 1 if _raised_in(err, plugin) else 2
+    try:
+        prepare_out(config)  # only now: every option, the data and the model are valid
+    except OSError as err:
+        print(f"error: --out {config.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    return rt.data, plugin
+
+
+def _prepare_beside_ray(config: SimConfig) -> tuple[FederatedDataset, str | None] | int:
+    """:func:`_prepare` in a thread while this thread starts the local Ray instance: Ray's
+    processes come up while the driver imports torch and Flower and builds its data and model
+    (seconds each). Ray is shut down again when the run cannot start; a failed Ray start is
+    left to the engine, which retries it and reports the failure as the run's."""
+    import threading
+
+    from fedctx.federated.engine import init_local_ray, quiet_flower
+    from fedctx.federated.startup import mark
+
+    outcome: list[tuple[FederatedDataset, str | None] | int | BaseException] = []
+
+    def prepare() -> None:
+        try:
+            outcome.append(_prepare(config))
+            if not isinstance(outcome[0], int):
+                import flwr.simulation.run_simulation  # noqa: F401 - what run_on_ray imports
+        except BaseException as err:  # noqa: BLE001 - raised in this thread below
+            outcome.append(err)
+
+    quiet_flower(config.verbose)
+    mark("ray-init")
+    import ray  # noqa: F401 - first: the thread's imports (torch) hold the GIL for long stretches
+
+    worker = threading.Thread(target=prepare, name="fedctx-prepare", daemon=True)
+    worker.start()
+    try:  # here, in the main thread: Ray's processes end with the thread that started them
+        init_local_ray(config.num_cpus, config.verbose)
+    except Exception:  # noqa: BLE001, S110 - retried and reported by run_on_ray
+        pass
+    worker.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    if isinstance(outcome[0], int):
+        import ray
+
+        ray.shutdown()
+    return outcome[0]
 
 
 def _failed_on_ray(config: SimConfig) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -115,6 +116,35 @@ def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     }
 
 
+def init_local_ray(num_cpus: int, verbose: bool) -> None:
+    """Start a local Ray instance sized to ``num_cpus`` (0: all cores), unless Ray is up.
+
+    Its workers see the driver's ``sys.path`` (as ``PYTHONPATH``, which Flower's
+    ``RayBackend.init_ray`` would hand them as a runtime env; inherited here instead, so that the
+    workers Ray starts with its raylet serve the client actors) and import fedctx's ClientApp
+    (torch, Flower) as soon as they start (Ray's ``preload_python_modules``), while the driver
+    is still busy, instead of on their first message. Marks ``ray-init`` (before ``import
+    ray``) and ``ray-ready`` (:mod:`fedctx.federated.startup`). Call it from the main thread:
+    Ray's processes end with the thread that started them.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return
+    mark("ray-init")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ray.init(_system_config={"preload_python_modules": [CLIENT_APP.partition(":")[0]]},
+                 **ray_init_args(num_cpus, verbose))
+    mark("ray-ready")
+
+
 def join_ray_cluster(address: str, verbose: bool = False, timeout: float = 30.0) -> None:
     """``ray.init(address=address)``, waiting at most ``timeout`` seconds; Ray's own retry
     messages are kept off the terminal unless ``verbose``. Raises ``ConnectionError`` (Ray's)
@@ -156,7 +186,8 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
     """Run fedctx's apps with ``num_clients`` simulated SuperNodes on Ray.
 
     With ``ray_address``, join that Ray cluster (``ray.init(address=...)``) and let Flower place
-    clients on any of its nodes; otherwise start a local Ray instance with ``num_cpus`` CPUs.
+    clients on any of its nodes; otherwise use the local Ray instance started already (see
+    ``fedctx.simulate``), or start one with ``num_cpus`` CPUs.
     """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
@@ -170,11 +201,11 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client,
                              "max_restarts": -1},
     }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray_address:
         join_ray_cluster(ray_address, verbose)
     else:
-        backend_config["init_args"] = ray_init_args(num_cpus, verbose)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        init_local_ray(num_cpus, verbose)
     _speed_up_flower_dispatch()
     with tempfile.TemporaryDirectory(prefix="fedctx-app-") as folder, \
             warnings.catch_warnings():

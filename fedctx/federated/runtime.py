@@ -73,3 +73,6 @@ def get_runtime(run_config: dict[str, Any]) -> Runtime:
         _CURRENT = (key, Runtime(config, data, model, split_state(model), device))
         mark("runtime-built")
     return _CURRENT[1]
+
+
+mark("runtime-imported")  # start-up trace: this process has imported torch and fedctx's runtime

@@ -15,16 +15,19 @@ import os
 import time
 
 STARTUP_TRACE_ENV = "FEDCTX_STARTUP_TRACE"
+_MARKED: set[str] = set()
 
 
 def mark(phase: str, t: float | None = None) -> None:
     """Record that this process reached ``phase`` at ``t`` (default: now), when tracing.
 
-    One ``O_APPEND`` write of a short line: lines of concurrent processes do not interleave.
+    A phase is recorded once per process (the first time). One ``O_APPEND`` write of a short
+    line: lines of concurrent processes do not interleave.
     """
     path = os.environ.get(STARTUP_TRACE_ENV)
-    if not path:
+    if not path or phase in _MARKED:
         return
+    _MARKED.add(phase)
     line = json.dumps({"phase": phase, "pid": os.getpid(), "t": time.time() if t is None else t})
     with open(path, "a") as trace:
         trace.write(line + "\n")
