@@ -28,6 +28,7 @@ from fedctx.federated.cohort import (
     unpack_reply,
 )
 from fedctx.federated.local import InProcessGrid
+from fedctx.federated.records import encode
 from fedctx.federated.run_config import to_run_config
 from fedctx.federated.server import Experiment
 from fedctx.results import RunRecorder
@@ -131,11 +132,18 @@ def test_cohort_grid_needs_one_way_to_size_cohorts() -> None:
         SimConfig(cohort_size=-1).validate()
 
 
-def test_payload_arrays_decode_exactly_what_flower_decodes() -> None:
+def test_records_encode_and_decode_exactly_as_flower_does() -> None:
     tensors = {"w": torch.randn(3, 4), "scalar": torch.tensor(5), "empty": torch.zeros(0, 3),
                "long": torch.arange(5), "double": torch.randn(2, 2, dtype=torch.float64),
+               "flag": torch.tensor([True, False]),
                "transposed": torch.randn(4, 3).t()}  # saved in Fortran order: Flower's path
     record = ArrayRecord(tensors)
+    mine = encode(tensors)
+    for k in tensors:
+        assert (mine[k].dtype, mine[k].shape) == (record[k].dtype, tuple(record[k].shape))
+        assert torch.equal(torch.from_numpy(mine[k].numpy()), tensors[k])
+        if k != "transposed":  # np.save writes that one in Fortran order, encode in C order
+            assert mine[k].data == record[k].data
     packed = pack([_train_message(7, record, ConfigRecord({}))], [0])
     reply = Message(RecordDict({"m0.arrays": packed.content["r0"]}), reply_to=packed)
     fast = unpack_reply(reply, [packed])[0].content["arrays"]

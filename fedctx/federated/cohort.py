@@ -32,9 +32,10 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode, SType
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedctx.federated.records import fast
 
 log = logging.getLogger("fedctx")
 COHORT_KEY = "fedctx-cohort"          # the cohort's layout (a ConfigRecord)
@@ -68,37 +69,10 @@ def pack(messages: list[Message], partitions: list[int]) -> Message:
                    message_type=first.message_type, group_id=first.group_id or None)
 
 
-class PayloadArray(Array):
-    """A Flower :class:`~flwr.app.Array` whose ``numpy()`` reads the ``.npy`` payload past its
-    header with the dtype and shape the Array already holds. ``np.load`` parses the header with
-    ``ast.literal_eval`` on every call, and the server decodes each reply's tensors several times
-    (screening, the norm split, the inner strategy): that parsing was 65% of the server's time
-    per reply in the profile behind ``docs/results/simulation_overhead.md``. Any other layout
-    (Fortran order, another serialization) falls back to Flower's own ``numpy()``."""
-
-    def numpy(self) -> np.ndarray:
-        if self.stype == SType.NUMPY:
-            dtype = np.dtype(self.dtype)
-            count = math.prod(self.shape)
-            offset = len(self.data) - count * dtype.itemsize
-            if 0 < offset and b"'fortran_order': False" in self.data[:offset]:
-                return np.frombuffer(self.data, dtype, count, offset).reshape(self.shape).copy()
-        return super().numpy()
-
-
-def _fast(record: Any) -> Any:
-    """``record`` with its arrays as :class:`PayloadArray` (other records unchanged)."""
-    if not isinstance(record, ArrayRecord):
-        return record
-    fast = ArrayRecord()  # item by item: the constructor would copy them into plain Arrays
-    for k, a in record.items():
-        fast[k] = PayloadArray(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
-    return fast
-
-
 def unpack_reply(reply: Message, members: list[Message]) -> list[Message]:
     """One reply per member from the cohort's ``reply``: its records (arrays as
-    :class:`PayloadArray`), or its error."""
+    :class:`~fedctx.federated.records.PayloadArray`, which the server decodes several times), or
+    its error."""
     if reply.has_error():
         return [Message(reply.error, reply_to=m) for m in members]
     content = reply.content
@@ -110,7 +84,7 @@ def unpack_reply(reply: Message, members: list[Message]) -> list[Message]:
                                          reason=str(reason)), reply_to=member))
             continue
         prefix = _member_key(i, "")
-        records = {k[len(prefix):]: _fast(v) for k, v in content.items()
+        records = {k[len(prefix):]: fast(v) for k, v in content.items()
                    if k.startswith(prefix)}
         replies.append(Message(RecordDict(records), reply_to=member))
     return replies
@@ -211,15 +185,20 @@ def cohort_mod(msg: Message, context: Context,
                call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower client mod: a cohort message runs ``call_next`` once per member, with the member's
     content and a Context of its own (node id, ``partition-id``; the run config shared);
-    every other message passes through."""
-    if msg.has_error() or COHORT_KEY not in msg.content:
+    every other message passes through. Received arrays become
+    :class:`~fedctx.federated.records.PayloadArray` (decoded without ``np.load``)."""
+    if msg.has_error():
         return call_next(msg, context)
+    if COHORT_KEY not in msg.content:
+        content = RecordDict({k: fast(v) for k, v in msg.content.items()})
+        return call_next(_member_message(msg, content, msg.metadata.dst_node_id), context)
     layout = msg.content[COHORT_KEY]
+    records = {k: fast(v) for k, v in msg.content.items() if k != COHORT_KEY}
     out: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for i, (node_id, partition) in enumerate(zip(layout["node-ids"], layout["partition-ids"],
                                                  strict=True)):
-        content = RecordDict({name: msg.content[ref] for name, ref in
+        content = RecordDict({name: records[ref] for name, ref in
                               (entry.split(":", 1) for entry in layout[f"m{i}"])})
         member = _member_message(msg, content, node_id)
         member_context = Context(run_id=context.run_id, node_id=node_id,

@@ -33,6 +33,7 @@ from torch import nn
 
 from fedctx.federated.params import StateSplit, split_state
 from fedctx.federated.policy import NormPolicy, client_split_reply, merge_client_norm
+from fedctx.federated.records import encode
 
 Tensors = dict[str, torch.Tensor]
 STATE_KEY = "fedctx-norm"
@@ -144,7 +145,7 @@ def reply(model: nn.Module, msg: Message, context: Context, metrics: dict,
     sent, kept = client_split_reply(policy, split, {k: state[k] for k in split.norm})
     if kept:
         (store or ContextStore(context)).save(_round_of(msg), kept)
-    arrays = ArrayRecord({**{k: state[k] for k in split.shared}, **sent})
+    arrays = encode({**{k: state[k] for k in split.shared}, **sent})
     return Message(RecordDict({arrays_key: arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
