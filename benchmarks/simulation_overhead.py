@@ -3,6 +3,8 @@
 The limit is the same work — every client's local training (same data, model, seed, steps,
 one thread each) plus the server's evaluation — done by a plain loop in one process, divided by
 the cores the simulation can use in parallel. Ratio = limit / fedctx (1.0: no framework cost).
+Each client count is run twice on Ray, one Flower message per client (``--cohort-size 1``, the
+transport before cohorts) and one message per worker slot (the default), in one invocation.
 Writes ``docs/results/simulation_overhead.md``.
 
     python benchmarks/simulation_overhead.py --clients 20 100 --rounds 6
@@ -54,22 +56,55 @@ def plain_round_seconds(clients: int, seed: int, cores: int, repeats: int = 2) -
     return best
 
 
-def fedctx_run(clients: int, rounds: int, seed: int) -> tuple[float, float]:
-    """(steady-state seconds per round, start-up seconds, teardown seconds) of a real Ray run.
+def record_costs(seed: int, repeats: int = 50) -> dict[str, float]:
+    """CPU milliseconds (best of ``repeats``, one thread) to encode the default model's state
+    into an ArrayRecord and decode it back: Flower's own (np.save / np.load) and
+    fedctx.federated.records' (same bytes; payload read past the header)."""
+    from flwr.app import ArrayRecord
+
+    from fedctx.config import SimConfig
+    from fedctx.federated.records import encode
+    from fedctx.federated.runtime import build_model, load_data
+
+    torch.set_num_threads(1)
+    config = SimConfig(seed=seed).validate()
+    state = build_model(config, load_data(config)).state_dict()
+    flower, fedctx = ArrayRecord(state), encode(state)
+
+    def best(work) -> float:  # noqa: ANN001
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            work()
+            times.append(time.process_time() - t0)
+        return 1e3 * min(times)
+
+    return {"tensors": len(state), "flower_encode": best(lambda: ArrayRecord(state)),
+            "flower_decode": best(flower.to_torch_state_dict),
+            "fedctx_encode": best(lambda: encode(state)),
+            "fedctx_decode": best(fedctx.to_torch_state_dict)}
+
+
+def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
+               ) -> tuple[float, float, float, float]:
+    """(steady-state seconds per round, start-up seconds, teardown seconds, overall accuracy)
+    of a real Ray run.
 
     Start-up: from the command's start until every client has registered (Ray up, workers
     ready); teardown: from the last round's end to the process exit."""
-    out = REPO / "results" / f"bench-overhead-{clients}"
+    out = REPO / "results" / f"bench-overhead-{clients}-cohort{cohort_size}"
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(clients), "--rounds",
            str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out),
-           "--overwrite"]
+           "--cohort-size", str(cohort_size), "--overwrite"]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     per_round = [json.loads(line)["seconds"] for line in
                  (out / "metrics.jsonl").read_text().splitlines()]
-    startup = json.loads((out / "summary.json").read_text())["startup_seconds"]
-    return statistics.median(per_round[1:]), startup, wall - startup - sum(per_round)
+    summary = json.loads((out / "summary.json").read_text())
+    startup = summary["startup_seconds"]
+    return (statistics.median(per_round[1:]), startup, wall - startup - sum(per_round),
+            summary["accuracy"])
 
 
 def main() -> None:
@@ -81,14 +116,17 @@ def main() -> None:
                         default=REPO / "docs" / "results" / "simulation_overhead.md")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    costs = record_costs(args.seed)
     rows = []
     for n in args.clients:
         limit = plain_round_seconds(n, args.seed, cores)
-        steady, startup, teardown = fedctx_run(n, args.rounds, args.seed)
-        rows.append((n, limit, steady, limit / steady, startup, teardown))
-        print(f"{n} clients: limit {limit:.2f}s/round, fedctx {steady:.2f}s/round, "
-              f"ratio {limit / steady:.2f}, start-up {startup:.1f}s, teardown {teardown:.1f}s",
-              flush=True)
+        runs = {size: fedctx_run(n, args.rounds, args.seed, size) for size in (1, 0)}
+        (alone, startup, teardown, acc1), (cohort, _, _, acc0) = runs[1], runs[0]
+        rows.append((n, limit, alone, cohort, startup, teardown, acc1 == acc0))
+        print(f"{n} clients: limit {limit:.2f}s/round; one message per client {alone:.2f}s "
+              f"(ratio {limit / alone:.2f}); cohorts {cohort:.2f}s (ratio {limit / cohort:.2f});"
+              f" same accuracy: {acc1 == acc0}", flush=True)
     import flwr
     import ray
 
@@ -103,11 +141,21 @@ def main() -> None:
         "The limit is the same local training in a plain PyTorch loop (one process, one "
         "thread) divided by min(cores, clients) — the parallelism Ray gets — plus the same "
         "server-side evaluation (all threads).", "",
-        "| clients | limit s/round | fedctx s/round (median, rounds 2+) | ratio limit/fedctx | "
-        "start-up s | teardown s |",
-        "|---|---|---|---|---|---|",
-        *(f"| {n} | {lim:.2f} | {st:.2f} | **{ratio:.2f}** | {su:.1f} | {td:.1f} |"
-          for n, lim, st, ratio, su, td in rows),
+        "| clients | limit s/round | one message per client: s/round | ratio | cohorts "
+        "(default): s/round | ratio | same final accuracy | start-up s | teardown s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {n} | {lim:.2f} | {one:.2f} | {lim / one:.2f} | {coh:.2f} | **{lim / coh:.2f}** "
+          f"| {'yes' if same else 'NO'} | {su:.1f} | {td:.1f} |"
+          for n, lim, one, coh, su, td, same in rows),
+        "",
+        f"1-minute load average when the benchmark started: {load:.2f}. s/round: median of "
+        "rounds 2 and later. Start-up and teardown: the one-message-per-client run's.", "",
+        f"Per client per round, each side encodes and decodes the model ({costs['tensors']} "
+        "tensors), CPU ms, best of 50: Flower's `ArrayRecord` "
+        f"{costs['flower_encode']:.2f} encode + {costs['flower_decode']:.2f} decode = "
+        f"{costs['flower_encode'] + costs['flower_decode']:.2f}; `fedctx.federated.records` "
+        f"{costs['fedctx_encode']:.2f} + {costs['fedctx_decode']:.2f} = "
+        f"{costs['fedctx_encode'] + costs['fedctx_decode']:.2f}.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -4,9 +4,10 @@ Flower's :class:`~flwr.app.Array` holds a tensor as the bytes of an ``.npy`` fil
 ``np.save`` and read with ``np.load``, which parses the header with ``ast.literal_eval`` on every
 call. A simulated client decodes the model and encodes its reply every round, and the server
 decodes each reply's tensors several times (screening, the norm split, the inner strategy): for
-the default digits CNN (37 tensors) that was 4.2 ms per client per round on each side, against
-~18 ms of local training (docs/results/performance_notes.md). The bytes here are exactly
-``np.save``'s (version 1.0 header), so any Flower code reads them; only the work is less.
+the default digits CNN that is several milliseconds per client per round, next to ~20 ms of
+local training with 100 clients (both measured in docs/results/simulation_overhead.md). The bytes
+here are exactly ``np.save``'s (version 1.0 header), so any Flower code reads them; only the work
+is less.
 """
 
 from __future__ import annotations
