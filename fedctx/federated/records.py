@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -73,4 +74,13 @@ def fast(record: Any) -> Any:
     for key, a in record.items():
         out[key] = (a if isinstance(a, PayloadArray) else
                     PayloadArray(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data))
+    return out
+
+
+def sub_record(record: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
+    """The ``keys`` of ``record`` as a new record holding the same Array objects (Flower's
+    ``ArrayRecord({...})`` would copy them into plain Arrays)."""
+    out = ArrayRecord()
+    for key in keys:
+        out[key] = record[key]
     return out
