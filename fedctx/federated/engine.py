@@ -116,14 +116,19 @@ def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
     }
 
 
+#: What a client worker imports as it starts: fedctx's ClientApp (torch, Flower, fedctx) and
+#: the module of Flower's client actor class (Flower's simulation engine, gRPC).
+WORKER_PRELOAD = [CLIENT_APP.partition(":")[0], "flwr.simulation.ray_transport.ray_actor"]
+
+
 def init_local_ray(num_cpus: int, verbose: bool) -> None:
     """Start a local Ray instance sized to ``num_cpus`` (0: all cores), unless Ray is up.
 
     Its workers see the driver's ``sys.path`` (as ``PYTHONPATH``, which Flower's
     ``RayBackend.init_ray`` would hand them as a runtime env; inherited here instead, so that the
-    workers Ray starts with its raylet serve the client actors) and import fedctx's ClientApp
-    (torch, Flower) as soon as they start (Ray's ``preload_python_modules``), while the driver
-    is still busy, instead of on their first message. Marks ``ray-init`` (before ``import
+    workers Ray starts with its raylet serve the client actors) and import
+    :data:`WORKER_PRELOAD` as soon as they start (Ray's ``preload_python_modules``), while the
+    driver is still busy, instead of on their first message. Marks ``ray-init`` (before ``import
     ray``) and ``ray-ready`` (:mod:`fedctx.federated.startup`). Call it from the main thread:
     Ray's processes end with the thread that started them.
     """
@@ -140,7 +145,7 @@ def init_local_ray(num_cpus: int, verbose: bool) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ray.init(_system_config={"preload_python_modules": [CLIENT_APP.partition(":")[0]]},
+        ray.init(_system_config={"preload_python_modules": WORKER_PRELOAD},
                  **ray_init_args(num_cpus, verbose))
     mark("ray-ready")
 
