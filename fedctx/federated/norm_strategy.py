@@ -54,6 +54,7 @@ from fedctx.federated.params import (
     weighted_average,
 )
 from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
+from fedctx.federated.startup import mark
 
 log = logging.getLogger("fedctx")
 Tensors = dict[str, torch.Tensor]
@@ -64,6 +65,10 @@ OPTIONAL_METRICS = ("train-loss", "partition-id", "ray-node", "context-counts", 
                     "unlabelled-mask-rate")
 RATE_METRICS = ("confidence", "unlabelled-mask-rate")     # floats in [0, 1]
 AVERAGED_METRICS = ("train-loss", *RATE_METRICS)           # num-examples-weighted in the record
+# registration queries in flight at once: Flower's in-memory link state scans every stored
+# message to deliver one, so sending all 10,000 queries at once cost O(n^2) (10,000 nodes:
+# minutes); batches keep that O(n * QUERY_BATCH) (docs/results/scale.md)
+QUERY_BATCH = 64
 
 
 @dataclass
@@ -393,22 +398,28 @@ class NormPolicyStrategy(Strategy):
     def register(self, grid: Grid, timeout: float = 600.0) -> None:
         """Wait for the inner strategy's ``min_available_nodes``, then ask each node not asked
         yet for its partition id, context, size and label counts (one ``query`` message each,
-        answered within ``round_timeout``; a ClientApp without a query handler answers with an
-        error and is learnt from its first accepted train reply)."""
+        :data:`QUERY_BATCH` at a time, all within ``round_timeout``: nodes not asked by then
+        are asked at the next round; a ClientApp without a query handler answers with an error
+        and is learnt from its first accepted train reply)."""
+        mark("registration")  # start-up trace ($FEDCTX_STARTUP_TRACE): the first call's start
         expected = int(_inner_attr(self.strategy, "min_available_nodes", 0))
         deadline = time.time() + timeout
         while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.05)
         new = [n for n in node_ids if n not in self._asked]
         if new:
-            self._asked.update(new)
-            messages = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n)
-                        for n in new]
-            for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
-                if not reply.has_error() and "metrics" in reply.content:
-                    self._register(reply.metadata.src_node_id, reply.content["metrics"])
+            until = time.time() + self.round_timeout
+            for first in range(0, len(new), QUERY_BATCH):
+                if (left := until - time.time()) <= 0:
+                    break  # the others are asked at the next round
+                batch = new[first:first + QUERY_BATCH]
+                self._asked.update(batch)
+                messages = [Message(RecordDict({}), message_type=MessageType.QUERY,
+                                    dst_node_id=n) for n in batch]
+                for reply in grid.send_and_receive(messages, timeout=left):
+                    if not reply.has_error() and "metrics" in reply.content:
+                        self._register(reply.metadata.src_node_id, reply.content["metrics"])
             self._distribution = self._sum_label_counts()
-            self._ordered = None
         if self.registered_at is None:
             self.registered_at = time.time()
 
