@@ -21,7 +21,7 @@ from test_norm_strategy import sampling, start, tiny
 
 from fedctx.federated import norm_client
 from fedctx.federated.local import InProcessGrid
-from fedctx.federated.norm_strategy import NormPolicyStrategy
+from fedctx.federated.norm_strategy import NormPolicyStrategy, check_record
 
 SIZE = 10  # every node registers 10 training images
 
@@ -153,3 +153,17 @@ def test_round_goes_on_and_counts_rejections_per_check() -> None:
     assert report.aggregated and report.accepted == 3
     assert report.rejected_by_check == {"num-examples": 1}
     assert report.rejections[0]["client"] == 1
+
+
+def test_array_check_finds_the_non_finite_tensor_and_accepts_huge_finite_ones() -> None:
+    reference = {"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.float64),
+                 "steps": torch.zeros((), dtype=torch.long)}
+    good = {"a": torch.ones(3), "b": torch.ones(2, dtype=torch.float64),
+            "steps": torch.tensor(4)}
+    assert check_record(good, reference, reference, reference) is None
+    nan = {**good, "b": torch.tensor([1.0, math.nan], dtype=torch.float64)}
+    assert check_record(nan, reference, reference, reference) == "arrays.b: non-finite values"
+    inf = {**good, "a": torch.tensor([1.0, -math.inf, 0.0])}
+    assert check_record(inf, reference, reference, reference) == "arrays.a: non-finite values"
+    huge = {**good, "a": torch.full((3,), 1e30)}  # finite, though its float32 norm overflows
+    assert check_record(huge, reference, reference, reference) is None
