@@ -44,8 +44,9 @@ PHASES = [
     ("interpreter, `import fedctx.simulate`, options", "launch", "main"),
     ("driver imports (torch, Flower, fedctx's apps)", "main", "imports"),
     ("driver data + model build", "runtime-build", "runtime-built"),
-    ("driver ready (data, model, strategy)", "main", "driver-ready"),
-    ("Ray start (`ray.init`, driver thread)", "ray-init", "ray-ready"),
+    ("driver ready for the engine (data, model, strategy; and Ray up where it starts beside)",
+     "main", "driver-ready"),
+    ("Ray start (`import ray`, `ray.init`, driver's main thread)", "ray-init", "ray-ready"),
     ("Flower engine called", "launch", "engine"),
     ("workers: process start -> torch and fedctx imported", "first:process",
      "last:runtime-imported"),
@@ -184,8 +185,9 @@ def fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float]) -> str:
-    """The results page from every label's run records and the pieces' CPU costs."""
+def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float],
+         notes: list[str]) -> str:
+    """The results page from every label's run records, the pieces' CPU costs and ``notes``."""
     all_runs = [r for rs in records.values() for r in rs]
     loads = ", ".join(f"{r['load_1min']:.2f}" for r in all_runs)
     lines = ["# Start-up: command to every client registered", "",
@@ -193,7 +195,7 @@ def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float
              f"`{all_runs[0]['command']}` (Ray backend, scenario `digits`) with a fresh `--out`; "
              "runs of the versions alternate.",
              f"Machine: {all_runs[0]['machine']}. 1-minute load average before each run: "
-             f"{loads}.", "",
+             f"{loads}.", "", *(f"- {note}" for note in notes), *([""] if notes else []),
              "`startup_seconds` is the figure each run records in `summary.json` (from the "
              "command's start in `fedctx.simulate` to the last client's `query` reply); "
              "\"command\" adds the interpreter's start and `import fedctx.simulate`. "
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a version to run: its label and checkout (default: this=.)")
     parser.add_argument("--page-only", action="store_true",
                         help="only rewrite the page from the kept run records")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a line for the page, e.g. how a --code folder was made")
     parser.add_argument("--out", type=Path, default=PAGE)
     args = parser.parse_args(argv)
     codes: dict[str, Path] = {}
@@ -291,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no run records to write a page from")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     costs = piece_costs() if not args.page_only or (RUNS_DIR / "pieces.json").exists() else {}
-    atomic_write_text(args.out, page({k: v for k, v in records.items() if v}, argv, costs))
+    # the command that measured the records (notes are the page's text, shown on it)
+    shown = [a for i, a in enumerate(argv) if a not in ("--page-only", "--note")
+             and (i == 0 or argv[i - 1] != "--note")]
+    atomic_write_text(args.out, page({k: v for k, v in records.items() if v}, shown, costs,
+                                     args.note))
     print(f"wrote {args.out}")
 
 
