@@ -21,7 +21,7 @@ def test_marks_are_written_once_per_phase_only_when_tracing(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
     trace = tmp_path / "trace.jsonl"
-    monkeypatch.setattr(startup, "_MARKED", set())
+    monkeypatch.setattr(startup, "_MARKED", {})
     monkeypatch.delenv(startup.STARTUP_TRACE_ENV, raising=False)
     startup.mark("a")
     assert not trace.exists()
@@ -37,6 +37,9 @@ def test_marks_are_written_once_per_phase_only_when_tracing(tmp_path: Path,
     assert before <= marks[0]["t"] <= time.time() and marks[1]["t"] == 12.5
     # this process started before the test did, and not long before (a pytest run)
     assert before - 3600 < marks[2]["t"] < before
+    # every phase is kept in memory, traced or not, once, in the order reached
+    assert list(startup.phases(12.0)) == ["a", "b", "c", "process"]
+    assert startup.phases(12.0)["c"] == 0.5
 
 
 @pytest.mark.slow

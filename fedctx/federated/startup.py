@@ -4,8 +4,8 @@ With ``$FEDCTX_STARTUP_TRACE`` naming a file, the driver (``python -m fedctx.sim
 each simulated-client worker append one JSON line per phase they reach: ``{"phase", "pid",
 "t"}`` (``t``: wall-clock seconds, :func:`time.time`, comparable across the processes of one
 machine). ``benchmarks/startup.py`` sets it and turns the lines into the breakdown of
-``docs/results/startup.md``. Unset (the default), :func:`mark` does nothing. Standard library
-only, so that marking costs no import.
+``docs/results/startup.md``. Unset (the default), :func:`mark` only keeps the time in memory
+(:func:`phases`). Standard library only, so that marking costs no import.
 """
 
 from __future__ import annotations
@@ -15,22 +15,33 @@ import os
 import time
 
 STARTUP_TRACE_ENV = "FEDCTX_STARTUP_TRACE"
-_MARKED: set[str] = set()
+_MARKED: dict[str, float] = {}  # this process's phases: wall-clock time first reached
 
 
 def mark(phase: str, t: float | None = None) -> None:
-    """Record that this process reached ``phase`` at ``t`` (default: now), when tracing.
+    """Record that this process reached ``phase`` at ``t`` (default: now): kept for
+    :func:`phases` and, when tracing, appended to the trace file.
 
     A phase is recorded once per process (the first time). One ``O_APPEND`` write of a short
     line: lines of concurrent processes do not interleave.
     """
-    path = os.environ.get(STARTUP_TRACE_ENV)
-    if not path or phase in _MARKED:
+    if phase in _MARKED:
         return
-    _MARKED.add(phase)
-    line = json.dumps({"phase": phase, "pid": os.getpid(), "t": time.time() if t is None else t})
-    with open(path, "a") as trace:
-        trace.write(line + "\n")
+    _MARKED[phase] = time.time() if t is None else t
+    path = os.environ.get(STARTUP_TRACE_ENV)
+    if path:
+        line = json.dumps({"phase": phase, "pid": os.getpid(), "t": _MARKED[phase]})
+        with open(path, "a") as trace:
+            trace.write(line + "\n")
+
+
+def phases(since: float) -> dict[str, float]:
+    """This process's phases so far, in seconds after ``since`` (e.g. the command's start), in
+    the order they were marked: in the driver of ``python -m fedctx.simulate`` on a local Ray,
+    ``main``, ``ray-init``, ``runtime-imported``, ``imports``, ``runtime-build``,
+    ``runtime-built``, ``ray-ready``, ``driver-ready``, ``engine`` (the client workers' phases
+    are in the trace only)."""
+    return {phase: round(t - since, 3) for phase, t in _MARKED.items()}
 
 
 def mark_process() -> None:
