@@ -253,10 +253,10 @@ def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float
         bound = need / cores
         lines.append(
             f"Before every client is registered, the driver's imports, two workers' imports and "
-            f"Ray's processes take about {need:.1f} CPU s measured apart (the CPU column above is "
-            f"the same work measured in the runs): about {bound:.1f} s of wall time on {cores} "
-            "cores before any data is built, with every piece overlapped and the machine "
-            "otherwise idle. " + (
+            f"Ray's processes take about {need:.1f} CPU s measured apart (the CPU column above "
+            f"measures the runs themselves, to registration): about {bound:.1f} s of wall time on "
+            f"{cores} cores before any data is built, with every piece overlapped and the "
+            "machine otherwise idle. " + (
                 f"The {TARGET_S:.0f} s target is below that: overlapping alone cannot meet it "
                 "here; the work itself must shrink." if bound >= TARGET_S else
                 f"The {TARGET_S:.0f} s target is above that: better overlap could still meet it."))
