@@ -49,7 +49,6 @@ from fedctx.adamatch.data import (
 )
 from fedctx.adamatch.evaluate import accuracy
 from fedctx.adamatch.model import build_digits_model
-from fedctx.adamatch.plots import plot_curves, plot_embedding, plot_grad_variance
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
@@ -342,6 +341,9 @@ def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any)
 def write_figures(state: AdaMatchState, domains: Domains, progress: Progress, out: Path
                   ) -> None:
     """``curves.png``, ``grad_variance.png`` and ``embedding.png`` (of the EMA model)."""
+    # here, not at import: matplotlib costs every process that imports fedctx.adamatch ~0.5 s
+    from fedctx.adamatch.plots import plot_curves, plot_embedding, plot_grad_variance
+
     cfg = state.cfg
     plot_curves(progress.records, progress.evals, out / "curves.png",
                 title=f"{cfg.source}->{cfg.target} {cfg.norm} ({cfg.norm_scope})")

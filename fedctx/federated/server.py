@@ -25,6 +25,7 @@ from fedctx.federated.cohort import CohortGrid, ray_worker_slots
 from fedctx.federated.norm_strategy import NormPolicyStrategy, RoundReport
 from fedctx.federated.run_config import from_run_config
 from fedctx.federated.runtime import build_model, get_runtime
+from fedctx.federated.startup import phases
 from fedctx.federated.training import evaluate
 from fedctx.federated.unseen import evaluate_unseen
 from fedctx.results import (
@@ -178,6 +179,8 @@ class Experiment:
                 record["holdout_accuracy"] = self.evaluate_holdout()
         record["seconds"] = time.time() - report.started
         self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
+        if server_round == 1:  # drawn after the first round, not while the clients start
+            save_label_heatmap(self.rt.data, self.out / "label_counts.png")
         return MetricRecord({"accuracy": record["accuracy"]}) if "accuracy" in record else None
 
     def member(self, node_id: int) -> tuple[int, int] | None:
@@ -210,8 +213,6 @@ class Experiment:
         self.recorder.start(self.config.to_dict(), history)
         if history:
             self.recorder.say(f"Resuming from round {len(history)} in {self.out}")
-        else:
-            save_label_heatmap(self.rt.data, self.out / "label_counts.png")
         if hasattr(grid, "pull_interval"):  # Flower's in-memory grid polls every 0.1 s by default
             grid.pull_interval = 0.005
         grid = self.cohort_grid(grid)
@@ -245,6 +246,7 @@ class Experiment:
             "seed": self.config.seed, "evaluated_on": "server" if on_server else "clients",
             "wall_seconds": time.time() - self.recorder.started,
             "startup_seconds": self.recorder.startup_seconds,
+            "startup": phases(self.recorder.started),
             "failed_rounds": list(self.strategy.failed_rounds),
             **({} if on_server else {"accuracy_per_client": last["accuracy_per_client"],
                                      "clients_evaluated": last["clients_evaluated"]}),
