@@ -85,6 +85,53 @@ def record_costs(seed: int, repeats: int = 50) -> dict[str, float]:
             "fedctx_decode": best(fedctx.to_torch_state_dict)}
 
 
+def server_reply_costs(clients: int, seed: int, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds (best of ``repeats``, one thread) of the server's ``aggregate_train``
+    (screening, norm split, FedAvg) over ``clients`` replies of the default model, their arrays
+    as Flower's plain ``Array`` (one message per client) or as ``PayloadArray`` (cohorts)."""
+    import logging
+
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedctx.config import SimConfig
+    from fedctx.federated.client import app
+    from fedctx.federated.local import InProcessGrid
+    from fedctx.federated.norm_strategy import NormPolicyStrategy
+    from fedctx.federated.records import fast
+    from fedctx.federated.runtime import build_model, load_data
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    InProcessGrid(app, 1)  # Flower's task identity, which new messages read
+    config = SimConfig(clients=clients, seed=seed).validate()
+    model = build_model(config, load_data(config))
+    state = model.state_dict()
+
+    def replies(payload: bool) -> list[Message]:
+        out = []
+        for i in range(clients):
+            sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1000 + i,
+                           message_type="train")
+            record = ArrayRecord(state)
+            metrics = MetricRecord({"num-examples": 50, "train-loss": 1.0, "context": i % 3,
+                                    "partition-id": i})
+            out.append(Message(RecordDict({"arrays": fast(record) if payload else record,
+                                           "metrics": metrics}), reply_to=sent))
+        return out
+
+    costs = {}
+    for payload in (False, True):
+        times = []
+        for _ in range(repeats):
+            strategy, batch = NormPolicyStrategy(FedAvg(), model, "average"), replies(payload)
+            t0 = time.process_time()
+            strategy.aggregate_train(1, batch)
+            times.append(time.process_time() - t0)
+        costs["payload" if payload else "plain"] = min(times)
+    return costs
+
+
 def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
                ) -> tuple[float, float, float, float]:
     """(steady-state seconds per round, start-up seconds, teardown seconds, overall accuracy)
@@ -118,6 +165,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     costs = record_costs(args.seed)
+    server = server_reply_costs(max(args.clients), args.seed)
     rows = []
     for n in args.clients:
         limit = plain_round_seconds(n, args.seed, cores)
@@ -155,7 +203,11 @@ def main() -> None:
         f"{costs['flower_encode']:.2f} encode + {costs['flower_decode']:.2f} decode = "
         f"{costs['flower_encode'] + costs['flower_decode']:.2f}; `fedctx.federated.records` "
         f"{costs['fedctx_encode']:.2f} + {costs['fedctx_decode']:.2f} = "
-        f"{costs['fedctx_encode'] + costs['fedctx_decode']:.2f}.",
+        f"{costs['fedctx_encode'] + costs['fedctx_decode']:.2f}.", "",
+        f"The server's `aggregate_train` (screening, norm split, FedAvg) over {max(args.clients)}"
+        " such replies, CPU s, best of 3, one thread: replies as Flower's plain `Array`s (one "
+        f"message per client) {server['plain']:.3f}; as `PayloadArray`s (cohorts) "
+        f"{server['payload']:.3f}.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
