@@ -180,6 +180,12 @@ def steady(record: dict[str, Any]) -> list[float]:
     return record["round_seconds"][1:-1]
 
 
+def outside(record: dict[str, Any]) -> float:
+    """Wall time not in start-up nor in any round."""
+    return (record["wall_seconds"] - record["startup_seconds"]
+            - sum(record["round_seconds"]))
+
+
 def page(records: list[dict[str, Any]], workers: int) -> str:
     """The results page from the records (one per N, smallest first)."""
     rounds = records[0]["rounds"]
@@ -199,7 +205,11 @@ def page(records: list[dict[str, Any]], workers: int) -> str:
         "worker slots: the default cohort mode sends one message per worker slot per round). "
         "1-minute load average at the start and end of each run: "
         + "; ".join(f"{r['clients']:,} clients {r['load_before']:.2f} / {r['load_after']:.2f}"
-                    for r in records) + ".", "",
+                    for r in records) + "."
+        + (" Other work ran on the machine during these runs (a load above 1.5 on 2 cores): "
+           "their round times carry that noise, and the runs compared were not under the same "
+           "load." if max(max(r["load_before"], r["load_after"]) for r in records) > 1.5
+           else ""), "",
         "Why this scenario: the default `digits` scenario holds 4,000 training images (at most "
         "124 clients); `cifar10-dirichlet` holds 20,000 here, 2 per client at 10,000 clients. "
         "Each client trains one local step on its whole share (`--batch-size` = its number of "
@@ -211,8 +221,8 @@ def page(records: list[dict[str, Any]], workers: int) -> str:
         f"{rounds - 1} (round 1 warms up, round {rounds} evaluates).", "",
         "| registered clients | start-up s (command → all registered) | registration s "
         "(first query → all registered) | engine start → first query s | round s, median "
-        "| round s, mean ± 95% CI | client step ms (its batch) | compute per round s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round s, mean ± 95% CI | client step ms (its batch) | compute per round s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         est = mean_ci(steady(r))
@@ -220,16 +230,19 @@ def page(records: list[dict[str, Any]], workers: int) -> str:
             f"| {r['clients']:,} | {r['startup_seconds']:.1f} | {r['registration_seconds']:.1f}"
             f" | {r['engine_to_registration']:.1f} | {statistics.median(steady(r)):.2f} | "
             f"{est.mean:.2f} ± {est.half_width:.2f} | {r['step_seconds'] * 1e3:.1f} "
-            f"({r['batch']}) | {r['sampled'] * r['step_seconds'] / workers:.2f} |")
-    lines += ["", f"| registered clients | driver RSS MB, round 1 / {mid} / {rounds} | Ray "
-              f"workers RSS MB, round 1 / {mid} / {rounds} | driver change, rounds {mid}→"
-              f"{rounds} | workers change, rounds {mid}→{rounds} |", "|---|---|---|---|---|"]
+            f"({r['batch']}) | {r['sampled'] * r['step_seconds'] / workers:.2f} | "
+            f"{r['wall_seconds']:.0f} |")
+    last = rounds - 1  # the last round without the server's evaluation
+    lines += ["", f"| registered clients | driver RSS MB, round 1 / {mid} / {last} / {rounds} | "
+              f"Ray workers RSS MB, round 1 / {mid} / {last} / {rounds} | driver change, rounds "
+              f"{mid}→{last} | workers change, rounds {mid}→{last} |", "|---|---|---|---|---|"]
     for r in records:
-        a, b, c = at(r, 1), at(r, mid), at(r, rounds)
+        a, b, c, e = at(r, 1), at(r, mid), at(r, last), at(r, rounds)
         lines.append(
             f"| {r['clients']:,} | {a['driver_mb']:.0f} / {b['driver_mb']:.0f} / "
-            f"{c['driver_mb']:.0f} | {a['workers_mb']:.0f} / {b['workers_mb']:.0f} / "
-            f"{c['workers_mb']:.0f} ({c['workers']} processes) | "
+            f"{c['driver_mb']:.0f} / {e['driver_mb']:.0f} | {a['workers_mb']:.0f} / "
+            f"{b['workers_mb']:.0f} / {c['workers_mb']:.0f} / {e['workers_mb']:.0f} "
+            f"({c['workers']} processes) | "
             f"{c['driver_mb'] - b['driver_mb']:+.0f} MB "
             f"({(c['driver_mb'] - b['driver_mb']) / b['driver_mb']:+.1%}) | "
             f"{c['workers_mb'] - b['workers_mb']:+.0f} MB "
@@ -248,13 +261,16 @@ def verdicts(records: list[dict[str, Any]], workers: int) -> list[str]:
     """What the numbers say about the two targets (memory flat: under 2% change over the second
     half; time independent of N: median round time, with and without the client compute, at
     most 10% longer at the largest N than at the smallest)."""
-    mid = (records[0]["rounds"] + 1) // 2
-    out = ["**Memory.** Flat means here: under 2% change over the second half of the run."]
+    rounds = records[0]["rounds"]
+    mid, last = (rounds + 1) // 2, rounds - 1
+    out = [f"**Memory.** Flat means here: under 2% change over the second half of the training "
+           f"rounds ({mid}→{last}); round {rounds} adds the server's one evaluation of the "
+           "10,000 test images (its buffers in the driver), not a growth over rounds."]
     for r in records:
-        b, c = at(r, mid), at(r, r["rounds"])
+        b, c = at(r, mid), at(r, last)
         growth = max(abs(c[k] - b[k]) / b[k] for k in ("driver_mb", "workers_mb"))
         out.append(f"{r['clients']:,} clients: {'flat' if growth < 0.02 else 'NOT flat'} "
-                   f"(largest change over rounds {mid}→{r['rounds']}: {growth:.1%}).")
+                   f"(largest change over rounds {mid}→{last}: {growth:.1%}).")
     if len(records) < 2:
         return out
     small, large = records[0], records[-1]
@@ -272,7 +288,12 @@ def verdicts(records: list[dict[str, Any]], workers: int) -> list[str]:
             f"{large['registration_seconds'] / small['registration_seconds']:.1f}x longer at "
             f"{large['clients']:,} clients than at {small['clients']:,}: it grows with the "
             "number of clients by design (each client says its partition, context, size and "
-            "label counts once); the round times above do not include it."]
+            "label counts once); the round times above do not include it. Outside start-up "
+            "and rounds (wall time − start-up − the sum of round times: the label heat map "
+            "`label_counts.png`, drawn after round 1 with one labelled row per client, model "
+            "saving, teardown): "
+            + "; ".join(f"{r['clients']:,} clients {outside(r):.0f} s" for r in records)
+            + "."]
     return out
 
 

@@ -134,3 +134,36 @@ def test_partition_ids_learnt_from_train_replies_reorder_the_nodes() -> None:
                num_rounds=1)
     assert ([learnt.client_key(m) for m in learnt.reports[2].sampled]
             == [told.client_key(m) for m in told.reports[2].sampled])
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))  # the benchmark imports its sibling ``common``
+    spec = importlib.util.spec_from_file_location("scale_bench", folder / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(clients: int, round_s: float, driver_growth: float, step: float = 0.01) -> dict:
+    rounds = 6
+    samples = [{"round": r, "driver_mb": 1000 + (driver_growth if r >= 5 else 0.0),
+                "workers_mb": 2000.0, "workers": 5, "seconds": round_s} for r in range(1, 7)]
+    return {"clients": clients, "sampled": 100, "rounds": rounds, "command": "c", "machine": "m",
+            "load_before": 1.0, "load_after": 1.0, "wall_seconds": 100.0,
+            "startup_seconds": 10.0, "engine_to_registration": 0.1,
+            "registration_seconds": clients / 1000, "round_seconds": [round_s] * rounds,
+            "width": 8, "batch": 2, "step_seconds": step, "worker_slots": 2, "samples": samples}
+
+
+def test_scale_page_states_each_target_from_the_numbers() -> None:
+    bench = _bench()
+    good = bench.page([_record(1000, 2.0, 0.0), _record(10000, 2.1, 5.0)], workers=2)
+    assert "1,000 clients: flat" in good and "10,000 clients: flat" in good
+    assert "ratio **1.05**" in good and "Not longer with 10x" in good
+    bad = bench.page([_record(1000, 2.0, 0.0), _record(10000, 3.0, 100.0)], workers=2)
+    assert "10,000 clients: NOT flat" in bad and "Longer with 10x" in bad
