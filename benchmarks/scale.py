@@ -290,7 +290,7 @@ def verdicts(records: list[dict[str, Any]], workers: int) -> list[str]:
             "number of clients by design (each client says its partition, context, size and "
             "label counts once); the round times above do not include it. Outside start-up "
             "and rounds (wall time − start-up − the sum of round times: the label heat map "
-            "`label_counts.png`, drawn after round 1 with one labelled row per client, model "
+            "`label_counts.png`, drawn after round 1, model "
             "saving, teardown): "
             + "; ".join(f"{r['clients']:,} clients {outside(r):.0f} s" for r in records)
             + "."]
