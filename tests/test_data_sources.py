@@ -129,6 +129,14 @@ def test_cifar10_format(tmp_path: Path) -> None:
     assert torch.allclose(t[0, 1], torch.from_numpy(images[0, :, :, 1]).float() / 127.5 - 1)
 
 
+def test_cifar_images_are_contiguous_nchw() -> None:
+    """As every source's images: the channels-last view crashed the CPU backward of a width-4
+    ResNet-20 (heap corruption in torch 2.14.1)."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = to_cifar_form(images)
+    assert x.is_contiguous() and x.stride() == (3072, 1024, 32, 1)
+
+
 def test_cifar100_format(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", 11), ("test", 5)):
