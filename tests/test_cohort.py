@@ -139,6 +139,8 @@ def test_records_encode_and_decode_exactly_as_flower_does() -> None:
                "transposed": torch.randn(4, 3).t()}  # saved in Fortran order: Flower's path
     record = ArrayRecord(tensors)
     mine = encode(tensors)
+    # Flower's own class: the Deployment Engine serializes no other (tests/test_deployment.py)
+    assert all(type(mine[k]) is type(record[k]) for k in tensors)
     for k in tensors:
         assert (mine[k].dtype, mine[k].shape) == (record[k].dtype, tuple(record[k].shape))
         assert torch.equal(torch.from_numpy(mine[k].numpy()), tensors[k])

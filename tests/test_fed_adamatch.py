@@ -152,6 +152,7 @@ def test_client_app_with_unlabelled_clients(tmp_path: Path) -> None:
     for pid, c in enumerate(rt.data.clients):  # the clients of context 1 lose their labels
         if c.context == target:
             rt.data.clients[pid] = ClientData(c.x, None, c.contexts)
+    rt.data.unlabelled_domains.append(rt.data.context_names[target])  # as the scenario says
     unlabelled = {pid for pid, c in enumerate(rt.data.clients) if c.y is None}
     assert unlabelled and len(unlabelled) < len(rt.data.clients)
     app = Recorder(client_app)

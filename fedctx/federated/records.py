@@ -52,22 +52,25 @@ def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
 
 
 def encode(tensors: Tensors) -> ArrayRecord:
-    """``ArrayRecord(tensors)`` as :class:`PayloadArray` items: the same bytes (a tensor that
-    is not C-contiguous, which ``np.save`` writes in Fortran order, is written in C order)."""
-    record = ArrayRecord()  # item by item: the constructor would copy them into plain Arrays
+    """``ArrayRecord(tensors)``: the same bytes (a tensor that is not C-contiguous, which
+    ``np.save`` writes in Fortran order, is written in C order). The items are Flower's own
+    :class:`~flwr.app.Array`, so the record can travel anywhere: Flower's Deployment Engine
+    serializes only its own classes (a :class:`PayloadArray` is for the receiving side)."""
+    record = ArrayRecord()
     for key, tensor in tensors.items():
         array = tensor.detach().cpu().numpy()
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)  # np.save would write it in Fortran order
         header = _npy_header(np.lib.format.dtype_to_descr(array.dtype), array.shape)
-        record[key] = PayloadArray(dtype=str(array.dtype), shape=array.shape,
-                                   stype=SType.NUMPY, data=header + array.tobytes())
+        record[key] = Array(dtype=str(array.dtype), shape=array.shape, stype=SType.NUMPY,
+                            data=header + array.tobytes())
     return record
 
 
 def fast(record: Any) -> Any:
     """``record``'s arrays as :class:`PayloadArray` (no copy of the bytes); any other record
-    unchanged."""
+    unchanged. For records read in this process only: a message or ``context.state`` that
+    Flower's Deployment Engine serializes must hold plain Arrays."""
     if not isinstance(record, ArrayRecord):
         return record
     out = ArrayRecord()
