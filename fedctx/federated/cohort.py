@@ -136,17 +136,21 @@ class CohortGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def _groups(self, messages: list[Message]) -> list[list[Message]]:
-        """The cohorts of one message type's ``messages`` whose partitions are known; every
-        other message alone."""
-        known = [(m, info) for m in messages
-                 if (info := self._member(m.metadata.dst_node_id)) is not None]
-        alone = [[m] for m in messages if self._member(m.metadata.dst_node_id) is None]
+    def _groups(self, messages: list[Message]) -> list[list[tuple[Message, int | None]]]:
+        """One message type's ``messages`` in cohorts, each message with its partition id;
+        a message whose partition is unknown goes alone (partition ``None``)."""
+        known, alone = [], []
+        for msg in messages:
+            info = self._member(msg.metadata.dst_node_id)
+            if info is None:
+                alone.append([(msg, None)])
+            else:
+                known.append((msg, info))
         if not known:
             return alone
         n = self.cohorts if self.cohorts else math.ceil(len(known) / self.size)
         split = split_into_cohorts([max(1, w) for _, (_, w) in known], min(n, len(known)))
-        return [[known[i][0] for i in group] for group in split] + alone
+        return [[(known[i][0], known[i][1][0]) for i in group] for group in split] + alone
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
@@ -159,14 +163,14 @@ class CohortGrid:
         members: dict[int, list[Message]] = {}  # carrier node id -> the cohort's messages
         for message_type, group in by_type.items():
             cohorts = (self._groups(group) if message_type in PACKED_TYPES
-                       else [[m] for m in group])
+                       else [[(m, None)] for m in group])
             for cohort in cohorts:
                 if len(cohort) == 1:
-                    outgoing.append(cohort[0])
+                    outgoing.append(cohort[0][0])
                     continue
-                partitions = [self._member(m.metadata.dst_node_id)[0] for m in cohort]
-                outgoing.append(pack(cohort, partitions))
-                members[cohort[0].metadata.dst_node_id] = cohort
+                carried = [m for m, _ in cohort]
+                outgoing.append(pack(carried, [p for _, p in cohort]))
+                members[carried[0].metadata.dst_node_id] = carried
         replies: list[Message] = []
         for reply in self._grid.send_and_receive(outgoing, timeout=timeout):
             cohort = members.get(reply.metadata.src_node_id)
