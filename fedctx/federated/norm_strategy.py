@@ -427,6 +427,7 @@ class NormPolicyStrategy(Strategy):
                     if not reply.has_error() and "metrics" in reply.content:
                         self._register(reply.metadata.src_node_id, reply.content["metrics"])
             self._distribution = self._sum_label_counts()
+            self._ordered = None  # a node listed before it answered now has its partition id
         if self.registered_at is None:
             self.registered_at = time.time()
 
