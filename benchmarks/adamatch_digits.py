@@ -131,6 +131,43 @@ def fmt_ci(mean: float, half: float | None, scale: float = 100.0, signed: bool =
     return text + (f" ± {scale * half:.2f}" if half is not None else " (n = 1)")
 
 
+#: A run counts as converged (its curve flat) when its EMA target accuracy moved by less than
+#: ``FLAT_POINTS`` points over the last ``LAST_FRACTION`` of its steps.
+FLAT_POINTS = 1.0
+LAST_FRACTION = 0.2
+
+
+def late_change(curve: Sequence[dict[str, Any]], key: str = "target_acc",
+                fraction: float = LAST_FRACTION) -> tuple[float, int, int] | None:
+    """``(change, from_step, to_step)`` of ``curve``'s ``key`` (an accuracy in [0, 1]) from its
+    last evaluation at or before step ``(1 - fraction) * T`` to its last one (step ``T``);
+    ``None`` when no evaluation lies that early."""
+    last = curve[-1]
+    earlier = [e for e in curve if e["step"] <= (1 - fraction) * last["step"]]
+    if not earlier:
+        return None
+    return last[key] - earlier[-1][key], earlier[-1]["step"], last["step"]
+
+
+def convergence_line(runs: Sequence[dict[str, Any]]) -> str:
+    """One line: whether every run of ``runs`` is flat by the criterion (``FLAT_POINTS``,
+    ``LAST_FRACTION``), naming those that are not."""
+    changes = [(r, c) for r in runs if (c := late_change(r["curve"])) is not None]
+    if not changes:
+        return "Convergence: no run has evaluations early enough to tell."
+    rising = [(r, c) for r, c in changes if abs(100 * c[0]) >= FLAT_POINTS]
+    span = f"the last {100 * LAST_FRACTION:.0f}% of the steps"
+    if not rising:
+        worst = max(abs(100 * c[0]) for _, c in changes)
+        return (f"Convergence: **flat** by the criterion in all {len(changes)} runs (target "
+                f"accuracy moved at most {worst:.2f} points over {span}).")
+    listed = ", ".join(f"{r['norm']}/{r['scope']} seed {r['seed']} {100 * c[0]:+.2f}"
+                       for r, c in rising)
+    return (f"Convergence: **not flat** in {len(rising)} of {len(changes)} runs (change of the "
+            f"target accuracy over {span} ≥ {FLAT_POINTS:g} point: {listed}); these numbers "
+            "compare the norms at this budget, not at convergence.")
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -375,6 +412,35 @@ def _calibration_lines(cal: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cpu_line(runs: list[dict[str, Any]]) -> str:
+    """The CPU cost per step of the finished runs (what a free core would take)."""
+    per_step = [r["cpu_seconds"] / r["steps"] for r in runs if r.get("cpu_seconds")]
+    if not per_step:
+        return "No finished run recorded its CPU time yet."
+    cpu = statistics.median(per_step)
+    return (f"Wall time above is measured with other processes sharing the 2 cores; the runs' "
+            f"own CPU time is {cpu:.3f} s per step (median of {len(per_step)}, evaluation "
+            f"included), i.e. {cpu * STEPS / 60:.0f} min per {STEPS:,}-step run on a free core.")
+
+
+def _calibration_reading(cal: dict[str, Any]) -> str:
+    """What the calibration curve says about the budget, computed from it."""
+    curve = cal["curve"]
+    target, source = late_change(curve), late_change(curve, "source_acc")
+    if target is None or source is None:
+        return "The calibration curve is too short to judge its flatness."
+    change, first, last = target
+    before = next(e["target_acc"] for e in curve if e["step"] == first)
+    flat = abs(100 * change) < FLAT_POINTS
+    verdict = ("**the target curve was flat**" if flat else
+               f"**the target curve had not flattened at {last:,} steps**")
+    return (f"Reading: {verdict} by the criterion of this page (a change under {FLAT_POINTS:g} "
+            f"point over the last {100 * LAST_FRACTION:.0f}% of the steps): "
+            f"{100 * change:+.2f} points from step {first:,} to {last:,} "
+            f"({100 * before:.2f} → {100 * curve[-1]['target_acc']:.2f}%), while the source "
+            f"accuracy moved {100 * source[0]:+.2f} points.")
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -427,8 +493,9 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     baseline = {s: r["final_target_acc"] for s, r in groups.get(("batch", "all"), {}).items()}
     lines = ["| norm | scope (target eval context) | seeds | target acc. EMA (%) mean ± 95% CI "
              "| target acc. raw (%) | Δ vs batch, paired (points) ± 95% CI | source acc. EMA (%) "
-             "| per-seed target EMA (%) | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| per-seed target EMA (%) | per-seed change over the last "
+             f"{100 * LAST_FRACTION:.0f}% of steps (points) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for scope in scopes:
         for norm in norms:
             g = groups.get((norm, scope))
@@ -450,8 +517,14 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
                 f"| {norm} | {scope_text} | {', '.join(map(str, seeds))} | "
                 f"{fmt_ci(*mean_ci(tgt))} | {fmt_ci(*mean_ci(raw))} | {delta} | "
                 f"{fmt_ci(*mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
+                f"{', '.join(_late_text(g[s]['curve']) for s in seeds)} | "
                 f"{statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f} |")
     return lines
+
+
+def _late_text(curve: Sequence[dict[str, Any]]) -> str:
+    change = late_change(curve)
+    return "–" if change is None else f"{100 * change[0]:+.2f}"
 
 
 #: Norms too slow to project from another norm's time (uan: 57x BatchNorm per layer on CPU).
@@ -460,27 +533,13 @@ SLOW = frozenset({"uan", "scb", "mixture"})
 #: Reading notes written into the page (kept here so the page regenerates with them).
 NOTES: dict[str, str] = {
     "calibration": (
-        "**Reading: the target curve had not flattened at 3,000 steps**: +3.1 points over the "
-        "last 400 steps (86.18 → 89.23%), while the source accuracy was flat from step 1,200 "
-        "(99.1–99.2%). A converged budget is therefore longer than 3,000 steps and was not "
-        "determined: this run alone took 102 min of wall time on the shared 2-core machine "
-        "(1.84 s/step), and the grid below could not have been run at a longer budget. The "
-        "benchmark's default `--steps` is the calibration length, 3,000, and this run is its "
-        "`batch` seed-0 cell (same options; it evaluated every 200 steps). Where compute "
-        "allows, re-calibrate with a longer run (e.g. `--steps 10000`) and pass the budget at "
-        "which the curve flattens as `--steps`. The raw and the EMA model agree within ~1 point "
-        "at every evaluation: the EMA warm-up (`--ema-warmup num-updates`) works. This run "
-        "was made with the digits CNN's earlier PyTorch-default initialisation (before commit "
-        "37073a5 made it He-initialised): it stands as evidence about the budget only; its "
-        "grid cell and the two 1,000-step runs of that code were removed and are rerun with "
-        "the current model."),
-    "budget-1000": (
-        "Two 1,000-step runs (seed 0) were finished before the calibration run ended; at this "
-        "budget the target curve is far from flat (batch: +1.6 points over the last 100 "
-        "steps), so these numbers compare the norms early in training, not at convergence. "
-        "`context` reached 79.00% against `batch`'s 75.85% (one seed each: no interval can be "
-        "given; the difference is of the size of the 2–4-point seed spread of the earlier "
-        "300-step runs)."),
+        "This run was made with the digits CNN's earlier PyTorch-default initialisation "
+        "(before commit 37073a5 made it He-initialised) and a slower step: it stands as "
+        "evidence about the budget only, and its grid cell was rerun with the current model. "
+        "The benchmark's `--steps` default is its length; whether each pair's runs are flat at "
+        "that budget is computed from their own curves below (per-seed change column and the "
+        "convergence line under each table). Where a pair is not flat, re-run it with a longer "
+        "`--steps`: each budget gets its own section."),
     "model": (
         "The digits CNN (3 conv 5×5 + 2 FC, a norm after each, width 16, 0.34 CPU-s/step) is "
         "the stand-in: like WRN-28-2 it has a norm layer after every conv at every depth, so a "
@@ -489,10 +548,6 @@ NOTES: dict[str, str] = {
         "the target accuracy. It is 63× cheaper per step. What it does not reproduce: "
         "residual connections, pre-activation ordering, leaky ReLU and 32×32 inputs; absolute "
         "accuracies are therefore not comparable with the paper's."),
-    "projection": (
-        "The per-run time above is the wall time measured here with 3–4 other processes on the "
-        "2 cores; on a free core the same step costs 0.34 CPU-s (docs/adamatch.md, Speed), "
-        "i.e. about 20 min per 3,000-step run plus evaluation."),
     "speed": (
         "Seconds per AdaMatch step of the default digits CNN (width 16) and of width 32, one "
         "torch thread, process CPU time (wall time on this shared machine varied 2–6× with the "
@@ -577,7 +632,8 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
     body: list[str] = []
     if cal:
         body += ["## Choice of the step budget (calibration run)", ""]
-        body += _calibration_lines(cal) + ["", NOTES.get("calibration", ""), ""]
+        body += _calibration_lines(cal) + ["", _calibration_reading(cal) + " "
+                                           + NOTES.get("calibration", ""), ""]
     for budget in budgets:
         b_runs = [r for r in all_runs if _same_budget(r, budget)]
         title = f"## Results at {budget} steps" + ("" if budget == steps else
@@ -590,7 +646,8 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
             src, tgt = PAIRS[pair]
             pr = [r for r in b_runs if r["pair"] == pair]
             body += [f"### {DISPLAY[src]} → {DISPLAY[tgt]}", ""]
-            body += (_table(pr, pair, norms, scopes) if pr else ["No run yet."]) + [""]
+            body += (_table(pr, pair, norms, scopes) + ["", convergence_line(pr)] if pr
+                     else ["No run yet."]) + [""]
             if budget == steps:
                 body += [f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
         if b_runs:
@@ -623,7 +680,7 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
                  f"with other jobs): **{total / 3600:.1f} h** of one core for those with a "
                  "measured norm" + (f" (not counted: {', '.join(sorted(set(unknown)))}, "
                                     "never timed in an AdaMatch run here)" if unknown else "")
-                 + ". " + NOTES.get("projection", ""), ""] + rows + [""]
+                 + ". " + _cpu_line(all_runs), ""] + rows + [""]
     else:
         body += ["None.", ""]
     if NOTES.get("speed"):

@@ -111,3 +111,34 @@ def test_page_shows_other_budgets_in_their_own_section(tmp_path):
     assert text.index("## Results at 3000 steps") < text.index("## Results at 500 steps")
     assert "| 70.00 (n = 1) |" in text and "| 60.00 (n = 1) |" in text
     assert "None." in text  # the one cell of the 3000-step grid exists
+
+
+def test_convergence_is_judged_from_each_runs_own_curve(tmp_path):
+    def curve(late: float) -> list[dict]:  # accuracy at steps 0..1000; the last 200 add `late`
+        return [{"step": k * 100, "target_acc": 0.5 + 0.02 * min(k, 8) + (late if k == 10 else 0),
+                 "source_acc": 0.99} for k in range(11)]
+
+    assert bench.late_change(curve(0.0)) == pytest.approx((0.0, 800, 1000))
+    assert bench.late_change(curve(0.03))[0] == pytest.approx(0.03)
+    assert bench.late_change([{"step": 1000, "target_acc": 0.5}]) is None  # nothing that early
+    flat = [dict(_record("usps-mnist", "batch", "all", s, 0.66), curve=curve(0.005))
+            for s in (0, 1)]
+    assert "**flat**" in bench.convergence_line(flat)
+    rising = flat + [dict(_record("usps-mnist", "context", "all", 0, 0.69), curve=curve(0.03))]
+    line = bench.convergence_line(rising)
+    assert "**not flat** in 1 of 3 runs" in line and "context/all seed 0 +3.00" in line
+    runs = tmp_path / "runs"
+    _write(runs, rising)
+    text = bench.write_page(runs, tmp_path / "p.md", steps=1000, pairs=["usps-mnist"],
+                            norms=["batch", "context"], scopes=["all"], seeds=[0, 1])
+    assert "| +0.50, +0.50 |" in text and "| +3.00 |" in text  # per-seed change column
+    assert line in text
+
+
+def test_calibration_reading_is_computed_from_its_curve():
+    cal = {"curve": [{"step": 100 * k, "target_acc": 0.6 + 0.01 * k, "source_acc": 0.99}
+                     for k in range(1, 11)]}
+    text = bench._calibration_reading(cal)
+    assert "had not flattened at 1,000 steps" in text and "+2.00 points from step 800" in text
+    cal["curve"][-1]["target_acc"] = cal["curve"][-3]["target_acc"] + 0.002
+    assert "**the target curve was flat**" in bench._calibration_reading(cal)
