@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedctx import report
+
 REPO = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO / "docs" / "results" / "runs" / "adamatch"
 PAGE = REPO / "docs" / "results" / "adamatch.md"
@@ -131,41 +133,18 @@ def fmt_ci(mean: float, half: float | None, scale: float = 100.0, signed: bool =
     return text + (f" ± {scale * half:.2f}" if half is not None else " (n = 1)")
 
 
-#: A run counts as converged (its curve flat) when its EMA target accuracy moved by less than
-#: ``FLAT_POINTS`` points over the last ``LAST_FRACTION`` of its steps.
-FLAT_POINTS = 1.0
-LAST_FRACTION = 0.2
-
-
-def late_change(curve: Sequence[dict[str, Any]], key: str = "target_acc",
-                fraction: float = LAST_FRACTION) -> tuple[float, int, int] | None:
-    """``(change, from_step, to_step)`` of ``curve``'s ``key`` (an accuracy in [0, 1]) from its
-    last evaluation at or before step ``(1 - fraction) * T`` to its last one (step ``T``);
-    ``None`` when no evaluation lies that early."""
-    last = curve[-1]
-    earlier = [e for e in curve if e["step"] <= (1 - fraction) * last["step"]]
-    if not earlier:
-        return None
-    return last[key] - earlier[-1][key], earlier[-1]["step"], last["step"]
+def late_change(curve: Sequence[dict[str, Any]], key: str = "target_acc"
+                ) -> tuple[float, int, int] | None:
+    """:func:`fedctx.report.late_change` of an AdaMatch eval curve (over steps)."""
+    return report.late_change(curve, key)
 
 
 def convergence_line(runs: Sequence[dict[str, Any]]) -> str:
-    """One line: whether every run of ``runs`` is flat by the criterion (``FLAT_POINTS``,
-    ``LAST_FRACTION``), naming those that are not."""
-    changes = [(r, c) for r in runs if (c := late_change(r["curve"])) is not None]
-    if not changes:
-        return "Convergence: no run has evaluations early enough to tell."
-    rising = [(r, c) for r, c in changes if abs(100 * c[0]) >= FLAT_POINTS]
-    span = f"the last {100 * LAST_FRACTION:.0f}% of the steps"
-    if not rising:
-        worst = max(abs(100 * c[0]) for _, c in changes)
-        return (f"Convergence: **flat** by the criterion in all {len(changes)} runs (target "
-                f"accuracy moved at most {worst:.2f} points over {span}).")
-    listed = ", ".join(f"{r['norm']}/{r['scope']} seed {r['seed']} {100 * c[0]:+.2f}"
-                       for r, c in rising)
-    return (f"Convergence: **not flat** in {len(rising)} of {len(changes)} runs (change of the "
-            f"target accuracy over {span} ≥ {FLAT_POINTS:g} point: {listed}); these numbers "
-            "compare the norms at this budget, not at convergence.")
+    """Whether every run of ``runs`` is flat (:func:`fedctx.report.flatness`), naming those
+    that are not."""
+    changes = [(f"{r['norm']}/{r['scope']} seed {r['seed']}", c[0]) for r in runs
+               if (c := late_change(r["curve"])) is not None]
+    return report.flatness(changes, f"the last {100 * report.LAST_FRACTION:.0f}% of the steps")
 
 
 # ---------------------------------------------------------------- runs
@@ -431,11 +410,12 @@ def _calibration_reading(cal: dict[str, Any]) -> str:
         return "The calibration curve is too short to judge its flatness."
     change, first, last = target
     before = next(e["target_acc"] for e in curve if e["step"] == first)
-    flat = abs(100 * change) < FLAT_POINTS
+    flat = abs(100 * change) < report.FLAT_POINTS
     verdict = ("**the target curve was flat**" if flat else
                f"**the target curve had not flattened at {last:,} steps**")
-    return (f"Reading: {verdict} by the criterion of this page (a change under {FLAT_POINTS:g} "
-            f"point over the last {100 * LAST_FRACTION:.0f}% of the steps): "
+    return (f"Reading: {verdict} by the criterion of this page (a change under "
+            f"{report.FLAT_POINTS:g} point over the last {100 * report.LAST_FRACTION:.0f}% of the "
+            "steps): "
             f"{100 * change:+.2f} points from step {first:,} to {last:,} "
             f"({100 * before:.2f} → {100 * curve[-1]['target_acc']:.2f}%), while the source "
             f"accuracy moved {100 * source[0]:+.2f} points.")
@@ -494,7 +474,7 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     lines = ["| norm | scope (target eval context) | seeds | target acc. EMA (%) mean ± 95% CI "
              "| target acc. raw (%) | Δ vs batch, paired (points) ± 95% CI | source acc. EMA (%) "
              "| per-seed target EMA (%) | per-seed change over the last "
-             f"{100 * LAST_FRACTION:.0f}% of steps (points) | s/step |",
+             f"{100 * report.LAST_FRACTION:.0f}% of steps (points) | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for scope in scopes:
         for norm in norms:

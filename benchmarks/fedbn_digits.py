@@ -28,7 +28,7 @@ from common import (
     seeds_and_budget,
 )
 
-from fedctx.report import paired_difference, verdict
+from fedctx.report import LAST_FRACTION, flatness, late_change, paired_difference, verdict
 
 RESULTS = REPO / "docs" / "results"
 RUNS = RESULTS / "runs" / "fedbn_digits"
@@ -96,6 +96,14 @@ def _cost_line(records: dict[tuple[str, str], list[dict]], missing: int) -> str:
     return text
 
 
+def _convergence(records: dict[tuple[str, str], list[dict]], rounds: int) -> str:
+    """Whether every run's mean test accuracy was flat over its last rounds."""
+    changes = [(f"{row} / {norm} seed {r['seed']}", c[0])
+               for (row, norm), recs in records.items() if row not in SAME_RUN for r in recs
+               if (c := late_change(r["curve"], "accuracy", x="round")) is not None]
+    return flatness(changes, f"the last {LAST_FRACTION * rounds:.0f} rounds")
+
+
 def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str,
                records: dict[tuple[str, str], list[dict]]) -> Path:
     page = RESULTS / "fedbn_digits.md"
@@ -137,7 +145,8 @@ def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str
             if row != "FedAvg" and diff.n:
                 sentences.append(f"- `{norm}`: " + verdict(diff, row, "FedAvg"))
     lines += ["", "The mean over domains is the mean of the per-domain accuracies (the domains' "
-              "test sets have equal size). What the intervals support:", "", *sentences, ""]
+              "test sets have equal size). What the intervals support:", "", *sentences, "",
+              _convergence(records, rounds), ""]
     curves = RESULTS / "fedbn_digits_curves.png"
     plot_curves({f"{row} / {norm}": records[(row, norm)] for row in ROWS for norm in NORMS},
                 curves, f"FedBN digits protocol ({', '.join(present)})")

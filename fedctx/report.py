@@ -79,6 +79,44 @@ def verdict(diff: Estimate, name: str, baseline: str) -> str:
             f"{diff.low * 100:+.1f} to {diff.high * 100:+.1f}, {diff.n} paired seeds).")
 
 
+#: A curve counts as flat (the run converged at its budget) when its value moved by less than
+#: ``FLAT_POINTS`` points (accuracy in percent) over the last ``LAST_FRACTION`` of its length.
+FLAT_POINTS = 1.0
+LAST_FRACTION = 0.2
+
+
+def late_change(curve: Sequence[dict[str, Any]], key: str, *, x: str = "step",
+                fraction: float = LAST_FRACTION) -> tuple[float, int, int] | None:
+    """``(change, from_x, to_x)``: how much ``curve``'s ``key`` (an accuracy in [0, 1]) moved from
+    its last point at or before ``(1 - fraction) * X`` to its last point (at ``X``); points without
+    ``key`` are skipped. ``None`` when no point lies that early."""
+    points = [p for p in curve if key in p]
+    if not points:
+        return None
+    last = points[-1]
+    earlier = [p for p in points if p[x] <= (1 - fraction) * last[x]]
+    if not earlier:
+        return None
+    return last[key] - earlier[-1][key], earlier[-1][x], last[x]
+
+
+def flatness(changes: Sequence[tuple[str, float]], span: str,
+             flat_points: float = FLAT_POINTS) -> str:
+    """A sentence on whether every run is flat: ``changes`` holds each run's name and its
+    :func:`late_change` (accuracy in [0, 1]); ``span`` says over what, e.g. "the last 20 rounds"."""
+    if not changes:
+        return "Convergence: no run has points early enough to tell."
+    rising = [(name, c) for name, c in changes if abs(100 * c) >= flat_points]
+    if not rising:
+        worst = max(abs(100 * c) for _, c in changes)
+        return (f"Convergence: **flat** in all {len(changes)} runs (accuracy moved at most "
+                f"{worst:.2f} points over {span}; criterion: under {flat_points:g}).")
+    listed = ", ".join(f"{name} {100 * c:+.2f}" for name, c in rising)
+    return (f"Convergence: **not flat** in {len(rising)} of {len(changes)} runs (accuracy moved "
+            f"{flat_points:g} point or more over {span}: {listed}); these numbers compare the "
+            "methods at this budget, not at convergence.")
+
+
 # ----------------------------------------------------------------------------- run folders
 # Options that never change a run's results: runs that differ only in these (and the seed) are
 # repeats of one experiment.

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedctx.report import mean_ci, paired_difference, verdict
+from fedctx.report import flatness, late_change, mean_ci, paired_difference, verdict
 
 
 def test_mean_ci_is_the_t_interval() -> None:
@@ -77,3 +77,21 @@ def test_report_rejects_a_folder_that_is_not_a_run_in_one_line(tmp_path, capsys)
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a finished fedctx run" in err and "\n" not in err
+
+
+def test_late_change_spans_the_last_fifth_and_skips_points_without_the_key() -> None:
+    # FedBN-style records: train loss every round, accuracy every 10th round
+    curve = [{"round": r, "train_loss": 1.0 / r} | ({"accuracy": 0.5 + r / 1000} if r % 10 == 0
+                                                     else {}) for r in range(1, 101)]
+    change, start, end = late_change(curve, "accuracy", x="round")
+    assert (start, end) == (80, 100) and change == pytest.approx(0.02)
+    assert late_change(curve[:9], "accuracy", x="round") is None  # no accuracy at all
+    assert late_change([{"round": 10, "accuracy": 0.5}], "accuracy", x="round") is None
+
+
+def test_flatness_names_the_runs_that_still_rise() -> None:
+    assert "**flat** in all 2 runs" in flatness([("a", 0.004), ("b", -0.009)], "the last 20")
+    text = flatness([("a", 0.004), ("b", 0.012), ("c", -0.03)], "the last 20 rounds")
+    assert "**not flat** in 2 of 3 runs" in text and "b +1.20" in text and "c -3.00" in text
+    assert "a +0.40" not in text
+    assert "no run" in flatness([], "the last 20 rounds")
