@@ -108,3 +108,80 @@ def test_without_a_compiler_layers_warn_and_use_tensor_operations(
         assert not mk.kernel_available(x, 3)
         for name, want in expected.items():
             torch.testing.assert_close(run(name), want, atol=1e-5, rtol=1e-5)
+
+
+_LAYERS = {"uan": ("uan", {"num_components": 3}),
+           "uan-learned": ("uan", {"num_components": 3, "moments": "learned"}),
+           "mixture": ("mixture", {"num_components": 2})}
+
+
+def _compiled_and_eager(case: str, training: bool, backend) -> tuple[list, list]:
+    """Output, input gradient, parameter gradients and buffers of one forward+backward of a
+    layer (``_LAYERS[case]``), ``torch.compile``d with ``backend`` and eager (the same initial
+    state)."""
+    from fedctx.norm import make_norm
+
+    name, options = _LAYERS[case]
+
+    torch.manual_seed(0)
+    x, g = torch.randn(6, 4, 5, 7) * 1.5 + 0.3, torch.randn(6, 4, 5, 7)
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(1)
+        layer = make_norm(name, 4, **options).train(training)
+        if not training:  # running moments away from their initial values
+            layer.train()(x * 0.8 - 0.1)
+            layer.eval()
+        xi = x.clone().requires_grad_()
+        fn = torch.compile(layer, backend=backend, fullgraph=True) if compiled else layer
+        y = fn(xi)
+        y.backward(g)
+        results.append([y, xi.grad, *(p.grad for p in layer.parameters()), *layer.buffers()])
+    return results[0], results[1]
+
+
+def _assert_all_close(got: list, want: list) -> None:
+    assert len(got) == len(want) and len(got) > 3
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["uan", "mixture"])
+def test_compiled_graph_calls_the_kernel(name: str, training: bool) -> None:
+    """Under ``torch.compile`` the forward graph calls the kernel's passes as opaque custom ops
+    and the backward graph its closed-form backward (not autograd over ``(N, K, C, S)`` tensor
+    operations); the graphs, run as traced, match eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[set[str]] = []
+    largest = []  # elements of each tensor the graphs make
+
+    def record(gm: torch.fx.GraphModule, _inputs):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        graphs.append({str(n.target) for n in nodes})
+        largest.extend(n.meta["val"].numel() for n in nodes
+                       if isinstance(n.meta.get("val"), torch.Tensor))
+        return make_boxed_func(gm.forward)
+
+    got, want = _compiled_and_eager(name, training, aot_autograd(fw_compiler=record,
+                                                                 bw_compiler=record))
+    _assert_all_close(got, want)
+    forward, backward = graphs
+    assert "fedctx.mixkernel_mix.default" in forward
+    assert ("fedctx.mixkernel_stats.default" in forward) == training
+    assert "fedctx.mixkernel_backward.default" in backward
+    assert ("fedctx.mixkernel_backward_sums.default" in backward) == training
+    assert max(largest) == got[0].numel()  # no (N, K, C, S) tensor
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(_LAYERS))
+def test_inductor_compiled_layer_matches_eager(case: str) -> None:
+    """The default ``torch.compile`` backend (inductor) around the custom ops: outputs,
+    gradients (input, every parameter) and running moments as eager, in float32 (learned UAN
+    passes its means twice, as ``mu`` and ``E``)."""
+    got, want = _compiled_and_eager(case, True, "inductor")
+    _assert_all_close(got, want)

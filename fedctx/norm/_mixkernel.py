@@ -35,15 +35,19 @@ type and ``K`` into the user cache, a few seconds, and loaded with ctypes; ``tau
 in registers, never stored as an ``(N, K, C, S)`` tensor): two passes forward (moments, output)
 and two backward (``A0, A1``, then the rest) with batch moments, one each way with given
 moments; the affine ``weight, bias`` are folded into the passes, and samples with fewer than 32
-positions are regrouped into one row per channel. Elsewhere (CUDA, other dtypes, no compiler,
-``torch.compile``) the same map runs as tensor operations over ``(N, K, C, S)`` and autograd
-differentiates it; the tests check both paths against each other and gradcheck the kernel in
-float64.
+positions are regrouped into one row per channel. The passes are custom ops
+(``fedctx::mixkernel_stats``, ``_mix``, ``_backward_sums``, ``_backward``, opaque to
+``torch.compile``, whose graphs call them as eager does: Dynamo traces the autograd function,
+the ``(K, C)`` arithmetic between passes included). Elsewhere (CUDA, other dtypes, no compiler)
+the same map runs as tensor operations over ``(N, K, C, S)`` and autograd differentiates it;
+the tests check both paths against each other, gradcheck the kernel in float64 and compare
+compiled layers with eager.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -52,8 +56,10 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -67,6 +73,8 @@ _SHORT_ROW = 32  # rows (spatial positions) shorter than this are regrouped per 
 _lock = threading.Lock()
 _libs: dict[tuple[torch.dtype, int], ctypes.CDLL | None] = {}  # None: cannot be built
 _pool: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _cache_dir() -> Path:
@@ -127,11 +135,17 @@ def _library(dtype: torch.dtype, num_components: int) -> ctypes.CDLL | None:
     return _libs[key]
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decided once while tracing
+def _kernel_ready(device_type: str, dtype: torch.dtype, num_components: int) -> bool:
+    """Whether the kernel handles this device, dtype and ``K`` (built on first ask)."""
+    return (device_type == "cpu" and dtype in (torch.float32, torch.float64)
+            and num_components <= _MAX_COMPONENTS
+            and _library(dtype, num_components) is not None)
+
+
 def kernel_available(x: torch.Tensor, num_components: int) -> bool:
     """Whether the fused CPU kernel handles ``x`` (CPU float32/float64, ``K <= 8``)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and num_components <= _MAX_COMPONENTS
-            and _library(x.dtype, num_components) is not None)
+    return _kernel_ready(x.device.type, x.dtype, num_components)
 
 
 def _run(name: str, x: torch.Tensor, k: int, make_args) -> None:
@@ -155,42 +169,103 @@ def _run(name: str, x: torch.Tensor, k: int, make_args) -> None:
         list(_pool[1].map(lambda args: fn(*args), calls))
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _opaque(fake: Callable[..., object]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Register a kernel pass as the custom op ``fedctx::mixkernel<name>`` with ``fake`` for
+    its output shapes: ``torch.compile`` graphs call the op (opaque, the kernel runs) instead of
+    tracing into ctypes; eager calls skip the dispatcher (about 15 us a call)."""
+
+    def register(impl: Callable[P, R]) -> Callable[P, R]:
+        op = torch.library.custom_op(f"fedctx::mixkernel{impl.__name__}", impl, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(impl)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            return (op if torch.compiler.is_compiling() else impl)(*args, **kwargs)
+
+        return call
+
+    return register
 
 
-def _kernel_stats(x, q, mu, r, log_eps):
+def _sums_like(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    return x.new_zeros(shape, dtype=torch.float64)
+
+
+def _flags(log_eps: float | None) -> tuple[float, int]:
+    return (0.0, 0) if log_eps is None else (log_eps, 1)
+
+
+@_opaque(lambda x, q, mu, r, log_eps: _sums_like(x, 3, q.shape[0], x.shape[1]))
+def _stats(x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
+           log_eps: float | None) -> torch.Tensor:
+    """``(3, K, C)`` float64: sums of ``tau_k``, ``tau_k (x - mu_k)``, ``tau_k (x - mu_k)^2``
+    over ``(N, S)`` of ``x`` ``(N, C, S)``."""
+    x, q, mu, r = (t.contiguous() for t in (x, q, mu, r))
     k = q.shape[0]
-    out = torch.zeros(3, k, x.shape[1], dtype=torch.float64)
+    out = _sums_like(x, 3, k, x.shape[1])
     n, c, s = x.shape
-    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    le, use = _flags(log_eps)
     _run("stats", x, k, lambda c0, c1: (_ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
                                      c0, c1, _ptr(out)))
     return out
 
 
-def _kernel_mix(x, q, mu, r, log_eps, a, e, b):
+@_opaque(lambda x, q, mu, r, log_eps, a, e, b: torch.empty_like(
+    x, memory_format=torch.contiguous_format))
+def _mix(x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
+         log_eps: float | None, a: torch.Tensor, e: torch.Tensor, b: torch.Tensor
+         ) -> torch.Tensor:
+    """``y = sum_k tau_k a_k (x - e_k) + b`` ``(N, C, S)``."""
+    x, q, mu, r, a, e, b = (t.contiguous() for t in (x, q, mu, r, a, e, b))
     k = q.shape[0]
     y = torch.empty_like(x)
     n, c, s = x.shape
-    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    le, use = _flags(log_eps)
     _run("mix", x, k, lambda c0, c1: (_ptr(x), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
                                    _ptr(a), _ptr(e), _ptr(b), c0, c1, _ptr(y)))
     return y
 
 
-def _kernel_backward(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad, reduce_only):
+def _backward_pass(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad: bool, reduce_only: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One backward pass (``mixkernel_backward``): ``(gx or None, sums, gsum)``."""
+    x, g, q, mu, r, a, e, v, u, w = (t.contiguous() for t in (x, g, q, mu, r, a, e, v, u, w))
     k = q.shape[0]
     n, c, s = x.shape
-    out = torch.zeros(2 if reduce_only else 5, k, c, dtype=torch.float64)
-    gsum = torch.zeros(c, dtype=torch.float64)
+    out = _sums_like(x, 2 if reduce_only else 5, k, c)
+    gsum = _sums_like(x, c)
     gx = None if reduce_only else torch.empty_like(x)
-    le, use = (0.0, 0) if log_eps is None else (log_eps, 1)
+    le, use = _flags(log_eps)
     _run("backward", x, k, lambda c0, c1: (
         int(reduce_only), _ptr(x), _ptr(g), n, c, s, _ptr(q), _ptr(mu), _ptr(r), le, use,
         _ptr(a), _ptr(e), _ptr(v), _ptr(u), _ptr(w), int(tau_grad), c0, c1,
         None if gx is None else _ptr(gx), _ptr(out), _ptr(gsum)))
     return gx, out, gsum
+
+
+@_opaque(lambda x, g, q, mu, r, log_eps, a, e, v: _sums_like(x, 2, q.shape[0], x.shape[1]))
+def _backward_sums(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, mu: torch.Tensor,
+                   r: torch.Tensor, log_eps: float | None, a: torch.Tensor, e: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+    """``(2, K, C)`` float64: ``A0 = sum g tau_k``, ``A1 = sum g tau_k (x - e_k)``."""
+    zeros = torch.zeros_like(a)
+    return _backward_pass(x, g, q, mu, r, log_eps, a, e, v, zeros, zeros, False, True)[1]
+
+
+@_opaque(lambda x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad: (
+    torch.empty_like(x, memory_format=torch.contiguous_format),
+    _sums_like(x, 5, q.shape[0], x.shape[1]), _sums_like(x, x.shape[1])))
+def _backward(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, mu: torch.Tensor,
+              r: torch.Tensor, log_eps: float | None, a: torch.Tensor, e: torch.Tensor,
+              v: torch.Tensor, u: torch.Tensor, w: torch.Tensor, tau_grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dL/dx (N, C, S), sums (5, K, C), sum g (C,))``: the sums are ``A0, A1`` and
+    ``sum dl_k``, ``sum dl_k m_k``, ``sum dl_k m_k^2`` (zero unless ``tau_grad``), float64."""
+    return _backward_pass(x, g, q, mu, r, log_eps, a, e, v, u, w, tau_grad, False)  # type: ignore[return-value]
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
 
 
 def _contig(*ts: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -221,7 +296,7 @@ class _MixtureMomentsFunction(torch.autograd.Function):
         q, mu, r = _contig(q, mu, r, dtype=dt)
         batch = e is None
         if batch:
-            mass, e64, v64 = _moments(_kernel_stats(x, q, mu, r, log_eps), mu)
+            mass, e64, v64 = _moments(_stats(x, q, mu, r, log_eps), mu)
             e, v = e64.to(dt), v64.to(dt)
         else:
             mass = torch.zeros_like(e, dtype=torch.float64)
@@ -232,8 +307,8 @@ class _MixtureMomentsFunction(torch.autograd.Function):
         a = coef * scale  # before the affine weight
         w = torch.ones(x.shape[1], dtype=dt) if weight is None else weight.detach().to(dt)
         b = torch.zeros(x.shape[1], dtype=dt) if bias is None else bias.detach().to(dt)
-        aw = (a * w).contiguous()
-        y = _kernel_mix(x, q, mu, r, log_eps, aw, e, b.contiguous())
+        aw = a * w
+        y = _mix(x, q, mu, r, log_eps, aw, e, b)
         mass = mass.to(dt)
         ctx.save_for_backward(x, q, mu, r, a, aw, w, e, v, scale, mass)
         ctx.eps, ctx.log_eps, ctx.tau_grad, ctx.batch = eps, log_eps, tau_grad, batch
@@ -245,16 +320,14 @@ class _MixtureMomentsFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         x, q, mu, r, a, aw, w, e, v, scale, mass = ctx.saved_tensors
-        g = grad.contiguous()
-        zeros = torch.zeros_like(a)
-        args = (x, g, q, mu, r, ctx.log_eps, aw, e, v)
+        args = (x, grad, q, mu, r, ctx.log_eps, aw, e, v)
         if ctx.batch:
-            sums = _kernel_backward(*args, zeros, zeros, False, True)[1].to(x.dtype)
-            u = (-aw * sums[0] / mass).contiguous()  # dL/dE / M
-            w_v = (-0.5 * aw * sums[1] / ((v + ctx.eps) * mass)).contiguous()  # dL/dV / M
-            gx, sums, gsum = _kernel_backward(*args, u, w_v, ctx.tau_grad, False)
+            sums = _backward_sums(*args).to(x.dtype)
+            u = -aw * sums[0] / mass  # dL/dE / M
+            w_v = -0.5 * aw * sums[1] / ((v + ctx.eps) * mass)  # dL/dV / M
         else:
-            gx, sums, gsum = _kernel_backward(*args, zeros, zeros, ctx.tau_grad, False)
+            u = w_v = torch.zeros_like(a)
+        gx, sums, gsum = _backward(*args, u, w_v, ctx.tau_grad)
         a0, a1, t0, t1, t2 = sums.to(x.dtype)
         need, tg, given = ctx.needs_input_grad, ctx.tau_grad, not ctx.batch
         return (
@@ -315,6 +388,16 @@ def _tensor_ops(x, q, mu, r, coef, e, v, weight, bias, eps, log_eps, tau_grad):
     return apply_affine(y, weight, bias), e.detach(), v.detach(), mass.detach()
 
 
+def _distinct(tensors: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    """``tensors`` with each repeat (e.g. ``mu`` given again as ``E``) replaced by a view:
+    Dynamo traces ``autograd.Function.apply`` only over distinct tensors (gradients into the
+    views accumulate into the tensor as before)."""
+    out: list[torch.Tensor | None] = []
+    for t in tensors:
+        out.append(t.view_as(t) if t is not None and any(t is u for u in out) else t)
+    return out
+
+
 @torch.no_grad()
 def mixture_moments(
     x: torch.Tensor, q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor,
@@ -323,10 +406,10 @@ def mixture_moments(
     """``(M, E, V)`` ``(K, C)``: summed ``tau`` and the ``tau``-weighted mean and variance of
     ``x`` ``(N, C, S)`` over ``(N, S)``, without gradient (one EM step's statistics); one kernel
     pass on CPU."""
-    if torch.compiler.is_compiling() or not kernel_available(x, q.shape[0]):
+    if not kernel_available(x, q.shape[0]):
         return _weighted_moments(x, _tau(x, q, mu, r, log_eps))
     q, mu, r = _contig(q, mu, r, dtype=x.dtype)
-    sums = _kernel_stats(x.contiguous(), q, mu, r, log_eps)
+    sums = _stats(x, q, mu, r, log_eps)
     return tuple(t.to(x.dtype) for t in _moments(sums, mu))  # type: ignore[return-value]
 
 
@@ -365,8 +448,10 @@ def mixture_moments_norm(
         the kernel path).
     """
     args = (q, mu, r, coef, e, v, weight, bias, eps, log_eps, tau_grad)
-    if torch.compiler.is_compiling() or not kernel_available(x, q.shape[0]):
+    if not kernel_available(x, q.shape[0]):
         return _tensor_ops(x, *args)
+    if torch.compiler.is_compiling():
+        args = (*_distinct(args[:8]), *args[8:])
     n, c, s = x.shape
     if s >= _SHORT_ROW or n == 1:
         return _MixtureMomentsFunction.apply(x.contiguous(), *args)
