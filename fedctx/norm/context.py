@@ -20,6 +20,12 @@ Choices where the paper leaves a detail open (each tested):
   constant, so it is not a separate parameter here.
 * Evaluation with no context set uses the mean over contexts of the running statistics and
   affine parameters (the paper's rule for an unknown context).
+* In a training batch that mixes contexts, a context with fewer than ``min_batch_values``
+  values per channel is normalized with its running statistics, which it leaves unchanged
+  (default 2: one sample at a layer without spatial positions, whose batch variance is 0).
+  Statistics over 2 values keep only a sign per channel (3 little more) and multiply some input
+  gradients by up to ``1/sqrt(eps)``; clients whose mini-batches mix contexts trained badly for
+  that (measured in ``docs/results/domain_mix.md``), and ``min_batch_values=8`` avoids it.
 
 The math is :func:`fedctx.norm.functional.context_batch_norm`. The mixed-batch path has no
 Python loop over contexts: per-sample moments (two fast reductions, see
@@ -57,6 +63,9 @@ class ContextNorm(ContextAware):
         affine: learn per-context ``gamma_k, beta_k`` (shape ``(K, C)``).
         shared_affine: one ``gamma, beta`` (shape ``(C,)``) shared by all contexts instead.
         track_running_stats: keep per-context running statistics ``(K, C)`` for evaluation.
+        min_batch_values: least values per channel (samples of the context in the batch times
+            spatial positions, at least 2) for a context's batch statistics in a mixed training
+            batch; a context with fewer uses its running statistics.
         device, dtype: of the parameters and buffers, as in ``torch.nn``.
 
     Shapes: input and output ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``
@@ -77,10 +86,15 @@ class ContextNorm(ContextAware):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        min_batch_values: int = 2,
     ) -> None:
         super().__init__(num_contexts)
         if not isinstance(momentum, float | int) or not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+        if isinstance(min_batch_values, bool) or not isinstance(min_batch_values, int) or (
+                min_batch_values < 2):
+            raise ValueError(f"min_batch_values must be an int >= 2, got {min_batch_values!r}")
+        self.min_batch_values = min_batch_values
         self.num_features = num_features
         self.eps = eps
         self.momentum = float(momentum)
@@ -109,16 +123,17 @@ class ContextNorm(ContextAware):
                 else:
                     values = group_counts(ctx, self.num_contexts, torch.float32) * (
                         x[0, 0].numel())
-                    self.num_batches_tracked.add_((values >= 2).long())  # as the stats move
+                    # as the statistics move
+                    self.num_batches_tracked.add_((values >= self.min_batch_values).long())
         return context_batch_norm(
             x, ctx, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self.momentum, self.eps, self.num_contexts,
+            self.training, self.momentum, self.eps, self.num_contexts, self.min_batch_values,
         )
 
     def extra_repr(self) -> str:
         return describe(
             self, "num_contexts", "eps", "momentum", "affine", "shared_affine",
-            "track_running_stats",
+            "track_running_stats", "min_batch_values",
         )
 
 

@@ -321,6 +321,7 @@ def context_batch_norm(
     momentum: float,
     eps: float,
     num_contexts: int | None = None,
+    min_values: int = 2,
 ) -> torch.Tensor:
     """Context batch norm (Faye et al., arXiv:2405.17027): each context ``k`` normalized with its
     own batch statistics (training) or running statistics (evaluation), then its affine.
@@ -330,12 +331,15 @@ def context_batch_norm(
         contexts: ``int`` (whole batch), ``LongTensor[N]`` (per sample) or ``None`` (eval only:
             mean of the per-context entries).
         running_mean, running_var: ``(K, C)`` or ``None`` (no running statistics); updated in
-            place in training (unbiased variance), only for contexts with at least two values
-            per channel in the batch; a context with one value per channel (one sample at a
-            layer without spatial positions) is normalized with its running statistics.
+            place in training (unbiased variance), only for contexts with at least
+            ``min_values`` values per channel in the batch; a context with fewer (default: one
+            sample at a layer without spatial positions) is normalized with its running
+            statistics.
         weight, bias: ``(K, C)`` per-context, ``(C,)`` shared, or ``None``.
         training: use batch statistics.
         num_contexts: ``K`` (inferred from the running statistics or ``weight`` if omitted).
+        min_values: least values per channel for a context's batch statistics (``>= 2``;
+            per-sample ``contexts`` only).
     Returns:
         Tensor shaped like ``x``.
     """
@@ -375,12 +379,13 @@ def context_batch_norm(
     # positions) has zero batch variance: normalizing by it erases the sample, and averaging it
     # into running_var drives that context's evaluation scale to 1/sqrt(eps) (this collapsed
     # clients holding several domains). Such contexts use, and leave unchanged, their running
-    # statistics, as in evaluation (nn.BatchNorm refuses the case outright).
+    # statistics, as in evaluation (nn.BatchNorm refuses the case outright). min_values > 2
+    # extends the rule to the few-sample contexts of mixed batches (see ContextNorm).
     values = group_counts(contexts, k, mean.dtype) * (x.numel() // (n * c))
-    enough = (values >= 2).unsqueeze(1)  # training here: evaluation returned above
-    momentum_update(running_mean, mean, momentum, where=enough)
-    momentum_update(running_var, _unbiased(var, values), momentum, where=enough)
-    lone = (values == 1)[contexts]
+    enough = values >= min_values  # training here: evaluation returned above
+    momentum_update(running_mean, mean, momentum, where=enough.unsqueeze(1))
+    momentum_update(running_var, _unbiased(var, values), momentum, where=enough.unsqueeze(1))
+    lone = ~enough[contexts]
     if bool(lone.any()):
         out = torch.where(lone.view(n, *([1] * (x.dim() - 1))), with_running_stats(), out)
     return out
