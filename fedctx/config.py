@@ -194,6 +194,8 @@ class SimConfig:
     weight_decay: float = option(0.0, "client weight decay", ge=0.0)
     norm: str = option("context", "normalization layer (any of fedctx.norm.available())",
                      choices=norm_names)
+    norm_options: str = option("", "options of every normalization layer, KEY=VALUE[,KEY=VALUE] "
+                               "(e.g. min_batch_values=2 for context; see docs/norms.md)")
     norm_policy: str = option("per-context", "what the server does with normalization tensors",
                             choices=NORM_POLICIES)
     strategy: str = option("fedavg", "aggregation strategy for the shared weights "
@@ -271,6 +273,7 @@ class SimConfig:
             raise ConfigError(f"--partition shards deals label shards to one-domain clients; "
                               f"with --domain-alpha {self.domain_alpha} use --partition iid or "
                               "dirichlet")
+        check_norm_options(self.norm, self.norm_options)
         if self.num_contexts and self.contexts != "kmeans":
             raise ConfigError(f"--num-contexts {self.num_contexts} applies to --contexts kmeans "
                               f"only (--contexts is {self.contexts!r})")
@@ -282,6 +285,55 @@ class SimConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: Norm-layer arguments the model sets itself (``--norm-options`` may not).
+MODEL_SET_NORM_OPTIONS = ("num_features", "num_contexts", "dims", "activation", "device", "dtype")
+
+
+def parse_norm_options(text: str) -> dict[str, bool | int | float | str]:
+    """``--norm-options`` as keyword arguments: ``"min_batch_values=2,eps=1e-3,affine=false"``
+    -> ``{"min_batch_values": 2, "eps": 0.001, "affine": False}`` (ints, floats, true/false,
+    else strings)."""
+    options: dict[str, bool | int | float | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier() or not value:
+            raise ConfigError(f"--norm-options: invalid item {item!r}; expected KEY=VALUE "
+                              "items separated by commas, e.g. min_batch_values=2")
+        if key in options:
+            raise ConfigError(f"--norm-options: {key} is given twice")
+        if key in MODEL_SET_NORM_OPTIONS:
+            raise ConfigError(f"--norm-options: {key} is set by the model, not an option "
+                              f"(options set by the model: {', '.join(MODEL_SET_NORM_OPTIONS)})")
+        options[key] = _option_value(value)
+    return options
+
+
+def _option_value(value: str) -> bool | int | float | str:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def check_norm_options(norm: str, text: str) -> None:
+    """Raise :class:`ConfigError` (one line) unless every ``--norm-options`` item is an option
+    ``norm``'s layers accept (built once where an activation follows, once where none does)."""
+    options = parse_norm_options(text)
+    if not options:
+        return
+    from fedctx.norm import make_norm_act
+
+    try:
+        for activation in ("relu", None):
+            make_norm_act(norm, 4, activation, num_contexts=2, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--norm-options {text!r}: not valid for --norm {norm}: {err}") from None
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

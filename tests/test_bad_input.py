@@ -226,3 +226,38 @@ def test_simulate_incompatible_model_is_one_line(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     err = _simulate(capsys, tmp_path, "--model", "vit-tiny", "--clients", "4")
     assert "'vit-tiny' does not fit scenario 'digits'" in err and "digits-cnn" in err
+
+
+# -- --norm-options ----------------------------------------------------------------------------
+
+def test_norm_options_are_parsed_into_typed_keyword_arguments() -> None:
+    from fedctx.config import parse_norm_options
+
+    assert parse_norm_options("") == {}
+    assert parse_norm_options("min_batch_values=2, eps=1e-3,affine=false,mode=x") == {
+        "min_batch_values": 2, "eps": 1e-3, "affine": False, "mode": "x"}
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("min_batch_values", "expected KEY=VALUE"),
+    ("min_batch_values=2,min_batch_values=3", "given twice"),
+    ("num_contexts=3", "set by the model"),
+    ("foo=1", "unknown option(s) ['foo']"),
+    ("min_batch_values=1", "min_batch_values must be an int >= 2"),
+])
+def test_bad_norm_options_are_one_line(options: str, expected: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    err = _simulate(capsys, tmp_path, "--norm-options", options)
+    assert expected in err and "--norm-options" in err
+
+
+def test_norm_options_reach_every_norm_layer_of_the_model() -> None:
+    from fedctx.federated.runtime import build_model
+    from fedctx.norm import ContextNorm
+
+    config = SimConfig(norm_options="min_batch_values=3")
+    model = build_model(config, _build("digits", clients=4))
+    layers = [m for m in model.modules() if isinstance(m, ContextNorm)]
+    assert layers and {m.min_batch_values for m in layers} == {3}
+    default = build_model(SimConfig(), _build("digits", clients=4))
+    assert {m.min_batch_values for m in default.modules() if isinstance(m, ContextNorm)} == {8}

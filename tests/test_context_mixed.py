@@ -14,9 +14,10 @@ from fedctx.norm import ContextNorm1d, ContextNorm2d, use_context
 def test_two_samples_of_a_context_at_a_flat_layer_keep_only_a_sign() -> None:
     """With ``N_k = 2`` values per channel the normalized pair is ``(+1, -1)`` per channel
     whatever the inputs, and the input gradient vanishes (up to ``eps``): the property behind the
-    slow training of mixed batches, not a defect of the layer."""
+    slow training of mixed batches, not a defect of the layer (the paper's rule,
+    ``min_batch_values=2``)."""
     torch.manual_seed(0)
-    norm = ContextNorm1d(16, num_contexts=2, affine=False)
+    norm = ContextNorm1d(16, num_contexts=2, affine=False, min_batch_values=2)
     x = (10 * torch.randn(10, 16)).requires_grad_(True)
     contexts = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 0])  # context 0: samples 0 and 9
     with use_context(norm, contexts):
@@ -27,6 +28,24 @@ def test_two_samples_of_a_context_at_a_flat_layer_keep_only_a_sign() -> None:
     torch.testing.assert_close(pair[0], -pair[1])
     lone_grad = x.grad[[0, 9]].abs().max()
     assert lone_grad < 1e-3 * x.grad[1:9].abs().max()
+
+
+def test_by_default_a_few_sample_context_uses_its_running_statistics() -> None:
+    """fedctx's default (8 values per channel): the pair of the test above is normalized with
+    context 0's running statistics (initially 0 and 1), which stay as they were, while the
+    8 samples of context 1 use their batch statistics."""
+    torch.manual_seed(0)
+    norm = ContextNorm1d(16, num_contexts=2, affine=False)
+    x = 10 * torch.randn(10, 16)
+    contexts = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+    with use_context(norm, contexts):
+        out = norm(x)
+    torch.testing.assert_close(out[[0, 9]], x[[0, 9]] / torch.sqrt(torch.tensor(1.0 + 1e-5)))
+    torch.testing.assert_close(norm.running_mean[0], torch.zeros(16))
+    torch.testing.assert_close(norm.running_var[0], torch.ones(16))
+    ones = out[1:9]
+    torch.testing.assert_close(ones.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    assert not torch.allclose(norm.running_mean[1], torch.zeros(16))
 
 
 def test_near_equal_pair_spikes_the_gradient_unless_min_batch_values() -> None:

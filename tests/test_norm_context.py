@@ -168,9 +168,10 @@ def test_authors_defaults_and_state_dict_shapes() -> None:
 def test_context_with_one_value_per_channel_uses_and_keeps_running_stats() -> None:
     """A context holding one sample at a layer without spatial positions has zero batch
     variance: it is normalized with its running statistics, which it leaves unchanged (averaging
-    a zero variance in drove evaluation of mixed-domain clients to 1/sqrt(eps) scale)."""
+    a zero variance in drove evaluation of mixed-domain clients to 1/sqrt(eps) scale), even
+    under the paper's rule (``min_batch_values=2``), where 5 samples get batch statistics."""
     torch.manual_seed(0)
-    cn = ContextNorm1d(4, num_contexts=2)
+    cn = ContextNorm1d(4, num_contexts=2, min_batch_values=2)
     with torch.no_grad():
         cn.running_mean.copy_(torch.randn(2, 4))
         cn.running_var.copy_(torch.rand(2, 4) + 0.5)

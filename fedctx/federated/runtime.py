@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedctx.config import SimConfig
+from fedctx.config import SimConfig, parse_norm_options
 from fedctx.data import FederatedDataset
 from fedctx.federated.params import StateSplit, split_state
 from fedctx.federated.run_config import from_run_config
@@ -44,7 +44,8 @@ def build_model(config: SimConfig, data: FederatedDataset) -> nn.Module:
     """The run's model, initialised from ``config.seed`` (identical in every process)."""
     name = get_scenario(config.scenario).check_model(config.model)
     kwargs: dict[str, object] = {"norm": config.norm, "num_contexts": data.num_contexts,
-                                 "num_classes": data.num_classes}
+                                 "num_classes": data.num_classes,
+                                 **parse_norm_options(config.norm_options)}
     if name in MODELS and "width" in inspect.signature(MODELS[name]).parameters:
         kwargs["width"] = config.width
     with torch.random.fork_rng():

@@ -21,11 +21,13 @@ Choices where the paper leaves a detail open (each tested):
 * Evaluation with no context set uses the mean over contexts of the running statistics and
   affine parameters (the paper's rule for an unknown context).
 * In a training batch that mixes contexts, a context with fewer than ``min_batch_values``
-  values per channel is normalized with its running statistics, which it leaves unchanged
-  (default 2: one sample at a layer without spatial positions, whose batch variance is 0).
-  Statistics over 2 values keep only a sign per channel (3 little more) and multiply some input
-  gradients by up to ``1/sqrt(eps)``; clients whose mini-batches mix contexts trained badly for
-  that (measured in ``docs/results/domain_mix.md``), and ``min_batch_values=8`` avoids it.
+  values per channel (its samples in the batch times the spatial positions) is normalized with
+  its running statistics, which it leaves unchanged. fedctx's default is 8; the paper computes
+  every present context's batch statistics (``min_batch_values=2``, the least that has a
+  variance). Statistics over 2 values keep only a sign per channel (3 little more) and multiply
+  some input gradients by up to ``1/sqrt(eps)``: clients whose mini-batches mix contexts trained
+  badly with 2 (measured in ``docs/results/domain_mix.md``), not with 8. Only layers without
+  (many) spatial positions are concerned: one image at a 7x7 feature map already brings 49.
 
 The math is :func:`fedctx.norm.functional.context_batch_norm`. The mixed-batch path has no
 Python loop over contexts: per-sample moments (two fast reductions, see
@@ -65,7 +67,7 @@ class ContextNorm(ContextAware):
         track_running_stats: keep per-context running statistics ``(K, C)`` for evaluation.
         min_batch_values: least values per channel (samples of the context in the batch times
             spatial positions, at least 2) for a context's batch statistics in a mixed training
-            batch; a context with fewer uses its running statistics.
+            batch; a context with fewer uses its running statistics (default 8; the paper: 2).
         device, dtype: of the parameters and buffers, as in ``torch.nn``.
 
     Shapes: input and output ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``
@@ -86,7 +88,7 @@ class ContextNorm(ContextAware):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: torch.dtype | None = None,
-        min_batch_values: int = 2,
+        min_batch_values: int = 8,
     ) -> None:
         super().__init__(num_contexts)
         if not isinstance(momentum, float | int) or not 0.0 <= float(momentum) <= 1.0:
