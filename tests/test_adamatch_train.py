@@ -175,3 +175,15 @@ def test_input_scope_proxy_puts_no_activation_on_the_input() -> None:
     out = model.input_norm(x)
     assert not isinstance(model.input_norm, ProxyNorm)
     assert (out < 0).any()  # a ReLU would have cut every negative value
+
+
+def test_norm_options_reach_the_norm_layers_in_both_scopes() -> None:
+    from fedctx.adamatch.config import AdaptConfig
+    from fedctx.adamatch.train import build_model
+    from fedctx.norm import ContextNorm
+
+    for scope in ("all", "input"):
+        model = build_model(AdaptConfig(norm="context", norm_scope=scope,
+                                        norm_options="min_batch_values=3"))
+        layers = [m for m in model.modules() if isinstance(m, ContextNorm)]
+        assert layers and {m.min_batch_values for m in layers} == {3}, scope

@@ -16,6 +16,7 @@ from fedctx.config import (
     ConfigError,
     add_option_arguments,
     check_fields,
+    check_norm_options,
     norm_names,
     option,
     resolve_options,
@@ -34,6 +35,8 @@ class AdaptConfig:
     target: str = option("mnistm", "unlabelled target domain (context 1)", choices=tuple(DOMAINS))
     norm: str = option("context", "normalization layer: batch (the paper's), context, acn, uan, "
                      "... (any name of fedctx.norm.available())", choices=norm_names)
+    norm_options: str = option("", "options of every --norm layer, KEY=VALUE[,KEY=VALUE] (e.g. "
+                               "min_batch_values=2 for context; see docs/norms.md)")
     width: int = option(16, "width of the digits CNN (channels of the first conv)", ge=1)
     steps: int = option(2000, "training steps (the paper trains far longer; see docs)", ge=1)
     batch_size: int = option(64, "labelled source images per step (paper: 64)", ge=2)
@@ -92,6 +95,10 @@ class AdaptConfig:
     def validate(self) -> AdaptConfig:
         """Check every field; raise :class:`AdaptConfigError` naming the flag and valid values."""
         check_fields(self, AdaptConfigError)
+        try:
+            check_norm_options(self.norm, self.norm_options)
+        except ConfigError as err:
+            raise AdaptConfigError(str(err)) from None
         if self.source == self.target:
             raise AdaptConfigError(f"--source and --target are both {self.source!r}; choose "
                                    "two different domains")

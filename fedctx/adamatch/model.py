@@ -34,21 +34,24 @@ class InputNormModel(nn.Module):
 
 
 def build_digits_model(norm: str, *, scope: str = "all", num_contexts: int = 2, width: int = 16,
-                       in_channels: int = 3) -> nn.Module:
+                       in_channels: int = 3, **norm_options: object) -> nn.Module:
     """The digits CNN for AdaMatch with ``norm`` over ``num_contexts`` contexts.
 
     Args:
         norm: any :func:`fedctx.norm.available` name.
         scope: ``"all"`` (every norm layer is ``norm``) or ``"input"`` (:class:`InputNormModel`:
             ``norm`` over the ``in_channels`` input channels, ``batch`` in the CNN).
+        norm_options: keyword arguments of every ``norm`` layer (not of the CNN's BatchNorms
+            in scope ``input``).
     """
     if scope == "all":
         return make_model("digits-cnn", norm=norm, num_contexts=num_contexts, width=width,
-                          in_channels=in_channels)
+                          in_channels=in_channels, **norm_options)
     if scope == "input":
         return InputNormModel(
             # no activation follows the input norm (proxy: its plain GroupNorm base)
-            make_norm_act(norm, in_channels, None, dims=2, num_contexts=num_contexts).norm,
+            make_norm_act(norm, in_channels, None, dims=2, num_contexts=num_contexts,
+                          **norm_options).norm,
             make_model("digits-cnn", norm="batch", num_contexts=num_contexts, width=width,
                        in_channels=in_channels))
     raise ValueError(f"unknown norm scope {scope!r}; valid choices: all, input")

@@ -49,6 +49,7 @@ from fedctx.adamatch.data import (
 )
 from fedctx.adamatch.evaluate import accuracy
 from fedctx.adamatch.model import build_digits_model
+from fedctx.config import parse_norm_options
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
@@ -90,7 +91,8 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: AdaptConfig) -> nn.Module:
     """The digits CNN with ``cfg.norm`` over 2 contexts (source 0, target 1), in every norm layer
     (``--norm-scope all``) or only on the input (``input``, :class:`InputNormModel`)."""
-    model = build_digits_model(cfg.norm, scope=cfg.norm_scope, num_contexts=2, width=cfg.width)
+    model = build_digits_model(cfg.norm, scope=cfg.norm_scope, num_contexts=2, width=cfg.width,
+                               **parse_norm_options(cfg.norm_options))
     if cfg.norm_momentum > 0:
         for module in model.modules():
             if isinstance(getattr(module, "momentum", None), float):
