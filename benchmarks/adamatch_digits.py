@@ -54,9 +54,11 @@ DISPLAY = {"mnist": "MNIST", "mnistm": "MNIST-M", "usps": "USPS"}
 NORMS = ("batch", "context", "acn", "uan")
 SCOPES = ("all", "input")
 SEEDS = (0, 1, 2)
-#: Training steps of every benchmark run: the calibration run's length (see the page: its target
-#: curve had not flattened at 3000 steps; this CPU could not afford a longer one).
-STEPS = 3000
+#: Training steps per pair: where the target curve is flat by the page's criterion (the
+#: `batch` runs: USPS->MNIST flat at 3000 steps in 3 seeds; MNIST->MNIST-M still rising at 3000
+#: in the calibration run, flat at 8000 in seed 0; MNIST->USPS assumed like USPS->MNIST until
+#: its own curves say otherwise). ``--steps N`` gives every pair N instead.
+PAIR_STEPS = {"mnist-mnistm": 8000, "mnist-usps": 3000, "usps-mnist": 3000}
 BATCH, URATIO = 64, 3
 EVAL_EVERY = 100
 #: Steps of the authors' schedule: 8 Mi source images (``train_mimg=8``) / batch 64.
@@ -186,6 +188,11 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-seed*-steps*.json"))]
 
 
+def budget_of(pair: str, steps: int | None) -> int:
+    """A pair's training steps: ``steps`` when given, else :data:`PAIR_STEPS`."""
+    return steps if steps else PAIR_STEPS[pair]
+
+
 def record_path(runs_dir: Path, cell: Cell, steps: int) -> Path:
     """``<pair>-<norm>-<scope>-seed<k>-steps<N>.json``: budgets never overwrite each other."""
     return runs_dir / f"{cell.name}-steps{steps}.json"
@@ -247,16 +254,18 @@ def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int) -> flo
 
 def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
                   norms: Sequence[str] = NORMS, scopes: Sequence[str] = SCOPES,
-                  seeds: Sequence[int] = SEEDS, steps: int = STEPS,
+                  seeds: Sequence[int] = SEEDS, steps: int | None = None,
                   budget_minutes: float = 0.0, jobs: int = 2, threads: int = 1,
                   runs_dir: Path = RUNS_DIR, page: Path = PAGE, work_dir: Path = WORK_DIR,
                   log: bool = True) -> list[dict[str, Any]]:
     """Run the missing cells of the grid (``jobs`` at a time, ``threads`` torch threads each)
     while the projected end stays within ``budget_minutes`` (0: no limit), then regenerate the
-    page. Returns the records of the runs started here."""
+    page. ``steps``: of every run (``None``: each pair's :data:`PAIR_STEPS`). Returns the records
+    of the runs started here."""
     start = time.monotonic()
     budget = budget_minutes * 60.0
-    todo = [c for c in grid(pairs, norms, scopes, seeds) if not done(c, runs_dir, steps)]
+    todo = [c for c in grid(pairs, norms, scopes, seeds)
+            if not done(c, runs_dir, budget_of(c.pair, steps))]
     if log:
         print(f"{len(todo)} run(s) missing of {len(grid(pairs, norms, scopes, seeds))}",
               flush=True)
@@ -266,8 +275,7 @@ def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
     def fits(cell: Cell) -> bool:
         if not budget:
             return True
-        known = [r for r in load_runs(runs_dir) if _same_budget(r, steps)]
-        need = projected_seconds(cell, known, steps) or 0.0
+        need = projected_seconds(cell, load_runs(runs_dir), budget_of(cell.pair, steps)) or 0.0
         return time.monotonic() - start + need <= budget
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -282,7 +290,8 @@ def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
                 todo.pop(0)
                 if log:
                     print(f"start {cell.name}", flush=True)
-                running[pool.submit(run_cell, cell, steps=steps, threads=threads,
+                running[pool.submit(run_cell, cell, steps=budget_of(cell.pair, steps),
+                                    threads=threads,
                                     data_dir=data_dir, runs_dir=runs_dir, work_dir=work_dir,
                                     log=log)] = cell
             if not running:
@@ -391,6 +400,15 @@ def _calibration_lines(cal: dict[str, Any]) -> list[str]:
     return lines
 
 
+CURVES_CAPTION = ("Target test accuracy of the EMA model at every evaluation, one line per seed "
+                  "(dashed: scope `input`, evaluated with the source context).")
+
+
+def _title(pair: str) -> str:
+    source, target = PAIRS[pair]
+    return f"{DISPLAY[source]} → {DISPLAY[target]}"
+
+
 def _cpu_line(runs: list[dict[str, Any]]) -> str:
     """The CPU cost per step of the finished runs (what a free core would take)."""
     per_step = [r["cpu_seconds"] / r["steps"] for r in runs if r.get("cpu_seconds")]
@@ -399,7 +417,7 @@ def _cpu_line(runs: list[dict[str, Any]]) -> str:
     cpu = statistics.median(per_step)
     return (f"Wall time above is measured with other processes sharing the 2 cores; the runs' "
             f"own CPU time is {cpu:.3f} s per step (median of {len(per_step)}, evaluation "
-            f"included), i.e. {cpu * STEPS / 60:.0f} min per {STEPS:,}-step run on a free core.")
+            f"included), i.e. {cpu * 1000 / 60:.0f} min per 1,000 steps on a free core.")
 
 
 def _calibration_reading(cal: dict[str, Any]) -> str:
@@ -515,11 +533,12 @@ NOTES: dict[str, str] = {
     "calibration": (
         "This run was made with the digits CNN's earlier PyTorch-default initialisation "
         "(before commit 37073a5 made it He-initialised) and a slower step: it stands as "
-        "evidence about the budget only, and its grid cell was rerun with the current model. "
-        "The benchmark's `--steps` default is its length; whether each pair's runs are flat at "
-        "that budget is computed from their own curves below (per-seed change column and the "
-        "convergence line under each table). Where a pair is not flat, re-run it with a longer "
-        "`--steps`: each budget gets its own section."),
+        "evidence about the budget only. Each pair's budget (`PAIR_STEPS`) comes from the "
+        "grid's own `batch` runs, and whether a pair's runs are flat at it is computed from "
+        "their curves below (per-seed change column and the convergence line under each "
+        "table): MNIST → MNIST-M was given 8,000 steps after this run, the USPS pairs 3,000. "
+        "Where a pair is not flat, raise its budget (or run with `--steps`): each budget gets "
+        "its own section."),
     "model": (
         "The digits CNN (3 conv 5×5 + 2 FC, a norm after each, width 16, 0.34 CPU-s/step) is "
         "the stand-in: like WRN-28-2 it has a norm layer after every conv at every depth, so a "
@@ -553,15 +572,26 @@ PAPER_FIGURES: dict[str, str] = {
 }
 
 
-def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
+def write_page(runs_dir: Path, page: Path, *, steps: int | None = None,
                pairs: Sequence[str] = tuple(PAIRS), norms: Sequence[str] = NORMS,
                scopes: Sequence[str] = SCOPES, seeds: Sequence[int] = SEEDS,
                calibration: Path | None = None, wrn: dict[str, Any] | None = None) -> str:
-    """Regenerate the results page from the run JSONs of budget ``steps``; return its text."""
+    """Regenerate the results page from the run JSONs, each pair at its budget (``steps``, or
+    :data:`PAIR_STEPS` when ``None``) and runs of other budgets in their own sections; return
+    its text."""
     all_runs = load_runs(runs_dir)
-    runs = [r for r in all_runs if _same_budget(r, steps)]
-    budgets = sorted({r["steps"] for r in all_runs if r["batch_size"] == BATCH
-                      and r["uratio"] == URATIO} | {steps}, key=lambda b: (b != steps, -b))
+    budgets_of = {pair: budget_of(pair, steps) for pair in pairs}
+
+    def at_budget(r: dict[str, Any]) -> bool:
+        return r["pair"] in budgets_of and _same_budget(r, budgets_of[r["pair"]])
+
+    runs = [r for r in all_runs if at_budget(r)]
+    others = sorted({r["steps"] for r in all_runs if not at_budget(r)
+                     and r["batch_size"] == BATCH and r["uratio"] == URATIO}, reverse=True)
+    budget_text = (f"**{steps:,} steps** for every pair (`--steps`)" if steps else
+                   "each pair's budget, where its target curve is flat (`PAIR_STEPS`): "
+                   + ", ".join(f"{_title(pair)} **{budgets_of[pair]:,} steps**"
+                               for pair in pairs))
     cal_path, wrn_path = runs_dir / "calibration.json", runs_dir / "wrn28_2_timing.json"
     cal = json.loads(cal_path.read_text()) if cal_path.exists() else None
     wrn = wrn or (json.loads(wrn_path.read_text()) if wrn_path.exists() else None)
@@ -575,11 +605,10 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         "",
         "## Protocol",
         "",
-        f"- Budget per run: **{steps} steps** (the benchmark's default, from the calibration run "
-        f"below) × (batch {BATCH} source + {URATIO}×{BATCH} target images, each weak + strong) "
-        f"= {steps * BATCH:,} labelled and {steps * BATCH * URATIO:,} unlabelled images; "
-        f"evaluation every {EVAL_EVERY} steps on the full test sets. Runs of other budgets "
-        "that exist are shown in their own sections.",
+        f"- Budget per run: {budget_text}; each step takes a batch of {BATCH} source and "
+        f"{URATIO}×{BATCH} target images (each weak + strong); evaluation every {EVAL_EVERY} "
+        "steps on the full test sets. Runs of other budgets that exist are shown in their own "
+        "sections.",
         "- Everything else at `python -m fedctx.adapt`'s defaults, i.e. the authors' settings: SGD "
         "with plain momentum 0.9, lr 0.03·cos(arccos(0.25)·t/T), weight decay 1e-3 on conv and "
         "linear weights only, τ = 0.9, μ(t) warm-up over the first half, EMA 0.999 with "
@@ -600,11 +629,13 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         "`--budget-minutes` select a part):",
         "",
         "```bash",
-        f"python benchmarks/adamatch_digits.py --data-dir DATA --steps {steps}",
+        "python benchmarks/adamatch_digits.py --data-dir DATA"
+        + (f" --steps {steps}" if steps else ""),
         "```",
         "",
         "One run is `python -m fedctx.adapt --source S --target T --norm N --seed K "
-        f"--steps {steps} --eval-every {EVAL_EVERY} --threads 1` (plus `--norm-scope input "
+        f"--steps N --eval-every {EVAL_EVERY} --threads 1` (N: the pair's budget; plus "
+        "`--norm-scope input "
         "--target-eval-context source` for scope `input`); each run record holds its exact "
         "command.",
         "",
@@ -614,29 +645,29 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         body += ["## Choice of the step budget (calibration run)", ""]
         body += _calibration_lines(cal) + ["", _calibration_reading(cal) + " "
                                            + NOTES.get("calibration", ""), ""]
-    for budget in budgets:
-        b_runs = [r for r in all_runs if _same_budget(r, budget)]
-        title = f"## Results at {budget} steps" + ("" if budget == steps else
-                                                   " (not the benchmark's budget)")
-        body += [title, ""]
-        if budget != steps:
-            body += [NOTES.get(f"budget-{budget}", f"Runs of {budget} steps; the benchmark's "
-                                                   f"budget is {steps}."), ""]
-        for pair in pairs:
-            src, tgt = PAIRS[pair]
+    body += [f"## Results at {steps:,} steps" if steps else "## Results at each pair's budget",
+             ""]
+    for pair in pairs:
+        pr = [r for r in runs if r["pair"] == pair]
+        body += [f"### {_title(pair)} ({budgets_of[pair]:,} steps)", ""]
+        body += (_table(pr, pair, norms, scopes) + ["", convergence_line(pr)] if pr
+                 else ["No run yet."]) + ["", f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
+    if runs:
+        plot_curves(runs, pairs, page.parent / CURVES.name)
+        body += [f"![target accuracy vs step]({CURVES.name})", "", CURVES_CAPTION, ""]
+    for budget in others:
+        b_runs = [r for r in all_runs if not at_budget(r) and _same_budget(r, budget)]
+        body += [f"## Results at {budget:,} steps (not the pair's budget)", ""]
+        for pair in [p for p in pairs if any(r["pair"] == p for r in b_runs)]:
             pr = [r for r in b_runs if r["pair"] == pair]
-            body += [f"### {DISPLAY[src]} → {DISPLAY[tgt]}", ""]
-            body += (_table(pr, pair, norms, scopes) + ["", convergence_line(pr)] if pr
-                     else ["No run yet."]) + [""]
-            if budget == steps:
-                body += [f"AdaMatch paper: {PAPER_FIGURES[pair]}.", ""]
-        if b_runs:
-            curves = page.parent / CURVES.name.replace(".png", f"_{budget}.png")
-            plot_curves(b_runs, pairs, curves)
-            body += [f"![target accuracy vs step, {budget}-step runs]({curves.name})", "",
-                     "Target test accuracy of the EMA model at every evaluation, one line per "
-                     "seed (dashed: scope `input`, evaluated with the source context).", ""]
-    missing = [c for c in grid(pairs, norms, scopes, seeds) if not done(c, runs_dir, steps)]
+            body += [f"### {_title(pair)}", "", *_table(pr, pair, norms, scopes), "",
+                     convergence_line(pr), ""]
+        curves = page.parent / CURVES.name.replace(".png", f"_{budget}.png")
+        plot_curves(b_runs, pairs, curves)
+        body += [f"![target accuracy vs step, {budget}-step runs]({curves.name})", "",
+                 CURVES_CAPTION, ""]
+    missing = [c for c in grid(pairs, norms, scopes, seeds)
+               if not done(c, runs_dir, budgets_of[c.pair])]
     body += ["## Missing cells", ""]
     if missing:
         groups: dict[tuple[str, str, str], list[Cell]] = {}
@@ -646,7 +677,7 @@ def write_page(runs_dir: Path, page: Path, *, steps: int = STEPS,
         rows = ["| pair | norm | scope | missing seeds | projected wall time per run here |",
                 "|---|---|---|---|---|"]
         for (pair, norm, scope), cells in groups.items():
-            sec = projected_seconds(cells[0], all_runs, steps)
+            sec = projected_seconds(cells[0], all_runs, budgets_of[pair])
             if sec is not None and not any(r["norm"] == norm for r in all_runs) and norm in SLOW:
                 sec = None  # no measurement of this norm: another norm's time would mislead
             if sec is None:
@@ -703,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--scopes", default=",".join(SCOPES))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps of every run (0: each pair's budget, PAIR_STEPS)")
     parser.add_argument("--budget-minutes", type=float, default=0.0,
                         help="start no run whose projected end is past this (0: no limit)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")

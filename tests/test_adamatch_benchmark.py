@@ -99,7 +99,7 @@ def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
     assert "| acn | input (source) | 0 | 55.00 (n = 1) |" in text
     assert "| usps-mnist | batch | all | 0, 1, 2 | 10 min |" in text  # missing, with its time
     assert "No run yet." in text and "not quoted" in text
-    assert (tmp_path / "adamatch_curves_1000.png").stat().st_size > 0
+    assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
 
 
 def test_page_shows_other_budgets_in_their_own_section(tmp_path):
@@ -108,7 +108,8 @@ def test_page_shows_other_budgets_in_their_own_section(tmp_path):
                   _record("mnist-mnistm", "batch", "all", 0, 0.70, steps=3000)])
     text = bench.write_page(runs, tmp_path / "p.md", steps=3000, pairs=["mnist-mnistm"],
                             norms=["batch"], scopes=["all"], seeds=[0])
-    assert text.index("## Results at 3000 steps") < text.index("## Results at 500 steps")
+    assert text.index("## Results at 3,000 steps") < text.index(
+        "## Results at 500 steps (not the pair's budget)")
     assert "| 70.00 (n = 1) |" in text and "| 60.00 (n = 1) |" in text
     assert "None." in text  # the one cell of the 3000-step grid exists
 
@@ -142,3 +143,28 @@ def test_calibration_reading_is_computed_from_its_curve():
     assert "had not flattened at 1,000 steps" in text and "+2.00 points from step 800" in text
     cal["curve"][-1]["target_acc"] = cal["curve"][-3]["target_acc"] + 0.002
     assert "**the target curve was flat**" in bench._calibration_reading(cal)
+
+
+def test_each_pair_runs_and_is_reported_at_its_own_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "PAIR_STEPS", {"mnist-mnistm": 800, "mnist-usps": 300,
+                                              "usps-mnist": 300})
+    assert bench.budget_of("mnist-mnistm", None) == 800 and bench.budget_of("usps-mnist", 0) == 300
+    assert bench.budget_of("mnist-mnistm", 500) == 500  # --steps overrides every pair
+    runs = tmp_path / "runs"
+    _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.90, steps=800),
+                  _record("mnist-mnistm", "batch", "all", 0, 0.70, steps=300),
+                  _record("usps-mnist", "batch", "all", 0, 0.95, steps=300)])
+    text = bench.write_page(runs, tmp_path / "p.md", pairs=["mnist-mnistm", "usps-mnist"],
+                            norms=["batch"], scopes=["all"], seeds=[0])
+    main = text[text.index("## Results at each pair's budget"):
+                text.index("## Results at 300 steps (not the pair's budget)")]
+    assert "### MNIST → MNIST-M (800 steps)" in main and "| 90.00 (n = 1) |" in main
+    assert "### USPS → MNIST (300 steps)" in main and "| 95.00 (n = 1) |" in main
+    assert "| 70.00 (n = 1) |" not in main and "| 70.00 (n = 1) |" in text
+    assert "None." in text  # both cells of the grid exist at their pair's budget
+    calls = []
+    monkeypatch.setattr(bench, "run_cell", lambda cell, **kw: calls.append((cell.pair,
+                                                                             kw["steps"])))
+    bench.run_benchmark(pairs=["mnist-mnistm", "usps-mnist"], norms=["batch"], scopes=["all"],
+                        seeds=[0, 1], jobs=1, runs_dir=runs, page=tmp_path / "q.md", log=False)
+    assert calls == [("mnist-mnistm", 800), ("usps-mnist", 300)]  # seed 1 of each, own budget
