@@ -104,6 +104,8 @@ def run_cell(runs_dir: Path, cell: str, seed: int, flags: Sequence[str], budget:
         "curve": [{k: r[k] for k in ("round", "train_loss", "accuracy", "accuracy_per_context")
                    if k in r} for r in history],
         "wall_seconds": time.time() - t0, "machine": machine(),
+        # the run inherits this process's environment (OMP_NUM_THREADS), hence its threads
+        "torch_threads": torch.get_num_threads(),
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
