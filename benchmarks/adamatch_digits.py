@@ -427,7 +427,7 @@ def _calibration_reading(cal: dict[str, Any]) -> str:
     if target is None or source is None:
         return "The calibration curve is too short to judge its flatness."
     change, first, last = target
-    before = next(e["target_acc"] for e in curve if e["step"] == first)
+    end = curve[-1]["target_acc"]
     flat = abs(100 * change) < report.FLAT_POINTS
     verdict = ("**the target curve was flat**" if flat else
                f"**the target curve had not flattened at {last:,} steps**")
@@ -435,7 +435,7 @@ def _calibration_reading(cal: dict[str, Any]) -> str:
             f"{report.FLAT_POINTS:g} point over the last {100 * report.LAST_FRACTION:.0f}% of the "
             "steps): "
             f"{100 * change:+.2f} points from step {first:,} to {last:,} "
-            f"({100 * before:.2f} → {100 * curve[-1]['target_acc']:.2f}%), while the source "
+            f"({100 * (end - change):.2f} → {100 * end:.2f}%), while the source "
             f"accuracy moved {100 * source[0]:+.2f} points.")
 
 
