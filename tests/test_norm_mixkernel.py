@@ -185,3 +185,25 @@ def test_inductor_compiled_layer_matches_eager(case: str) -> None:
     passes its means twice, as ``mu`` and ``E``)."""
     got, want = _compiled_and_eager(case, True, "inductor")
     _assert_all_close(got, want)
+
+
+def test_importing_the_norms_leaves_torch_dynamo_unimported() -> None:
+    """``import torch._dynamo`` costs 1.5 s of start-up in the driver and every client worker;
+    the kernel marks its readiness check constant for torch.compile without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedctx.norm, fedctx.models; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_readiness_check_carries_what_assume_constant_result_sets() -> None:
+    def probe() -> bool:
+        return True
+
+    before = set(vars(probe))
+    marked = torch.compiler.assume_constant_result(probe)
+    added = {k: v for k, v in vars(marked).items() if k not in before}
+    assert added and all(getattr(mk._kernel_ready, k, None) == v for k, v in added.items())

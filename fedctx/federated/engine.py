@@ -93,15 +93,22 @@ def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:  # 
         f_stop.wait(DISPATCH_POLL_S)
 
 
-def _speed_up_flower_dispatch() -> bool:
-    """Install :func:`_dispatch_pending_messages` in Flower's simulation engine, only on the
-    Flower version it was written against (the pinned 1.41.0). Returns whether it did."""
+def _adapt_flower_engine() -> bool:
+    """Only on the Flower version they were written against (the pinned 1.41.0), install
+    :func:`_dispatch_pending_messages` in Flower's simulation engine and have its Ray backend
+    create :class:`fedctx.federated.actor.ClientAppActor` (which spares every worker the import
+    of Flower's SuperLink). Returns whether it did."""
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    if flwr.__version__ != "1.41.0" or not hasattr(vce_api, "add_messages_to_queue"):
+    if (flwr.__version__ != "1.41.0" or not hasattr(vce_api, "add_messages_to_queue")
+            or not hasattr(raybackend, "ClientAppActor")):
         return False
+    from fedctx.federated.actor import ClientAppActor
+
     vce_api.add_messages_to_queue = _dispatch_pending_messages
+    raybackend.ClientAppActor = ClientAppActor
     return True
 
 
@@ -117,8 +124,8 @@ def ray_init_args(num_cpus: int, verbose: bool) -> dict[str, object]:
 
 
 #: What a client worker imports as it starts: fedctx's ClientApp (torch, Flower, fedctx) and
-#: the module of Flower's client actor class (Flower's simulation engine, gRPC).
-WORKER_PRELOAD = [CLIENT_APP.partition(":")[0], "flwr.simulation.ray_transport.ray_actor"]
+#: the module of its client actor class (Ray, Flower's ClientApp).
+WORKER_PRELOAD = [CLIENT_APP.partition(":")[0], "fedctx.federated.actor"]
 
 
 def init_local_ray(num_cpus: int, verbose: bool) -> None:
@@ -211,7 +218,7 @@ def run_on_ray(run_config: RunConfig, *, num_clients: int, cpus_per_client: floa
         join_ray_cluster(ray_address, verbose)
     else:
         init_local_ray(num_cpus, verbose)
-    _speed_up_flower_dispatch()
+    _adapt_flower_engine()
     with tempfile.TemporaryDirectory(prefix="fedctx-app-") as folder, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
