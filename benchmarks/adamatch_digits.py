@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -102,37 +101,11 @@ def grid(pairs: Sequence[str], norms: Sequence[str], scopes: Sequence[str],
 # ---------------------------------------------------------------- statistics
 
 
-def t_quantile(dof: int, q: float = 0.975) -> float:
-    """Quantile ``q`` of Student's t with ``dof`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(q, dof))
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and half-width of the 95% confidence interval (t, n-1 dof); ``None`` when n < 2."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, None
-    return mean, t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
-
-
-def paired_difference(runs: dict[int, float], baseline: dict[int, float]
-                      ) -> tuple[float, float | None, int] | None:
-    """Mean and 95% CI half-width of ``runs[seed] - baseline[seed]`` over the seeds both have
-    (same seed = same initialisation, batches and augmentations), and the number of pairs."""
-    seeds = sorted(set(runs) & set(baseline))
-    if not seeds:
-        return None
-    mean, half = mean_ci([runs[s] - baseline[s] for s in seeds])
-    return mean, half, len(seeds)
-
-
-def fmt_ci(mean: float, half: float | None, scale: float = 100.0, signed: bool = False) -> str:
+def fmt_ci(est: report.Estimate, scale: float = 100.0, signed: bool = False) -> str:
+    """``"98.80 ± 0.26"`` (scaled); ``"(n = 1)"`` in place of an interval one value lacks."""
     sign = "+" if signed else ""
-    text = f"{scale * mean:{sign}.2f}"
-    return text + (f" ± {scale * half:.2f}" if half is not None else " (n = 1)")
+    text = f"{scale * est.mean:{sign}.2f}"
+    return text + (" (n = 1)" if est.n < 2 else f" ± {scale * est.half_width:.2f}")
 
 
 def late_change(curve: Sequence[dict[str, Any]], key: str = "target_acc"
@@ -506,15 +479,16 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
             if norm == "batch" and scope == "all":
                 delta = "—"
             else:
-                diff = paired_difference({s: g[s]["final_target_acc"] for s in seeds}, baseline)
-                delta = ("no batch run with these seeds" if diff is None else
-                         f"{100 * diff[0]:+.2f} (one pair, no interval)" if diff[1] is None else
-                         f"{fmt_ci(diff[0], diff[1], signed=True)} (n = {diff[2]})")
+                diff = report.paired_difference(
+                    {s: g[s]["final_target_acc"] for s in seeds}, baseline)
+                delta = ("no batch run with these seeds" if diff.n == 0 else
+                         f"{100 * diff.mean:+.2f} (one pair, no interval)" if diff.n == 1 else
+                         f"{fmt_ci(diff, signed=True)} (n = {diff.n})")
             scope_text = "all (target)" if scope == "all" else "input (source)"
             lines.append(
                 f"| {norm} | {scope_text} | {', '.join(map(str, seeds))} | "
-                f"{fmt_ci(*mean_ci(tgt))} | {fmt_ci(*mean_ci(raw))} | {delta} | "
-                f"{fmt_ci(*mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
+                f"{fmt_ci(report.mean_ci(tgt))} | {fmt_ci(report.mean_ci(raw))} | {delta} | "
+                f"{fmt_ci(report.mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
                 f"{', '.join(_late_text(g[s]['curve']) for s in seeds)} | "
                 f"{statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f} |")
     return lines

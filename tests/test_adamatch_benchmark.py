@@ -32,21 +32,6 @@ def _write(runs_dir: Path, records: list[dict]) -> None:
         (runs_dir / name).write_text(json.dumps(r))
 
 
-def test_mean_ci_is_the_t_interval():
-    mean, half = bench.mean_ci([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6)
-    # t(0.975, 2 dof) = 4.302653; sample std 0.1; n = 3
-    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
-    assert bench.mean_ci([0.4]) == (0.4, None)
-
-
-def test_paired_difference_uses_common_seeds_only():
-    mean, half, n = bench.paired_difference({0: 0.7, 1: 0.8, 2: 0.9}, {0: 0.6, 1: 0.6})
-    assert n == 2 and mean == pytest.approx(0.15)
-    assert half == pytest.approx(12.706205 * math.sqrt(0.005) / math.sqrt(2), rel=1e-5)
-    assert bench.paired_difference({3: 0.5}, {0: 0.5}) is None
-
-
 def test_grid_priority_and_input_scope_has_no_batch():
     cells = bench.grid(["mnist-mnistm", "usps-mnist"], ["batch", "context"], ["all", "input"],
                        [0, 1])
