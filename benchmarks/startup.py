@@ -41,8 +41,8 @@ PAGE = REPO / "docs" / "results" / "startup.md"
 #: mark, ``launch`` (the benchmark started the process), ``registered`` (summary.json), or a
 #: worker mark: ``first:``/``last:`` the earliest/latest of the client workers' marks.
 PHASES = [
-    ("interpreter, `import fedctx.simulate`, options", "launch", "main"),
-    ("driver imports (torch, Flower, fedctx's apps)", "main", "imports"),
+    ("interpreter, `import fedctx.simulate`, flags parsed", "launch", "main"),
+    ("options resolved, driver imports (torch, Flower, fedctx's apps)", "main", "imports"),
     ("driver data + model build", "runtime-build", "runtime-built"),
     ("driver ready for the engine (data, model, strategy; and Ray up where it starts beside)",
      "main", "driver-ready"),
@@ -123,7 +123,6 @@ PIECES = [
     ("`import torch`", "import torch"),
     ("a client worker's imports: `" + ", ".join(WORKER_PRELOAD) + "` (torch, Flower, fedctx; "
      "what it preloads)", "import " + ", ".join(WORKER_PRELOAD)),
-    ("… of which `matplotlib.pyplot` (via `fedctx.adamatch.plots`)", "import matplotlib.pyplot"),
     ("the driver's imports: `fedctx.simulate`, `fedctx.federated.server`, Flower's simulation "
      "engine", "import fedctx.simulate, fedctx.federated.server, flwr.simulation.run_simulation"),
     ("Ray's processes after `ray.init(num_cpus=2)` (GCS, raylet, dashboard, agents, monitors, "
@@ -200,16 +199,21 @@ def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float
              "command's start in `fedctx.simulate` to the last client's `query` reply); "
              "\"command\" adds the interpreter's start and `import fedctx.simulate`. "
              f"Target (issue #13 item 2): ≤ {TARGET_S:.0f} s.", "",
-             "How this version starts (fedctx/simulate.py, fedctx/federated/engine.py): the "
-             "main thread resolves the options (this imports torch), then starts the local Ray "
-             "instance while a second thread imports Flower and fedctx's apps and builds the "
-             "driver's data, model and strategy. Ray's workers get the driver's `sys.path` by "
+             "How the current version starts (fedctx/simulate.py, fedctx/federated/engine.py, "
+             "fedctx/federated/actor.py): once the flags are parsed, the main thread starts the "
+             "local Ray instance (on the command line, when the flags and `--config` file ask for "
+             "one) while a second thread resolves the options (this imports torch), imports "
+             "Flower and fedctx's apps and builds the driver's data, model and strategy; a bad "
+             "option is reported by that thread at once, and the command ends as soon as Ray's "
+             "start returns, Ray's processes killed. Ray's workers get the driver's `sys.path` by "
              "inheriting `PYTHONPATH` rather than as a job runtime env, so the two workers the "
-             "raylet starts with Ray become the client actors (before: two more were started "
-             "once the actors were asked for), and they import fedctx's ClientApp and Flower's "
-             "actor module as they start (Ray's `preload_python_modules`), not on their first "
-             "message. Metrics are unchanged (same round-1 accuracy below; a 2-round run's "
-             "`metrics.jsonl` is identical).", "",
+             "raylet starts with Ray become the client actors, and they import fedctx's "
+             "ClientApp and fedctx's client actor class as they start (Ray's "
+             "`preload_python_modules`), not on their first message. The actor class is "
+             "fedctx's own (Flower's contract, `run` and `terminate`): Flower's lives in "
+             "`flwr.simulation`, whose import brings in Flower's SuperLink (SQLAlchemy, Alembic, "
+             "FastAPI) in every worker. `fedctx.norm` no longer imports `torch._dynamo`. "
+             "Metrics are unchanged (same round-1 accuracy below).", "",
              "CPU seconds: used by every process of the run (the command, Ray's processes, the "
              "client workers) from launch to registration, read from `/proc` every "
              f"{SAMPLE_S} s; divided by the {os.cpu_count()} cores it is the least wall time "
@@ -249,7 +253,7 @@ def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float
                   "(least of 3; the last sample before the process ends, so slightly low):", "",
                   "| piece | CPU s |", "|---|---|",
                   *(f"| {what} | {cpu:.2f} |" for what, cpu in costs.items()), ""]
-        need = (costs[PIECES[3][0]] + 2 * costs[PIECES[1][0]] + costs[PIECES[4][0]])
+        need = (costs[PIECES[2][0]] + 2 * costs[PIECES[1][0]] + costs[PIECES[3][0]])
         bound = need / cores
         lines.append(
             f"Before every client is registered, the driver's imports, two workers' imports and "

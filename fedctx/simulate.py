@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fedctx.data import FederatedDataset
 
 
@@ -372,23 +374,29 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
             from fedctx.seeds import run_seeds
 
             return run_seeds(args, sys.argv[1:] if argv is None else argv)
-        config = config_from_args(args)
-        holder.append(config)
-        check_out(config)
-        check_resources(config)
-    except RunFinished as done:
-        print(done)
-        return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fedctx.federated.startup import mark
 
     mark("main", t0)
-    local_ray = config.backend == "ray" and not config.ray_address
-    prepared = _prepare_beside_ray(config) if local_ray else _prepare(config)
+    early = _local_ray_request(args) if argv is None else None
+    if early is not None:  # the command line: Ray starts while the options are resolved
+        early_cpus, verbose = early
+        prepared = _prepare_beside_ray(lambda: _configure_and_prepare(args, holder),
+                                       early_cpus, verbose, exit_on_failure=True)
+        if holder and not isinstance(prepared, int) and not _started_as(holder[0], early_cpus):
+            _stop_ray()  # the resolved options ask for another Ray: run_on_ray starts it
+    else:
+        config = _configure(args, holder)
+        if isinstance(config, int):
+            return config
+        local_ray = config.backend == "ray" and not config.ray_address
+        prepared = (_prepare_beside_ray(lambda: _prepare(config), config.num_cpus,
+                                        config.verbose) if local_ray else _prepare(config))
     if isinstance(prepared, int):
         return prepared
+    config = holder[0]
     data, plugin = prepared
     mark("driver-ready")
     print(f"fedctx: scenario {config.scenario!r}: {config.clients} clients over "
@@ -459,11 +467,69 @@ def _prepare(config: SimConfig) -> tuple[FederatedDataset, str | None] | int:
     return rt.data, plugin
 
 
-def _prepare_beside_ray(config: SimConfig) -> tuple[FederatedDataset, str | None] | int:
-    """:func:`_prepare` in a thread while this thread starts the local Ray instance: Ray's
-    processes come up while the driver imports torch and Flower and builds its data and model
-    (seconds each). Ray is shut down again when the run cannot start; a failed Ray start is
-    left to the engine, which retries it and reports the failure as the run's."""
+def _configure(args: argparse.Namespace, holder: list[SimConfig]) -> SimConfig | int:
+    """The run's checked configuration (also appended to ``holder``), or the exit status of a
+    command that ends here, its reason printed (bad options: 2; a finished run: 0)."""
+    try:
+        config = config_from_args(args)
+        holder.append(config)
+        check_out(config)
+        check_resources(config)
+    except RunFinished as done:
+        print(done)
+        return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return config
+
+
+def _configure_and_prepare(args: argparse.Namespace, holder: list[SimConfig]
+                           ) -> tuple[FederatedDataset, str | None] | int:
+    config = _configure(args, holder)
+    return config if isinstance(config, int) else _prepare(config)
+
+
+def _local_ray_request(args: argparse.Namespace) -> tuple[int, bool] | None:
+    """The CPUs of the local Ray instance the flags and ``--config`` file ask for, and
+    ``--verbose``, read without resolving the options (which imports torch: about 2 s during
+    which Ray can be starting); ``None`` when they ask for no local Ray or the file cannot be
+    read (the options' own checks then report it)."""
+    try:
+        given = {**(load_config_file(args.config) if args.config else {}),
+                 **{k: v for k, v in vars(args).items() if v is not None}}
+    except ConfigError:
+        return None
+    if given.get("backend", SimConfig.backend) != "ray" or given.get("ray_address"):
+        return None
+    try:  # flags are strings here: resolving the options converts (and checks) them
+        cpus = int(given.get("num_cpus", SimConfig.num_cpus))
+    except (TypeError, ValueError):
+        return None
+    return (cpus, bool(given.get("verbose", SimConfig.verbose))) if cpus >= 0 else None
+
+
+def _started_as(config: SimConfig, num_cpus: int) -> bool:
+    """Whether the local Ray instance started with ``num_cpus`` is the one ``config`` runs on."""
+    return config.backend == "ray" and not config.ray_address and config.num_cpus == num_cpus
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _prepare_beside_ray(prepare: Callable[[], tuple[FederatedDataset, str | None] | int],
+                        num_cpus: int, verbose: bool, exit_on_failure: bool = False
+                        ) -> tuple[FederatedDataset, str | None] | int:
+    """``prepare()`` (:func:`_prepare`, possibly preceded by resolving the options) in a thread
+    while this thread starts the local Ray instance with ``num_cpus`` CPUs: Ray's processes
+    come up while the driver imports torch and Flower and builds its data and model (seconds
+    each). Ray is shut down again when the run cannot start (``exit_on_failure``, for the
+    command line: its processes killed and the process ended at once with the exit status, the
+    reason printed already); a failed Ray start is left to the engine, which retries it and
+    reports the failure as the run's."""
     import threading
 
     from fedctx.federated.engine import init_local_ray, quiet_flower
@@ -471,31 +537,31 @@ def _prepare_beside_ray(config: SimConfig) -> tuple[FederatedDataset, str | None
 
     outcome: list[tuple[FederatedDataset, str | None] | int | BaseException] = []
 
-    def prepare() -> None:
+    def work() -> None:
         try:
-            outcome.append(_prepare(config))
+            outcome.append(prepare())
             if not isinstance(outcome[0], int):
                 import flwr.simulation.run_simulation  # noqa: F401 - what run_on_ray imports
         except BaseException as err:  # noqa: BLE001 - raised in this thread below
             outcome.append(err)
 
-    quiet_flower(config.verbose)
+    quiet_flower(verbose)
     mark("ray-init")
     import ray  # noqa: F401 - first: the thread's imports (torch) hold the GIL for long stretches
 
-    worker = threading.Thread(target=prepare, name="fedctx-prepare", daemon=True)
+    worker = threading.Thread(target=work, name="fedctx-prepare", daemon=True)
     worker.start()
     try:  # here, in the main thread: Ray's processes end with the thread that started them
-        init_local_ray(config.num_cpus, config.verbose)
+        init_local_ray(num_cpus, verbose)
     except Exception:  # noqa: BLE001, S110 - retried and reported by run_on_ray
         pass
     worker.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     if isinstance(outcome[0], int):
-        import ray
-
-        ray.shutdown()
+        if exit_on_failure:
+            _exit_now(outcome[0])
+        _stop_ray()
     return outcome[0]
 
 

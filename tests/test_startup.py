@@ -43,13 +43,19 @@ def test_marks_are_written_once_per_phase_only_when_tracing(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_run_that_cannot_start_stops_the_ray_it_started(tmp_path: Path) -> None:
-    """The data are missing: found while Ray is starting beside; one line, exit 2, and nothing
-    the command started outlives it."""
+@pytest.mark.parametrize("problem", ["missing data", "bad option"])
+def test_a_run_that_cannot_start_stops_the_ray_it_started(tmp_path: Path, problem: str) -> None:
+    """Found while Ray is starting beside (the data when they are loaded; a bad option while
+    the options are resolved, Ray started before them on the command line): one line, exit 2,
+    and nothing the command started outlives it."""
+    bad = (["--data-dir", str(tmp_path / "none")] if problem == "missing data"
+           else ["--norm-options", "nope=1"])
+    trace = tmp_path / "trace.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "fedctx.simulate", "--scenario", "mnist-usps",
-                             "--data-dir", str(tmp_path / "none"), "--clients", "2", "--out",
-                             str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             *bad, "--clients", "2", "--out", str(tmp_path / "run")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, startup.STARTUP_TRACE_ENV: str(trace)})
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -57,6 +63,7 @@ def test_a_run_that_cannot_start_stops_the_ray_it_started(tmp_path: Path) -> Non
             os.killpg(proc.pid, 9)
     assert proc.returncode == 2, err[-2000:]
     assert err.strip().startswith("error: ") and "\n" not in err.strip(), err[-2000:]
+    assert "ray-init" in [m["phase"] for m in startup.read_trace(trace)]
     deadline = time.time() + 15
     while time.time() < deadline and _group_alive(proc.pid):
         time.sleep(0.2)
@@ -88,3 +95,22 @@ def test_flower_ray_backend_creates_fedctx_actor(monkeypatch: pytest.MonkeyPatch
     assert engine._adapt_flower_engine()
     assert raybackend.ClientAppActor is actor.ClientAppActor
     assert vce_api.add_messages_to_queue is engine._dispatch_pending_messages
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], (0, False)),
+    (["--num-cpus", "two"], None),
+    (["--num-cpus", "1", "--verbose"], (1, True)),
+    (["--backend", "inprocess"], None),
+    (["--ray-address", "127.0.0.1:1"], None),
+    (["--config", "{toml}"], None),
+    (["--config", "{missing}"], None),
+])
+def test_the_command_line_starts_ray_before_resolving_options_only_when_it_asks_for_local_ray(
+        tmp_path: Path, argv: list[str], expected: tuple[int, bool] | None) -> None:
+    from fedctx.simulate import _local_ray_request, command_parser
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('backend = "inprocess"\n')
+    argv = [a.format(toml=toml, missing=tmp_path / "none.toml") for a in argv]
+    assert _local_ray_request(command_parser().parse_args(argv)) == expected
