@@ -442,11 +442,13 @@ def _prepare(config: SimConfig) -> tuple[FederatedDataset, str | None] | int:
     plugin's source, or the exit status of a run that cannot start."""
     from fedctx import strategies
     from fedctx.data.sources import MissingDataError
+    from fedctx.federated.engine import quiet_flower
     from fedctx.federated.run_config import to_run_config
     from fedctx.federated.runtime import get_runtime
     from fedctx.federated.server import make_strategy
     from fedctx.federated.startup import mark
 
+    quiet_flower(config.verbose)  # again: importing Flower sets its logger's level to DEBUG
     mark("imports")
     try:
         rt = get_runtime(to_run_config(config))

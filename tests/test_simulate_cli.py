@@ -78,6 +78,8 @@ def test_end_to_end_on_ray(python: str, tmp_path: Path) -> None:
     proc = simulate(python, *SMALL, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Final test accuracy per context" in proc.stdout
+    # without --verbose, neither Flower's nor Ray's own log lines reach the terminal
+    assert "WARNING" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png", "model.pt",
                  "label_counts.png",
                  "checkpoint.pt"):
