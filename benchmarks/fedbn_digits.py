@@ -144,9 +144,23 @@ def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str
                          + f" | {overall} | {delta} |")
             if row != "FedAvg" and diff.n:
                 sentences.append(f"- `{norm}`: " + verdict(diff, row, "FedAvg"))
+    for row in ROWS:  # the project's question: a context's own norm, same method and seeds
+        ctx, bn = (records[(row, norm)] for norm in ("context", "batch"))
+        diff = paired_difference(by_seed(ctx), by_seed(bn))
+        if row in SAME_RUN or not diff.n:
+            continue
+        common = sorted(set(by_seed(ctx)) & set(by_seed(bn)))
+        if all(by_seed(ctx, d)[k] == by_seed(bn, d)[k] for d in present for k in common):
+            sentences.append(
+                f"- {row}: `context` and `batch` end at the same accuracy on every domain in "
+                f"each of {len(common)} paired seeds (with one domain per client and a local "
+                "norm, each client's `ContextNorm` is its `BatchNorm`).")
+        else:
+            sentences.append(f"- {row}: " + verdict(diff, "`context`", "`batch`"))
     lines += ["", "The mean over domains is the mean of the per-domain accuracies (the domains' "
-              "test sets have equal size). What the intervals support:", "", *sentences, "",
-              _convergence(records, rounds), ""]
+              "test sets have equal size). What the intervals support (each method against "
+              "FedAvg with the same norm, then `context` against `batch` within each method; "
+              "paired by seed):", "", *sentences, "", _convergence(records, rounds), ""]
     curves = RESULTS / "fedbn_digits_curves.png"
     plot_curves({f"{row} / {norm}": records[(row, norm)] for row in ROWS for norm in NORMS},
                 curves, f"FedBN digits protocol ({', '.join(present)})")
