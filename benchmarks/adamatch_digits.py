@@ -467,6 +467,7 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
              "| per-seed target EMA (%) | per-seed change over the last "
              f"{100 * report.LAST_FRACTION:.0f}% of steps (points) | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    sentences = []
     for scope in scopes:
         for norm in norms:
             g = groups.get((norm, scope))
@@ -485,12 +486,18 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
                          f"{100 * diff.mean:+.2f} (one pair, no interval)" if diff.n == 1 else
                          f"{fmt_ci(diff, signed=True)} (n = {diff.n})")
             scope_text = "all (target)" if scope == "all" else "input (source)"
+            if delta != "—" and diff.n > 1:
+                sentences.append("- " + report.verdict(diff, f"`{norm}`, scope {scope_text},",
+                                                       "`batch`"))
             lines.append(
                 f"| {norm} | {scope_text} | {', '.join(map(str, seeds))} | "
                 f"{fmt_ci(report.mean_ci(tgt))} | {fmt_ci(report.mean_ci(raw))} | {delta} | "
                 f"{fmt_ci(report.mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
                 f"{', '.join(_late_text(g[s]['curve']) for s in seeds)} | "
                 f"{statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f} |")
+    if sentences:
+        lines += ["", "What the intervals support (target accuracy, paired by seed):", "",
+                  *sentences]
     return lines
 
 
