@@ -485,12 +485,11 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
                 delta = ("no batch run with these seeds" if diff.n == 0 else
                          f"{100 * diff.mean:+.2f} (one pair, no interval)" if diff.n == 1 else
                          f"{fmt_ci(diff, signed=True)} (n = {diff.n})")
-            scope_text = "all (target)" if scope == "all" else "input (source)"
-            if delta != "—" and diff.n > 1:
-                sentences.append("- " + report.verdict(diff, f"`{norm}`, scope {scope_text},",
-                                                       "`batch`"))
+                if diff.n > 1:
+                    sentences.append("- " + report.verdict(
+                        diff, f"`{norm}`, scope {_scope_text(scope)},", "`batch`"))
             lines.append(
-                f"| {norm} | {scope_text} | {', '.join(map(str, seeds))} | "
+                f"| {norm} | {_scope_text(scope)} | {', '.join(map(str, seeds))} | "
                 f"{fmt_ci(report.mean_ci(tgt))} | {fmt_ci(report.mean_ci(raw))} | {delta} | "
                 f"{fmt_ci(report.mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
                 f"{', '.join(_late_text(g[s]['curve']) for s in seeds)} | "
@@ -499,6 +498,10 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
         lines += ["", "What the intervals support (target accuracy, paired by seed):", "",
                   *sentences]
     return lines
+
+
+def _scope_text(scope: str) -> str:
+    return "all (target)" if scope == "all" else "input (source)"
 
 
 def _late_text(curve: Sequence[dict[str, Any]]) -> str:

@@ -149,11 +149,11 @@ def write_page(present: list[str], seeds: list[int], rounds: int, args_line: str
         diff = paired_difference(by_seed(ctx), by_seed(bn))
         if row in SAME_RUN or not diff.n:
             continue
-        common = sorted(set(by_seed(ctx)) & set(by_seed(bn)))
-        if all(by_seed(ctx, d)[k] == by_seed(bn, d)[k] for d in present for k in common):
+        per_domain = [(by_seed(ctx, d), by_seed(bn, d)) for d in present]
+        if all(c[k] == b[k] for c, b in per_domain for k in set(c) & set(b)):
             sentences.append(
                 f"- {row}: `context` and `batch` end at the same accuracy on every domain in "
-                f"each of {len(common)} paired seeds (with one domain per client and a local "
+                f"each of {diff.n} paired seeds (with one domain per client and a local "
                 "norm, each client's `ContextNorm` is its `BatchNorm`).")
         else:
             sentences.append(f"- {row}: " + verdict(diff, "`context`", "`batch`"))
