@@ -67,10 +67,17 @@ def paired_difference(a: dict[int, float], b: dict[int, float],
     return mean_ci([a[s] - b[s] for s in seeds], confidence)
 
 
+#: Fewest paired seeds behind a stated comparison (the project's rule: an accuracy comparison
+#: carries at least 3 seeds; with 2 the t-interval is too wide to mean much).
+MIN_PAIRED_SEEDS = 3
+
+
 def verdict(diff: Estimate, name: str, baseline: str) -> str:
-    """A sentence that claims only what the interval of ``diff`` supports."""
-    if diff.n < 2:
-        return f"{name} vs {baseline}: too few paired seeds to compare."
+    """A sentence that claims only what the interval of ``diff`` supports; no comparison from
+    fewer than :data:`MIN_PAIRED_SEEDS` paired seeds."""
+    if diff.n < MIN_PAIRED_SEEDS:
+        return (f"{name} vs {baseline}: {diff.n} paired seed{'s' if diff.n != 1 else ''}, "
+                f"too few to compare (a comparison needs {MIN_PAIRED_SEEDS}).")
     if not diff.excludes_zero():
         return (f"{name} and {baseline} are not distinguishable at this budget (paired "
                 f"difference {diff.format(100, 1)} points, 95% CI contains 0).")

@@ -38,6 +38,14 @@ def test_verdict_does_not_claim_a_difference_the_interval_does_not_support() -> 
     assert "not distinguishable" in verdict(diff, "A", "B")
 
 
+def test_verdict_states_no_comparison_from_two_paired_seeds() -> None:
+    # Two seeds whose interval excludes zero: still no claim (comparisons carry >= 3 seeds).
+    diff = paired_difference({0: 0.90, 1: 0.91}, {0: 0.80, 1: 0.805})
+    assert diff.n == 2 and diff.excludes_zero()
+    sentence = verdict(diff, "A", "B")
+    assert sentence == "A vs B: 2 paired seeds, too few to compare (a comparison needs 3)."
+
+
 def _fake_run(root, name: str, seed: int, policy: str, accs: dict[str, float]) -> str:
     import json
 
