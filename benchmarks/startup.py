@@ -118,28 +118,31 @@ def group_cpu(pgid: int) -> dict[int, float]:
     return found
 
 
-#: (what, Python code run alone): the CPU cost of each piece of start-up work, in a fresh process.
-PIECES = [
-    ("`import torch`", "import torch"),
-    ("a client worker's imports: `" + ", ".join(WORKER_PRELOAD) + "` (torch, Flower, fedctx; "
-     "what it preloads)", "import " + ", ".join(WORKER_PRELOAD)),
-    ("the driver's imports: `fedctx.simulate`, `fedctx.federated.server`, Flower's simulation "
-     "engine", "import fedctx.simulate, fedctx.federated.server, flwr.simulation.run_simulation"),
-    ("Ray's processes after `ray.init(num_cpus=2)` (GCS, raylet, dashboard, agents, monitors, "
-     "2 idle workers; not the driver)",
-     "import logging, time, ray; ray.init(num_cpus=2, include_dashboard=False, "
-     "logging_level=logging.ERROR); time.sleep(5)"),
-]
+#: name -> (what, Python code run alone): the CPU cost of each piece of start-up work, in a
+#: fresh process.
+PIECES = {
+    "torch": ("`import torch`", "import torch"),
+    "worker": ("a client worker's imports: `" + ", ".join(WORKER_PRELOAD) + "` (torch, Flower, "
+               "fedctx; what it preloads)", "import " + ", ".join(WORKER_PRELOAD)),
+    "driver": ("the driver's imports: `fedctx.simulate`, `fedctx.federated.server`, Flower's "
+               "simulation engine",
+               "import fedctx.simulate, fedctx.federated.server, flwr.simulation.run_simulation"),
+    "ray": ("Ray's processes after `ray.init(num_cpus=2)` (GCS, raylet, dashboard, agents, "
+            "monitors, 2 idle workers; not the driver)",
+            "import logging, time, ray; ray.init(num_cpus=2, include_dashboard=False, "
+            "logging_level=logging.ERROR); time.sleep(5)"),
+}
 
 
 def piece_costs(repeats: int = 3) -> dict[str, float]:
-    """CPU seconds of each of :data:`PIECES` (the least of ``repeats`` runs; for Ray, the CPU of
-    every process of the group but the one that called ``ray.init``)."""
+    """CPU seconds of each of :data:`PIECES`, by name (the least of ``repeats`` runs; for Ray,
+    the CPU of every process of the group but the one that called ``ray.init``). Kept in
+    ``pieces.json`` and read from it while it holds the same pieces."""
     path = RUNS_DIR / "pieces.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists() and set(kept := json.loads(path.read_text())) == set(PIECES):
+        return kept
     costs = {}
-    for what, code in PIECES:
+    for name, (_, code) in PIECES.items():
         best = float("inf")
         for _ in range(repeats):
             proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], cwd=REPO,
@@ -151,7 +154,7 @@ def piece_costs(repeats: int = 3) -> dict[str, float]:
                 time.sleep(SAMPLE_S)
             own = per_pid.pop(proc.pid, 0.0)
             best = min(best, sum(per_pid.values()) if "ray.init" in code else own)
-        costs[what] = best
+        costs[name] = best
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(costs, indent=1) + "\n")
     return costs
@@ -252,8 +255,8 @@ def page(records: dict[str, list[dict]], argv: list[str], costs: dict[str, float
                   "CPU seconds of the pieces of start-up work, each alone in a fresh process "
                   "(least of 3; the last sample before the process ends, so slightly low):", "",
                   "| piece | CPU s |", "|---|---|",
-                  *(f"| {what} | {cpu:.2f} |" for what, cpu in costs.items()), ""]
-        need = (costs[PIECES[2][0]] + 2 * costs[PIECES[1][0]] + costs[PIECES[3][0]])
+                  *(f"| {PIECES[name][0]} | {cpu:.2f} |" for name, cpu in costs.items()), ""]
+        need = costs["driver"] + 2 * costs["worker"] + costs["ray"]
         bound = need / cores
         lines.append(
             f"Before every client is registered, the driver's imports, two workers' imports and "

@@ -519,7 +519,10 @@ def _started_as(config: SimConfig, num_cpus: int) -> bool:
 def _stop_ray() -> None:
     import ray
 
+    from fedctx.federated.startup import mark
+
     ray.shutdown()
+    mark("ray-stopped")
 
 
 def _prepare_beside_ray(prepare: Callable[[], tuple[FederatedDataset, str | None] | int],

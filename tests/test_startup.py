@@ -3,6 +3,7 @@ of ``python -m fedctx.simulate`` (a run that cannot start shuts Ray down again).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,52 @@ def test_marks_are_written_once_per_phase_only_when_tracing(tmp_path: Path,
     # every phase is kept in memory, traced or not, once, in the order reached
     assert list(startup.phases(12.0)) == ["a", "b", "c", "process"]
     assert startup.phases(12.0)["c"] == 0.5
+
+
+def test_a_trace_file_that_cannot_be_written_turns_tracing_off_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    monkeypatch.setattr(startup, "_MARKED", {})
+    monkeypatch.setenv(startup.STARTUP_TRACE_ENV, str(tmp_path / "missing" / "trace.jsonl"))
+    startup.mark("a")
+    startup.mark("b")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "start-up tracing is off" in err and "missing" in err
+    assert startup.STARTUP_TRACE_ENV not in os.environ
+    assert list(startup.phases(0.0)) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_resuming_an_in_process_run_from_the_command_line_stops_the_early_ray(
+        tmp_path: Path) -> None:
+    """The command line starts Ray before the options are resolved; when they resolve to
+    another backend (here ``--resume`` of an in-process run), that Ray is stopped and the run
+    goes on as its options say."""
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "fedctx.simulate", "--out", str(out)]
+    subprocess.run([*base, "--backend", "inprocess", "--clients", "4", "--rounds", "1"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    trace = tmp_path / "trace.jsonl"
+    proc = subprocess.Popen([*base, "--resume", "--rounds", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, startup.STARTUP_TRACE_ENV: str(trace)})
+    try:
+        stdout, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, err[-2000:]
+    phases = [m["phase"] for m in startup.read_trace(trace)]
+    # Ray started early, was stopped before the driver went on, and the run went on in-process
+    assert phases.index("ray-init") < phases.index("ray-stopped") < phases.index("driver-ready")
+    assert "Starting Ray" not in stdout
+    assert [json.loads(line)["round"] for line in
+            (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    deadline = time.time() + 15
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "processes of the run outlive it"
 
 
 @pytest.mark.slow

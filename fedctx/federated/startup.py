@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 STARTUP_TRACE_ENV = "FEDCTX_STARTUP_TRACE"
@@ -23,7 +24,9 @@ def mark(phase: str, t: float | None = None) -> None:
     :func:`phases` and, when tracing, appended to the trace file.
 
     A phase is recorded once per process (the first time). One ``O_APPEND`` write of a short
-    line: lines of concurrent processes do not interleave.
+    line: lines of concurrent processes do not interleave. A trace file that cannot be written
+    turns tracing off in this process (and the processes it starts) with one line on stderr:
+    a diagnostic never stops a run.
     """
     if phase in _MARKED:
         return
@@ -31,16 +34,22 @@ def mark(phase: str, t: float | None = None) -> None:
     path = os.environ.get(STARTUP_TRACE_ENV)
     if path:
         line = json.dumps({"phase": phase, "pid": os.getpid(), "t": _MARKED[phase]})
-        with open(path, "a") as trace:
-            trace.write(line + "\n")
+        try:
+            with open(path, "a") as trace:
+                trace.write(line + "\n")
+        except OSError as err:
+            os.environ.pop(STARTUP_TRACE_ENV, None)
+            print(f"fedctx: warning: ${STARTUP_TRACE_ENV} {path}: {err.strerror or err}; "
+                  "start-up tracing is off", file=sys.stderr)
 
 
 def phases(since: float) -> dict[str, float]:
     """This process's phases so far, in seconds after ``since`` (e.g. the command's start), in
     the order they were marked: in the driver of ``python -m fedctx.simulate`` on a local Ray,
     ``main``, ``ray-init``, ``runtime-imported``, ``imports``, ``runtime-build``,
-    ``runtime-built``, ``ray-ready``, ``driver-ready``, ``engine`` (the client workers' phases
-    are in the trace only)."""
+    ``runtime-built``, ``ray-ready``, ``driver-ready``, ``engine``, and ``ray-stopped`` where
+    that Ray was stopped again (the resolved options ask for another, or the run cannot start);
+    the client workers' phases are in the trace only."""
     return {phase: round(t - since, 3) for phase, t in _MARKED.items()}
 
 
