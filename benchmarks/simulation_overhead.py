@@ -28,10 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = {20: 0.85, 100: 0.80}  # issue #13: the share of the limit a round should reach
 
 
-def plain_round_seconds(clients: int, seed: int, cores: int, repeats: int = 2) -> float:
-    """The limit for one round: every client's local training in a plain loop (one thread),
-    divided by the parallelism ``min(cores, clients)``, plus the server's evaluation (all
-    threads), which runs after training in fedctx too."""
+def plain_round_seconds(clients: int, seed: int, cores: int, repeats: int = 2
+                        ) -> tuple[float, float]:
+    """The limit for one round, as (training, evaluation) seconds: every client's local
+    training in a plain loop (one thread), divided by the parallelism ``min(cores, clients)``,
+    and the server's evaluation (all threads), which runs after training in fedctx too. The
+    best of ``repeats`` rounds (by their sum)."""
     from fedctx.config import SimConfig
     from fedctx.federated.runtime import build_model, load_data
     from fedctx.federated.training import evaluate, local_train
@@ -39,7 +41,7 @@ def plain_round_seconds(clients: int, seed: int, cores: int, repeats: int = 2) -
     config = SimConfig(clients=clients, fraction=1.0, seed=seed).validate()
     data = load_data(config)
     model = build_model(config, data)
-    best = float("inf")
+    best = (float("inf"), 0.0)
     for r in range(1, repeats + 1):
         torch.set_num_threads(1)
         t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def plain_round_seconds(clients: int, seed: int, cores: int, repeats: int = 2) -
         t0 = time.perf_counter()
         for k, (x, y) in data.test.items():
             evaluate(model, x, y, k)
-        best = min(best, train / min(cores, clients) + time.perf_counter() - t0)
+        best = min(best, (train / min(cores, clients), time.perf_counter() - t0), key=sum)
     return best
 
 
@@ -134,12 +136,13 @@ def server_reply_costs(clients: int, seed: int, repeats: int = 3) -> dict[str, f
 
 
 def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
-               ) -> tuple[float, float, float, float]:
-    """(steady-state seconds per round, start-up seconds, teardown seconds, overall accuracy)
-    of a real Ray run.
+               ) -> tuple[float, float, float, float, dict[str, float]]:
+    """(steady-state seconds per round, start-up seconds, teardown seconds, overall accuracy,
+    the round's phases) of a real Ray run.
 
     Start-up: from the command's start until every client has registered (Ray up, workers
-    ready); teardown: from the last round's end to the process exit."""
+    ready); teardown: from the last round's end to the process exit; phases: the median over
+    the steady rounds of each of the run's ``phase_seconds``."""
     out = REPO / "results" / f"bench-overhead-{clients}-cohort{cohort_size}"
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(clients), "--rounds",
            str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out),
@@ -147,12 +150,14 @@ def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    per_round = [json.loads(line)["seconds"] for line in
-                 (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_round = [r["seconds"] for r in records]
+    phases = {name: statistics.median(r["phase_seconds"][name] for r in records[1:])
+              for name in records[0]["phase_seconds"]}
     summary = json.loads((out / "summary.json").read_text())
     startup = summary["startup_seconds"]
     return (statistics.median(per_round[1:]), startup, wall - startup - sum(per_round),
-            summary["accuracy"])
+            summary["accuracy"], phases)
 
 
 def main() -> None:
@@ -168,11 +173,14 @@ def main() -> None:
     costs = record_costs(args.seed)
     server = server_reply_costs(max(args.clients), args.seed)
     rows = []
+    breakdown: list[tuple[int, tuple[float, float], float, dict[str, float]]] = []
     for n in args.clients:
-        limit = plain_round_seconds(n, args.seed, cores)
+        limit_parts = plain_round_seconds(n, args.seed, cores)
+        limit = sum(limit_parts)
         runs = {size: fedctx_run(n, args.rounds, args.seed, size) for size in (1, 0)}
-        (alone, startup, teardown, acc1), (cohort, _, _, acc0) = runs[1], runs[0]
+        (alone, startup, teardown, acc1, _), (cohort, _, _, acc0, phases) = runs[1], runs[0]
         rows.append((n, limit, alone, cohort, startup, teardown, acc1 == acc0))
+        breakdown.append((n, limit_parts, cohort, phases))
         print(f"{n} clients: limit {limit:.2f}s/round; one message per client {alone:.2f}s "
               f"(ratio {limit / alone:.2f}); cohorts {cohort:.2f}s (ratio {limit / cohort:.2f});"
               f" same accuracy: {acc1 == acc0}", flush=True)
@@ -205,6 +213,15 @@ def main() -> None:
         "",
         f"1-minute load average when the benchmark started: {load:.2f}. s/round: median of "
         "rounds 2 and later. Start-up and teardown: the one-message-per-client run's.", "",
+        "Where a round's time goes, in the same runs (cohorts; each phase's median over rounds 2 "
+        "and later, from the run's `phase_seconds` in `metrics.jsonl`), against the limit's two "
+        "parts:", "",
+        "| clients | limit: training ÷ cores | limit: evaluation | fedctx: sending, clients' "
+        "training, replies | fedctx: `aggregate_train` | fedctx: evaluation, recording |",
+        "|---|---|---|---|---|---|",
+        *(f"| {n} | {train:.2f} | {ev:.2f} | {p['train']:.2f} | {p['aggregate']:.2f} | "
+          f"{p['evaluate']:.2f} |" for n, (train, ev), _, p in breakdown),
+        "",
         f"Per client per round, each side encodes and decodes the model ({costs['tensors']} "
         "tensors), CPU ms, best of 50: Flower's `ArrayRecord` "
         f"{costs['flower_encode']:.2f} encode + {costs['flower_decode']:.2f} decode = "

@@ -110,7 +110,8 @@ def _run(tmp_path: Path, name: str, **overrides) -> tuple[list[dict], CountingGr
     grid = CountingGrid(client_app, config.clients, run_config=run_config)
     Experiment(config, run_config, RunRecorder(Path(config.out), config.rounds)).run(grid)
     lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines], grid
+    timings = ("seconds", "phase_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines], grid
 
 
 @pytest.mark.parametrize("policy", ["average", "local"])
@@ -123,6 +124,16 @@ def test_cohorts_give_the_same_run_bit_for_bit(tmp_path: Path, policy: str) -> N
     if policy == "local":  # every client evaluates with its own norm: packed as well
         assert grid1.sent.count(MessageType.EVALUATE) == 12
         assert grid3.sent.count(MessageType.EVALUATE) == 4
+
+
+def test_each_round_records_where_its_time_went(tmp_path: Path) -> None:
+    _run(tmp_path, "timed", cohort_size=4, norm_policy="local")  # clients evaluate too
+    for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        phases = record["phase_seconds"]
+        assert list(phases) == ["train", "aggregate", "evaluate"]
+        assert all(v >= 0 for v in phases.values()) and phases["train"] > 0
+        assert sum(phases.values()) == pytest.approx(record["seconds"], abs=0.005)
 
 
 def test_cohort_grid_needs_one_way_to_size_cohorts() -> None:

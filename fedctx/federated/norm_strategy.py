@@ -97,6 +97,8 @@ class RoundReport:
     metrics: dict[str, float] = field(default_factory=dict)  # AVERAGED_METRICS reported
     aggregated: bool = False
     failed: bool = False       # too few sound replies (or the inner strategy gave no model)
+    replied: float | None = None     # time.time() when the replies reached aggregate_train
+    merged: float | None = None      # ... and when aggregate_train returned
     ray_nodes: int = 0
     evaluation: dict[int, MetricRecord] = field(default_factory=dict)  # node id -> metrics
 
@@ -748,6 +750,14 @@ class NormPolicyStrategy(Strategy):
         (with the inner strategy's rule), both only if at least ``min_replies`` are sound."""
         server_round += self.round_offset
         report = self.reports.setdefault(server_round, RoundReport(server_round, time.time()))
+        report.replied = time.time()
+        try:
+            return self._aggregate_train(server_round, replies, report)
+        finally:
+            report.merged = time.time()
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message],
+                         report: RoundReport) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self._screen_all(self._sorted(replies), report)
         if len(accepted) < self.min_replies:
             return self._fail(report, f"only {len(accepted)} sound replies "

@@ -63,6 +63,17 @@ def make_strategy(config: SimConfig, model) -> NormPolicyStrategy:  # noqa: ANN0
         round_timeout=config.round_timeout, max_examples=config.max_examples)
 
 
+def phase_seconds(report: RoundReport, done: float) -> dict[str, float]:
+    """Where a round's wall time (``report.started`` to ``done``) went: ``train`` (sampling,
+    sending, the clients' training, the replies' arrival), ``aggregate`` (screening and merging,
+    ``aggregate_train``) and ``evaluate`` (client-side evaluation where the policy has it, the
+    server's evaluation, recording). Seconds, rounded to the millisecond."""
+    replied = report.replied if report.replied is not None else done
+    merged = report.merged if report.merged is not None else replied
+    return {"train": round(replied - report.started, 3), "aggregate": round(merged - replied, 3),
+            "evaluate": round(done - merged, 3)}
+
+
 class Experiment:
     """The server side of one run; ``run(grid)`` executes (or resumes) every round."""
 
@@ -177,7 +188,9 @@ class Experiment:
             record.update(accuracy=self.overall(accs), accuracy_per_context=accs)
             if self.rt.data.holdout is not None:
                 record["holdout_accuracy"] = self.evaluate_holdout()
-        record["seconds"] = time.time() - report.started
+        done = time.time()
+        record["seconds"] = done - report.started
+        record["phase_seconds"] = phase_seconds(report, done)
         self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
         if server_round == 1:  # drawn after the first round, not while the clients start
             save_label_heatmap(self.rt.data, self.out / "label_counts.png")
