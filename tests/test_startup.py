@@ -56,6 +56,25 @@ def test_a_trace_file_that_cannot_be_written_turns_tracing_off_with_one_line(
     assert list(startup.phases(0.0)) == ["a", "b"]
 
 
+def _traced_command(argv: list[str], trace: Path, timeout: float
+                    ) -> tuple[int, str, str, list[str]]:
+    """Run ``argv`` from the repository with the start-up trace in ``trace``, in a session of its
+    own: (exit status, stdout, stderr, the traced phases), once nothing it started is alive."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, startup.STARTUP_TRACE_ENV: str(trace)})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    deadline = time.time() + 15
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "processes of the run outlive it"
+    return proc.returncode, out, err, [str(m["phase"]) for m in startup.read_trace(trace)]
+
+
 @pytest.mark.slow
 def test_resuming_an_in_process_run_from_the_command_line_stops_the_early_ray(
         tmp_path: Path) -> None:
@@ -66,27 +85,14 @@ def test_resuming_an_in_process_run_from_the_command_line_stops_the_early_ray(
     base = [sys.executable, "-m", "fedctx.simulate", "--out", str(out)]
     subprocess.run([*base, "--backend", "inprocess", "--clients", "4", "--rounds", "1"],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
-    trace = tmp_path / "trace.jsonl"
-    proc = subprocess.Popen([*base, "--resume", "--rounds", "2"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            env={**os.environ, startup.STARTUP_TRACE_ENV: str(trace)})
-    try:
-        stdout, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    assert proc.returncode == 0, err[-2000:]
-    phases = [m["phase"] for m in startup.read_trace(trace)]
+    status, stdout, err, phases = _traced_command([*base, "--resume", "--rounds", "2"],
+                                                  tmp_path / "trace.jsonl", 300)
+    assert status == 0, err[-2000:]
     # Ray started early, was stopped before the driver went on, and the run went on in-process
     assert phases.index("ray-init") < phases.index("ray-stopped") < phases.index("driver-ready")
     assert "Starting Ray" not in stdout
     assert [json.loads(line)["round"] for line in
             (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    deadline = time.time() + 15
-    while time.time() < deadline and _group_alive(proc.pid):
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "processes of the run outlive it"
 
 
 @pytest.mark.slow
@@ -97,24 +103,12 @@ def test_a_run_that_cannot_start_stops_the_ray_it_started(tmp_path: Path, proble
     and nothing the command started outlives it."""
     bad = (["--data-dir", str(tmp_path / "none")] if problem == "missing data"
            else ["--norm-options", "nope=1"])
-    trace = tmp_path / "trace.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "fedctx.simulate", "--scenario", "mnist-usps",
-                             *bad, "--clients", "2", "--out", str(tmp_path / "run")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            env={**os.environ, startup.STARTUP_TRACE_ENV: str(trace)})
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    assert proc.returncode == 2, err[-2000:]
+    status, _, err, phases = _traced_command(
+        [sys.executable, "-m", "fedctx.simulate", "--scenario", "mnist-usps", *bad,
+         "--clients", "2", "--out", str(tmp_path / "run")], tmp_path / "trace.jsonl", 120)
+    assert status == 2, err[-2000:]
     assert err.strip().startswith("error: ") and "\n" not in err.strip(), err[-2000:]
-    assert "ray-init" in [m["phase"] for m in startup.read_trace(trace)]
-    deadline = time.time() + 15
-    while time.time() < deadline and _group_alive(proc.pid):
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "processes of the run outlive it"
+    assert "ray-init" in phases
 
 
 
