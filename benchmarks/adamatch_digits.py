@@ -233,8 +233,8 @@ def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
                   log: bool = True) -> list[dict[str, Any]]:
     """Run the missing cells of the grid (``jobs`` at a time, ``threads`` torch threads each)
     while the projected end stays within ``budget_minutes`` (0: no limit), then regenerate the
-    page. ``steps``: of every run (``None``: each pair's :data:`PAIR_STEPS`). Returns the records
-    of the runs started here."""
+    page of the whole grid. ``steps``: of every run (``None``: each pair's :data:`PAIR_STEPS`).
+    Returns the records of the runs started here."""
     start = time.monotonic()
     budget = budget_minutes * 60.0
     todo = [c for c in grid(pairs, norms, scopes, seeds)
@@ -276,8 +276,8 @@ def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
                     finished.append(fut.result())
                 except RuntimeError as err:
                     print(f"FAILED {err}", file=sys.stderr, flush=True)
-    write_page(runs_dir, page, steps=steps, pairs=pairs, norms=norms, scopes=scopes,
-               seeds=seeds)
+    # the whole grid: a run of some cells never drops the others' results from the page
+    write_page(runs_dir, page, steps=steps)
     return finished
 
 

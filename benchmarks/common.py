@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -37,13 +38,25 @@ def machine() -> str:
 
 
 class Budget:
-    """Wall-clock budget for starting new runs (``minutes <= 0``: unlimited)."""
+    """Wall-clock budget for starting new runs (``minutes <= 0``: unlimited), for runs of
+    ``seeds`` only (``None``: of any seed)."""
 
-    def __init__(self, minutes: float) -> None:
+    def __init__(self, minutes: float, seeds: Sequence[int] | None = None) -> None:
         self.deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
+        self.seeds = None if seeds is None else frozenset(seeds)
 
     def exhausted(self) -> bool:
         return time.time() >= self.deadline
+
+    def allows(self, seed: int) -> bool:
+        """Whether a run of ``seed`` may start now."""
+        return not self.exhausted() and (self.seeds is None or seed in self.seeds)
+
+
+def recorded_seeds(runs_dir: Path) -> set[int]:
+    """The seeds of the run records under ``runs_dir`` (files ``...-seed<k>[-...].json``)."""
+    found = (re.search(r"-seed(\d+)(?:-[^/]*)?\.json$", p.name) for p in runs_dir.rglob("*.json"))
+    return {int(m.group(1)) for m in found if m}
 
 
 def benchmark_parser(description: str) -> argparse.ArgumentParser:
@@ -58,17 +71,20 @@ def benchmark_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def seeds_and_budget(parser: argparse.ArgumentParser, args: argparse.Namespace
-                     ) -> tuple[list[int], Budget | None]:
-    """The seeds of ``--seeds`` (one line and exit 2 for a bad list) and the run budget (``None``
-    with ``--page-only``: no run is started)."""
+def seeds_and_budget(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     runs_dir: Path) -> tuple[list[int], Budget | None]:
+    """The page's seeds: those of ``--seeds`` (one line and exit 2 for a bad list) and every
+    seed with a record in ``runs_dir``, so that running some seeds never drops the others from
+    the page; and the run budget, which starts runs of ``--seeds`` only (``None`` with
+    ``--page-only``: no run is started)."""
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: invalid value {args.seeds!r}; expected integers like 0,1,2")
     if not seeds:
         parser.error("--seeds: no seed given")
-    return seeds, None if args.page_only else Budget(args.budget_minutes)
+    shown = sorted(set(seeds) | recorded_seeds(runs_dir))
+    return shown, None if args.page_only else Budget(args.budget_minutes, seeds)
 
 
 def run_cell(runs_dir: Path, cell: str, seed: int, flags: Sequence[str], budget: Budget | None,
@@ -79,7 +95,7 @@ def run_cell(runs_dir: Path, cell: str, seed: int, flags: Sequence[str], budget:
     path = runs_dir / f"{cell}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if budget is None or budget.exhausted():
+    if budget is None or not budget.allows(seed):
         return None
     shown = [*flags, "--seed", str(seed)]
     with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:

@@ -92,7 +92,7 @@ def flags(alpha: float, norm: str, policy: str) -> list[str]:
 def main() -> None:
     parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    seeds, budget = seeds_and_budget(parser, args)
+    seeds, budget = seeds_and_budget(parser, args, RUNS)
     records: dict[tuple[str, str], list[dict]] = {}
     kmeans: list[dict] = []
     for i, (label, alpha) in enumerate(ALPHAS.items()):  # an interrupted grid has whole alphas
@@ -128,7 +128,7 @@ def main() -> None:
                 if rec is not None:
                     sub.setdefault((row, comp), []).append(rec)
     page = RESULTS / "domain_mix.md"
-    page.write_text("\n".join([render(records, args.seeds), render_sub_batches(sub),
+    page.write_text("\n".join([render(records, ",".join(map(str, seeds))), render_sub_batches(sub),
                                render_kmeans(kmeans, records), render_holdout(held)]))
     print(f"wrote {page}")
 
@@ -141,7 +141,7 @@ def run_holdout(cell: str, seed: int, shown: list[str], budget: Budget | None
     path = RUNS / f"{cell}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if budget is None or budget.exhausted():
+    if budget is None or not budget.allows(seed):
         return None
     argv = [*shown, "--seed", str(seed)]
     with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:
@@ -212,7 +212,7 @@ def run_sub_batches(norm: str, options: dict[str, int], comp: tuple[int, ...], s
     path = RUNS / f"subbatch-{norm}{tag}-{'-'.join(map(str, comp))}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if budget is None or budget.exhausted():
+    if budget is None or not budget.allows(seed):
         return None
     torch.set_num_threads(1)  # as a simulated client (``--cpus-per-client 1``)
     t0 = time.time()

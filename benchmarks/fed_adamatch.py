@@ -116,7 +116,7 @@ def run_module(cell: str, seed: int, module: str, shown: list[str], hidden: list
     path = RUNS / f"{cell}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if budget is None or budget.exhausted():
+    if budget is None or not budget.allows(seed):
         return None
     with tempfile.TemporaryDirectory(prefix="fedctx-bench-") as tmp:
         argv = [*shown, *hidden, "--out", str(Path(tmp) / "run")]
@@ -247,17 +247,20 @@ def main() -> None:
     rows = args.rows.split(",")
     if bad := [r for r in rows if r not in ROWS]:
         parser.error(f"--rows: unknown {bad[0]!r}; valid choices: {', '.join(ROWS)}")
-    seeds, budget = seeds_and_budget(parser, args)
+    seeds, budget = seeds_and_budget(parser, args, RUNS)
+    # every pair and row with records stays on the page; runs start for the chosen ones only
     records: dict[tuple[str, str], list[dict[str, Any]]] = {
-        (p, r): [] for p in pairs for r in ROWS}
+        (p, r): [] for p in PAIRS for r in ROWS}
     for seed in seeds:
-        for pair in pairs:
+        for pair in PAIRS:
             for row in ROWS:
-                rec = run_row(row, pair, seed, args.rounds,
-                              budget if row in rows else None, args.data_dir)
+                chosen = pair in pairs and row in rows
+                rec = run_row(row, pair, seed, args.rounds, budget if chosen else None,
+                              args.data_dir)
                 if rec is not None:
                     records[(pair, row)].append(rec)
-    print(f"wrote {write_page(records, pairs, args.seeds, args.rounds)}")
+    shown = [p for p in PAIRS if p in pairs or any(records[(p, r)] for r in ROWS)]
+    print(f"wrote {write_page(records, shown, ','.join(map(str, seeds)), args.rounds)}")
 
 
 if __name__ == "__main__":

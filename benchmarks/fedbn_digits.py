@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     args = parser.parse_args()
-    seeds, budget = seeds_and_budget(parser, args)
+    seeds, budget = seeds_and_budget(parser, args, RUNS)
     norms = args.norms.split(",")
     rows = [r for r in ROWS if not args.rows or r in args.rows.split(",")]
     present = domains_on_disk(args.data_dir)
@@ -198,7 +198,8 @@ def main() -> None:
     for row, same in SAME_RUN.items():
         for norm in NORMS:
             records[(row, norm)] = records[(same, norm)]
-    line = (f"python benchmarks/fedbn_digits.py --data-dir DATA --seeds {args.seeds} "
+    shown = ",".join(map(str, seeds))
+    line = (f"python benchmarks/fedbn_digits.py --data-dir DATA --seeds {shown} "
             f"--rounds {args.rounds}")
     print(f"wrote {write_page(present, seeds, args.rounds, line, records)}")
 

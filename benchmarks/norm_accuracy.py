@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Budget, machine
+from common import REPO, Budget, machine, recorded_seeds
 
 from fedctx.report import mean_ci
 
@@ -173,6 +173,11 @@ def write_page(norms: list[str], seeds: list[int], runs: Path, page: Path,
     page.write_text("\n".join(lines))
 
 
+def page_seeds(seeds: list[int], runs: Path) -> list[int]:
+    """The chosen seeds and every seed with a record in ``runs``."""
+    return sorted(set(seeds) | recorded_seeds(runs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norms", default="", help="comma-separated names (default: all)")
@@ -201,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 rec = run_one(norm, seed, args.data_dir, args.runs_dir)
                 result = rec.get("error") or f"accuracy {rec['accuracy']:.4f}"
                 print(f"{norm} seed {seed}: {result} ({rec['seconds']:.0f} s)", flush=True)
-                write_page(norms, seeds, args.runs_dir, args.page, args.data_dir)
-    write_page(norms, seeds, args.runs_dir, args.page, args.data_dir)
+                write_page(available(), page_seeds(seeds, args.runs_dir), args.runs_dir,
+                           args.page, args.data_dir)
+    # every norm and seed with records stays on the page; runs start for the chosen ones only
+    write_page(available(), page_seeds(seeds, args.runs_dir), args.runs_dir, args.page,
+               args.data_dir)
     print(f"wrote {args.page}")
     return 0
 

@@ -33,7 +33,7 @@ LABELS = {"average": "`average` (FedAvg)", "local": "`local` (FedBN)",
 def main() -> None:
     parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    seeds, budget = seeds_and_budget(parser, args)
+    seeds, budget = seeds_and_budget(parser, args, RUNS)
     records: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for seed in seeds:
         for policy in POLICIES:
@@ -44,7 +44,8 @@ def main() -> None:
     contexts = list(next(r for rs in records.values() for r in rs)["accuracy_per_context"])
     lines = [
         "# Norm policies on the digits scenario", "",
-        f"Command: `python benchmarks/norm_policies.py --seeds {args.seeds}`; each run is "
+        f"Command: `python benchmarks/norm_policies.py --seeds {','.join(map(str, seeds))}`; "
+        "each run is "
         "`python -m fedctx.simulate --clients 20 --norm-policy <policy> --seed <k> --backend "
         "inprocess` (the default scenario: 20 clients, 4 real-image digit domains, one domain per "
         "client, 8 rounds, half the clients a round, `context` norm, FedAvg for the shared "

@@ -87,7 +87,7 @@ def run_attack(cell: str, strategy: str, attack: str, seed: int, budget: Budget 
     path = RUNS / f"{cell}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if budget is None or budget.exhausted():
+    if budget is None or not budget.allows(seed):
         return None
     from fedctx.federated.engine import run_in_process
     from fedctx.federated.run_config import to_run_config
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="", help="real data sets (default: fedctx's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds, budget = seeds_and_budget(parser, args)
+    seeds, budget = seeds_and_budget(parser, args, RUNS)
     records: dict[tuple[str, str], list[dict]] = {(s, a): [] for s in STRATEGIES
                                                   for a in ATTACKS}
     for group in ORDER:  # a spent budget leaves every cell of the first groups comparable
@@ -225,7 +225,7 @@ def main() -> None:
                        for reason in r["rejections"]})
     lines = [
         "# Robustness: one attacking client, and the failure cases handled", "",
-        f"Command: `nice -n 10 python benchmarks/robustness.py --seeds {args.seeds} "
+        f"Command: `nice -n 10 python benchmarks/robustness.py --seeds {','.join(map(str, seeds))} "
         "--data-dir DATA`; each run is `python -m fedctx.simulate "
         + " ".join(FLAGS) + " --strategy <strategy> --seed <k>` (the default `digits` scenario: "
         "4 real-image digit domains, one domain per client, `context` norm with the "

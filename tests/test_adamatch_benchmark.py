@@ -153,3 +153,17 @@ def test_each_pair_runs_and_is_reported_at_its_own_budget(tmp_path, monkeypatch)
     bench.run_benchmark(pairs=["mnist-mnistm", "usps-mnist"], norms=["batch"], scopes=["all"],
                         seeds=[0, 1], jobs=1, runs_dir=runs, page=tmp_path / "q.md", log=False)
     assert calls == [("mnist-mnistm", 800), ("usps-mnist", 300)]  # seed 1 of each, own budget
+
+
+def test_a_run_of_some_cells_keeps_the_others_on_the_page(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(bench, "PAIR_STEPS", {"mnist-mnistm": 1000, "mnist-usps": 1000,
+                                              "usps-mnist": 1000})
+    _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.81)])
+    monkeypatch.setattr(bench, "run_cell", lambda cell, **kw: _write(runs, [_record(
+        cell.pair, cell.norm, cell.scope, cell.seed, 0.97)]))
+    bench.run_benchmark(pairs=["usps-mnist"], norms=["batch"], scopes=["all"], seeds=[0],
+                        jobs=1, runs_dir=runs, page=tmp_path / "p.md", log=False)
+    text = (tmp_path / "p.md").read_text()
+    assert "| 97.00 (n = 1) |" in text  # the cell run now
+    assert "| 81.00 (n = 1) |" in text  # and the one run before, not chosen this time
