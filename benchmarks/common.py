@@ -59,6 +59,12 @@ def recorded_seeds(runs_dir: Path) -> set[int]:
     return {int(m.group(1)) for m in found if m}
 
 
+def page_seeds(chosen: Sequence[int], runs_dir: Path) -> list[int]:
+    """The seeds a page shows: the chosen ones and every seed with a record in ``runs_dir`` (a
+    run of some seeds never drops the others from the page)."""
+    return sorted(set(chosen) | recorded_seeds(runs_dir))
+
+
 def benchmark_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the options every benchmark shares: ``--seeds``, ``--page-only`` and
     ``--budget-minutes``; a script adds its own."""
@@ -83,8 +89,8 @@ def seeds_and_budget(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"--seeds: invalid value {args.seeds!r}; expected integers like 0,1,2")
     if not seeds:
         parser.error("--seeds: no seed given")
-    shown = sorted(set(seeds) | recorded_seeds(runs_dir))
-    return shown, None if args.page_only else Budget(args.budget_minutes, seeds)
+    budget = None if args.page_only else Budget(args.budget_minutes, seeds)
+    return page_seeds(seeds, runs_dir), budget
 
 
 def run_cell(runs_dir: Path, cell: str, seed: int, flags: Sequence[str], budget: Budget | None,

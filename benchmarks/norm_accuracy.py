@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Budget, machine, recorded_seeds
+from common import REPO, Budget, machine, page_seeds
 
 from fedctx.report import mean_ci
 
@@ -171,11 +171,6 @@ def write_page(norms: list[str], seeds: list[int], runs: Path, page: Path,
     ]
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines))
-
-
-def page_seeds(seeds: list[int], runs: Path) -> list[int]:
-    """The chosen seeds and every seed with a record in ``runs``."""
-    return sorted(set(seeds) | recorded_seeds(runs))
 
 
 def main(argv: list[str] | None = None) -> int:
