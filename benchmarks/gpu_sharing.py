@@ -53,9 +53,11 @@ def fedctx_samples_per_s(clients: int, rounds: int, seed: int) -> float:
                     "--fraction", "1.0", "--rounds", str(rounds), "--seed", str(seed),
                     "--gpus-per-client", str(1 / clients), "--out", str(out), "--overwrite"],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    per_round = [json.loads(x)["seconds"] for x in
-                 (out / "metrics.jsonl").read_text().splitlines()][1:]
     from fedctx.config import SimConfig
+    from fedctx.results import round_durations
+
+    per_round = round_durations([json.loads(x) for x in
+                                 (out / "metrics.jsonl").read_text().splitlines()])[1:-1]
     from fedctx.federated.runtime import load_data
 
     data = load_data(SimConfig(clients=clients, seed=seed).validate())
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "gpu_sharing.md")
     args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds: at least 3 (round 1 warms up; the last has no next start)")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_sharing: no CUDA GPU here; run it on a machine with one")
     ref = reference_samples_per_s(args.clients, args.seed)
@@ -78,7 +82,8 @@ def main() -> None:
         f"Command: `python benchmarks/gpu_sharing.py --clients {args.clients} --rounds "
         f"{args.rounds}`. GPU: {torch.cuda.get_device_name(0)}; CPU cores: {os.cpu_count()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}.", "",
-        "| clients on one GPU | fedctx samples/s (rounds 2+, median round) | one process "
+        "| clients on one GPU | fedctx samples/s (median round, rounds 2 to the one before "
+        "last, start to next start) | one process "
         "samples/s | ratio |", "|---|---|---|---|",
         f"| {args.clients} | {sim:.0f} | {ref:.0f} | **{sim / ref:.2f}** |",
         "", "fedctx's rounds include the server's evaluation and the framework's messaging; the "

@@ -40,7 +40,7 @@ from common import REPO, machine
 
 from fedctx.federated.startup import STARTUP_TRACE_ENV, read_trace
 from fedctx.report import mean_ci
-from fedctx.results import atomic_write_text
+from fedctx.results import atomic_write_text, round_durations
 
 RUNS = REPO / "docs" / "results" / "runs" / "scale"
 PAGE = REPO / "docs" / "results" / "scale.md"
@@ -151,8 +151,9 @@ def run(clients: int, sampled: int, rounds: int, width: int, images: int, data_d
         for m in read_trace(trace):
             if m["pid"] == proc.pid:
                 marks.setdefault(str(m["phase"]), float(m["t"]))
+    durations = round_durations(history)  # start to next start: the recording included
     for s in samples:  # a sample read at round r's line: that round's time
-        s["seconds"] = history[s["round"] - 1]["seconds"]
+        s["seconds"] = durations[s["round"] - 1]
     registered = marks["main"] + summary["startup_seconds"]
     return {
         "clients": clients, "sampled": sampled, "rounds": rounds,
@@ -162,7 +163,8 @@ def run(clients: int, sampled: int, rounds: int, width: int, images: int, data_d
         "wall_seconds": wall, "startup_seconds": summary["startup_seconds"],
         "engine_to_registration": marks["registration"] - marks["engine"],
         "registration_seconds": registered - marks["registration"],
-        "round_seconds": [r["seconds"] for r in history],
+        "round_seconds": durations,
+        "recording_seconds": [r.get("between_seconds") for r in history[1:]],
         "clients_ok": [r["clients_ok"] for r in history],
         "width": width, "batch": images // clients,
         "step_seconds": step_seconds(images // clients, width),
@@ -217,7 +219,8 @@ def page(records: list[dict[str, Any]], workers: int) -> str:
         "differs with the "
         "batch, so the table gives it (one SGD step timed in the benchmark's process, one "
         f"thread; per round: 100 clients over {workers} workers). The server evaluates after "
-        "the last round only; round statistics are over rounds 2 to "
+        "the last round only; a round's time runs from its start to the next round's start "
+        "(its checkpoint and metrics files included); round statistics are over rounds 2 to "
         f"{rounds - 1} (round 1 warms up, round {rounds} evaluates).", "",
         "| registered clients | start-up s (command → all registered) | registration s "
         "(first query → all registered) | engine start → first query s | round s, median "
@@ -282,16 +285,20 @@ def verdicts(records: list[dict[str, Any]], workers: int) -> list[str]:
             f" clients vs {ms:.2f} s at {small['clients']:,}: ratio **{ml / ms:.2f}**; without "
             f"the client compute of the table (round − compute per round) **{overhead:.2f}**. "
             + ("Not longer with 10x the registered clients (both ratios at most 1.10)."
-               if holds else "Longer with 10x the registered clients (a ratio above 1.10)."),
+               if holds else "Longer with 10x the registered clients (a ratio above 1.10).")
+            + ("" if not all(r.get("recording_seconds") for r in (small, large)) else
+               " Of a round, its recording (checkpoint, metrics files: the next round's "
+               "`between_seconds`), median: " + "; ".join(
+                   f"{r['clients']:,} clients {statistics.median(r['recording_seconds']):.3f} s"
+                   for r in (small, large)) + "."),
             "", f"**Start-up.** Registration (one `query` message per client, "
             "64 in flight at a time) took "
             f"{large['registration_seconds'] / small['registration_seconds']:.1f}x longer at "
             f"{large['clients']:,} clients than at {small['clients']:,}: it grows with the "
             "number of clients by design (each client says its partition, context, size and "
             "label counts once); the round times above do not include it. Outside start-up "
-            "and rounds (wall time − start-up − the sum of round times: the label heat map "
-            "`label_counts.png`, drawn after round 1, model "
-            "saving, teardown): "
+            "and rounds (wall time − start-up − the sum of round times: the last round's "
+            "recording, model saving, teardown): "
             + "; ".join(f"{r['clients']:,} clients {outside(r):.0f} s" for r in records)
             + "."]
     return out

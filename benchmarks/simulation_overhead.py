@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fedctx.results import round_durations
+
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {20: 0.85, 100: 0.80}  # issue #13: the share of the limit a round should reach
 
@@ -140,9 +142,15 @@ def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
     """(steady-state seconds per round, start-up seconds, teardown seconds, overall accuracy,
     the round's phases) of a real Ray run.
 
-    Start-up: from the command's start until every client has registered (Ray up, workers
-    ready); teardown: from the last round's end to the process exit; phases: the median over
-    the steady rounds of each of the run's ``phase_seconds``."""
+    A round's time runs from its start to the next round's start
+    (:func:`fedctx.results.round_durations`: training, aggregation, evaluation and the round's
+    recording), over the steady rounds: the second to the one before last (the first warms up;
+    the last has no next start). Start-up: from the command's start until every client has
+    registered (Ray up, workers ready); teardown: from the last round's end to the process exit;
+    phases: the median over the steady rounds of each of the run's ``phase_seconds``, plus
+    ``record`` (the recording, the next round's ``between_seconds``) and ``without_record``
+    (the rounds' own ``seconds``: this page's definition of a round before the recording was
+    counted)."""
     out = REPO / "results" / f"bench-overhead-{clients}-cohort{cohort_size}"
     cmd = [sys.executable, "-m", "fedctx.simulate", "--clients", str(clients), "--rounds",
            str(rounds), "--fraction", "1.0", "--seed", str(seed), "--out", str(out),
@@ -151,12 +159,15 @@ def fedctx_run(clients: int, rounds: int, seed: int, cohort_size: int
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_round = [r["seconds"] for r in records]
-    phases = {name: statistics.median(r["phase_seconds"][name] for r in records[1:])
+    durations = round_durations(records)
+    steady = records[1:-1]
+    phases = {name: statistics.median(r["phase_seconds"][name] for r in steady)
               for name in records[0]["phase_seconds"]}
+    phases["record"] = statistics.median(r["between_seconds"] for r in records[2:])
+    phases["without_record"] = statistics.median(r["seconds"] for r in steady)
     summary = json.loads((out / "summary.json").read_text())
     startup = summary["startup_seconds"]
-    return (statistics.median(per_round[1:]), startup, wall - startup - sum(per_round),
+    return (statistics.median(durations[1:-1]), startup, wall - startup - sum(durations),
             summary["accuracy"], phases)
 
 
@@ -168,6 +179,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=REPO / "docs" / "results" / "simulation_overhead.md")
     args = parser.parse_args()
+    if args.rounds < 4:
+        parser.error("--rounds: at least 4 (the steady rounds are the second to the one before "
+                     "last)")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     costs = record_costs(args.seed)
@@ -211,16 +225,25 @@ def main() -> None:
              "it (profiles): [performance_notes.md](performance_notes.md).")
           for n, lim, _, coh, _, _, _ in rows if n in TARGETS),
         "",
-        f"1-minute load average when the benchmark started: {load:.2f}. s/round: median of "
-        "rounds 2 and later. Start-up and teardown: the one-message-per-client run's.", "",
-        "Where a round's time goes, in the same runs (cohorts; each phase's median over rounds 2 "
-        "and later, from the run's `phase_seconds` in `metrics.jsonl`), against the limit's two "
-        "parts:", "",
+        f"1-minute load average when the benchmark started: {load:.2f}. s/round: from a "
+        "round's start to the next round's start (its recording included: "
+        "`fedctx.results.round_durations`), median of rounds 2 to "
+        f"{args.rounds - 1}. Start-up and teardown: the one-message-per-client run's.", "",
+        "Without the recording (a round's own `seconds`, this page's measure until "
+        "2026-11-24, which left the checkpoint and metrics files of each round out), in the "
+        "same runs: "
+        + "; ".join(f"{n} clients, cohorts {p['without_record']:.2f} s/round, ratio "
+                    f"{sum(parts) / p['without_record']:.2f}"
+                    for n, parts, _, p in breakdown) + ".", "",
+        "Where a round's time goes, in the same runs (cohorts; each phase's median over the "
+        "same rounds, from the run's `phase_seconds` and the next round's `between_seconds` in "
+        "`metrics.jsonl`), against the limit's two parts:", "",
         "| clients | limit: training ÷ cores | limit: evaluation | fedctx: sending, clients' "
-        "training, replies | fedctx: `aggregate_train` | fedctx: evaluation, recording |",
-        "|---|---|---|---|---|---|",
+        "training, replies | fedctx: `aggregate_train` | fedctx: evaluation | fedctx: "
+        "recording (checkpoint, metrics files) |",
+        "|---|---|---|---|---|---|---|",
         *(f"| {n} | {train:.2f} | {ev:.2f} | {p['train']:.2f} | {p['aggregate']:.2f} | "
-          f"{p['evaluate']:.2f} |" for n, (train, ev), _, p in breakdown),
+          f"{p['evaluate']:.2f} | {p['record']:.3f} |" for n, (train, ev), _, p in breakdown),
         "",
         f"Per client per round, each side encodes and decodes the model ({costs['tensors']} "
         "tensors), CPU ms, best of 50: Flower's `ArrayRecord` "

@@ -192,6 +192,17 @@ def scalars(record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, flo
     return flat
 
 
+def round_durations(records: Sequence[dict[str, Any]]) -> list[float]:
+    """Each round's whole wall time, from ``metrics.jsonl``'s records in order: its ``seconds``
+    (training, aggregation, evaluation) plus the next record's ``between_seconds`` (this round's
+    recording — checkpoint, metrics files — and Flower's loop until the next round starts). A
+    round whose next record has no ``between_seconds`` (the last round, the last one before a
+    resume, runs recorded before the field existed) gives its ``seconds`` alone."""
+    following = [*records[1:], {}]
+    return [float(r["seconds"]) + float(following[i].get("between_seconds", 0.0))
+            for i, r in enumerate(records)]
+
+
 class RunFiles:
     """The files a run is recorded in, the same for every entry point.
 

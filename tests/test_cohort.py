@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from fedctx.federated.local import InProcessGrid
 from fedctx.federated.records import encode
 from fedctx.federated.run_config import to_run_config
 from fedctx.federated.server import Experiment
-from fedctx.results import RunRecorder
+from fedctx.results import RunRecorder, round_durations
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +111,7 @@ def _run(tmp_path: Path, name: str, **overrides) -> tuple[list[dict], CountingGr
     grid = CountingGrid(client_app, config.clients, run_config=run_config)
     Experiment(config, run_config, RunRecorder(Path(config.out), config.rounds)).run(grid)
     lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
-    timings = ("seconds", "phase_seconds")
+    timings = ("seconds", "phase_seconds", "between_seconds")
     return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines], grid
 
 
@@ -134,6 +135,27 @@ def test_each_round_records_where_its_time_went(tmp_path: Path) -> None:
         assert list(phases) == ["train", "aggregate", "evaluate"]
         assert all(v >= 0 for v in phases.values()) and phases["train"] > 0
         assert sum(phases.values()) == pytest.approx(record["seconds"], abs=0.005)
+
+
+def test_a_rounds_recording_is_timed_by_the_next_round(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's checkpoint comes after its ``seconds`` stop: the next round's
+    ``between_seconds`` holds it, and ``round_durations`` adds it to the round it belongs to."""
+    save = Experiment.save_checkpoint
+
+    def slow_save(self: Experiment, server_round: int) -> None:
+        time.sleep(0.3)
+        save(self, server_round)
+
+    monkeypatch.setattr(Experiment, "save_checkpoint", slow_save)
+    _run(tmp_path, "slow", rounds=3, cohort_size=4)
+    records = [json.loads(x) for x in (tmp_path / "slow" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert "between_seconds" not in records[0]  # nothing before the first round
+    assert all(r["between_seconds"] >= 0.3 for r in records[1:])
+    durations = round_durations(records)
+    assert durations[0] == pytest.approx(records[0]["seconds"] + records[1]["between_seconds"])
+    assert durations[-1] == records[-1]["seconds"]  # the last round has no next start
 
 
 def test_cohort_grid_needs_one_way_to_size_cohorts() -> None:

@@ -4,6 +4,7 @@ the norm policy."""
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -240,10 +241,25 @@ def test_label_distribution_and_source_confidence_reach_the_train_config() -> No
     assert report.aggregated and report.accepted == 3
     assert report.metrics["unlabelled-mask-rate"] == pytest.approx(0.25)
     assert report.metrics["confidence"] == pytest.approx(0.575)
+    state = wrapper.state_dict()
+    # tensors, not 10,000 Python lists to pickle every round (issue #13 item 3)
+    assert isinstance(state["trained"], torch.Tensor)
+    assert all(isinstance(v, torch.Tensor) for v in state["label_counts"].values())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     resumed = NormPolicyStrategy(FedAvg(**sampling(3)), tiny(), "per-context")
-    resumed.load_state_dict(wrapper.state_dict(), finished_rounds=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True), finished_rounds=2)
     assert resumed.source_confidence == pytest.approx(0.575)
     assert resumed.label_distribution() == pytest.approx([4 / 6, 2 / 6])
+    assert resumed.label_counts == wrapper.label_counts == {0: [3, 1], 1: [1, 1]}
+    assert resumed.trained == wrapper.trained == {0, 1, 2}
+    # a checkpoint written before: lists
+    old = {**state, "trained": [0, 1, 2], "label_counts": {0: [3, 1], 1: [1, 1]}}
+    earlier = NormPolicyStrategy(FedAvg(**sampling(3)), tiny(), "per-context")
+    earlier.load_state_dict(old, finished_rounds=2)
+    assert earlier.label_counts == wrapper.label_counts and earlier.trained == {0, 1, 2}
+    assert earlier.label_distribution() == pytest.approx([4 / 6, 2 / 6])
 
 
 def test_no_label_counts_no_label_distribution() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedctx.results import RunFiles, RunRecorder, clear_results, scalars
+from fedctx.results import RunFiles, RunRecorder, clear_results, round_durations, scalars
 
 
 def tensorboard_steps(out: Path) -> dict[str, list[int]]:
@@ -97,3 +97,11 @@ def test_simulate_resume_continues_csv_and_tensorboard(tmp_path: Path, capsys) -
     assert steps["accuracy"] == [1, 2]
     assert {f"accuracy_per_context/{c}" for c in ("mnist", "usps", "mnistm", "mnist-inverted")
             } <= set(steps)
+
+
+def test_round_durations_add_the_next_rounds_between_seconds() -> None:
+    records = [{"seconds": 1.0}, {"seconds": 2.0, "between_seconds": 0.5},
+               {"seconds": 3.0},  # the first round after a resume: no between_seconds
+               {"seconds": 4.0, "between_seconds": 0.25}]
+    assert round_durations(records) == [1.5, 2.0, 3.25, 4.0]
+    assert round_durations([]) == []

@@ -67,7 +67,8 @@ def phase_seconds(report: RoundReport, done: float) -> dict[str, float]:
     """Where a round's wall time (``report.started`` to ``done``) went: ``train`` (sampling,
     sending, the clients' training, the replies' arrival), ``aggregate`` (screening and merging,
     ``aggregate_train``) and ``evaluate`` (client-side evaluation where the policy has it, the
-    server's evaluation, recording). Seconds, rounded to the millisecond."""
+    server's evaluation). Seconds, rounded to the millisecond. The round's recording comes after
+    ``done``: the next round's ``between_seconds`` holds it."""
     replied = report.replied if report.replied is not None else done
     merged = report.merged if report.merged is not None else replied
     return {"train": round(replied - report.started, 3), "aggregate": round(merged - replied, 3),
@@ -84,6 +85,7 @@ class Experiment:
         self.rt = get_runtime(run_config)
         fresh = build_model(config, self.rt.data)  # the seeded initial weights
         self.arrays = {k: v.detach().cpu().clone() for k, v in fresh.state_dict().items()}
+        self.previous_end: float | None = None  # this process's last round's ``done``
         self.strategy = make_strategy(config, fresh)
         self.previous_is_good = True  # whether checkpoint.pt may become checkpoint.prev.pt
 
@@ -191,6 +193,9 @@ class Experiment:
         done = time.time()
         record["seconds"] = done - report.started
         record["phase_seconds"] = phase_seconds(report, done)
+        if self.previous_end is not None:  # the last round's recording, Flower's loop
+            record["between_seconds"] = round(report.started - self.previous_end, 3)
+        self.previous_end = done
         self.recorder.round(record, commit=lambda: self.save_checkpoint(server_round))
         if server_round == 1:  # drawn after the first round, not while the clients start
             save_label_heatmap(self.rt.data, self.out / "label_counts.png")
