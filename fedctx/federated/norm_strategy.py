@@ -833,8 +833,8 @@ class NormPolicyStrategy(Strategy):
             keys = sorted(self.label_counts)
             self._label_counts_state = {
                 "clients": torch.tensor(keys, dtype=torch.int64),
-                "counts": torch.tensor([self.label_counts[k] for k in keys],
-                                       dtype=torch.int64).reshape(len(keys), -1)}
+                "counts": (torch.tensor([self.label_counts[k] for k in keys], dtype=torch.int64)
+                           if keys else torch.zeros(0, 0, dtype=torch.int64))}
         return {"norm": self.norm.state_dict(),
                 "trained": torch.tensor(sorted(self.trained), dtype=torch.int64),
                 "inner": strategy_state(self.strategy, self._initial),
