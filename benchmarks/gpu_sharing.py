@@ -54,12 +54,11 @@ def fedctx_samples_per_s(clients: int, rounds: int, seed: int) -> float:
                     "--gpus-per-client", str(1 / clients), "--out", str(out), "--overwrite"],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     from fedctx.config import SimConfig
+    from fedctx.federated.runtime import load_data
     from fedctx.results import round_durations
 
     per_round = round_durations([json.loads(x) for x in
                                  (out / "metrics.jsonl").read_text().splitlines()])[1:-1]
-    from fedctx.federated.runtime import load_data
-
     data = load_data(SimConfig(clients=clients, seed=seed).validate())
     return sum(len(c) for c in data.clients) / statistics.median(per_round)
 
