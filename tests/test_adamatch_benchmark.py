@@ -83,7 +83,7 @@ def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
     assert "+5.00 ± " in text  # context - batch, paired over 3 seeds
     assert "| acn | input (source) | 0 | 55.00 (n = 1) |" in text
     assert "| usps-mnist | batch | all | 0, 1, 2 | 10 min |" in text  # missing, with its time
-    assert "No run yet." in text and "not quoted" in text
+    assert "No run yet." in text and "as transcribed from the paper" in text
     assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
 
 
@@ -167,3 +167,20 @@ def test_a_run_of_some_cells_keeps_the_others_on_the_page(tmp_path, monkeypatch)
     text = (tmp_path / "p.md").read_text()
     assert "| 97.00 (n = 1) |" in text  # the cell run now
     assert "| 81.00 (n = 1) |" in text  # and the one run before, not chosen this time
+
+
+def test_paper_figure_sets_the_batch_runs_beside_the_quoted_figure():
+    paper = bench.PAPER_TRANSCRIBED["mnist-usps"]
+    near = [_record("mnist-usps", "batch", "all", s, (paper + d) / 100) for s, d in
+            enumerate((-0.3, 0.0, 0.3))]
+    line = bench.paper_figure("mnist-usps", 3000, near)
+    assert f"{paper:.1f}% target accuracy for MNIST → USPS" in line
+    assert "not checked against the paper itself" in line and "instead of 3,000" in line
+    assert f"{paper:.2f} ± " in line and "inside their 95% interval" in line
+    far = [_record("mnist-usps", "batch", "all", s, (paper - 5 + d) / 100) for s, d in
+           enumerate((-0.1, 0.0, 0.1))]
+    assert "5.00 points below it" in bench.paper_figure("mnist-usps", 3000, far)
+    assert "outside their 95% interval" in bench.paper_figure("mnist-usps", 3000, far)
+    # other norms and a single batch run give no interval to compare with
+    other = [_record("mnist-usps", "context", "all", s, 0.9) for s in range(3)]
+    assert "`batch` runs above" not in bench.paper_figure("mnist-usps", 3000, other + near[:1])
