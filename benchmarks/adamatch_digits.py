@@ -214,12 +214,15 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     return record
 
 
-def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int) -> float | None:
-    """Projected wall time of ``cell``: ``steps`` x the median s/step (eval included) of finished
-    runs of the same norm and scope, else of the same norm, else of all runs."""
+def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int,
+                      clock: str = "total_seconds") -> float | None:
+    """Projected time of ``cell``: ``steps`` x the median seconds per step (eval included) of
+    finished runs of the same norm and scope, else of the same norm, else of all runs.
+    ``clock``: the runs' wall time (``total_seconds``) or their own CPU time
+    (``cpu_seconds``: what a free core would take; runs that did not record it are skipped)."""
     for keep in (lambda r: r["norm"] == cell.norm and r["scope"] == cell.scope,
                  lambda r: r["norm"] == cell.norm, lambda r: True):
-        per_step = [r["total_seconds"] / r["steps"] for r in runs if keep(r)]
+        per_step = [r[clock] / r["steps"] for r in runs if keep(r) and r.get(clock)]
         if per_step:
             return steps * statistics.median(per_step)
     return None
@@ -684,24 +687,30 @@ def write_page(runs_dir: Path, page: Path, *, steps: int | None = None,
         groups: dict[tuple[str, str, str], list[Cell]] = {}
         for c in missing:
             groups.setdefault((c.pair, c.norm, c.scope), []).append(c)
-        total, unknown = 0.0, []
-        rows = ["| pair | norm | scope | missing seeds | projected wall time per run here |",
-                "|---|---|---|---|---|"]
+        total, total_cpu, unknown = 0.0, 0.0, []
+        rows = ["| pair | norm | scope | missing seeds | projected CPU time per run (a free "
+                "core) | projected wall time per run here |", "|---|---|---|---|---|---|"]
         for (pair, norm, scope), cells in groups.items():
-            sec = projected_seconds(cells[0], all_runs, budgets_of[pair])
-            if sec is not None and not any(r["norm"] == norm for r in all_runs) and norm in SLOW:
-                sec = None  # no measurement of this norm: another norm's time would mislead
+            sec, cpu = (projected_seconds(cells[0], all_runs, budgets_of[pair], clock)
+                        for clock in ("total_seconds", "cpu_seconds"))
+            if not any(r["norm"] == norm for r in all_runs) and norm in SLOW:
+                sec = cpu = None  # no measurement of this norm: another norm's would mislead
             if sec is None:
                 unknown.append(norm)
             total += (sec or 0.0) * len(cells)
+            total_cpu += (cpu or 0.0) * len(cells)
             rows.append(f"| {pair} | {norm} | {scope} | "
                         f"{', '.join(str(c.seed) for c in cells)} | "
+                        f"{'not measured' if cpu is None else f'{cpu / 60:.0f} min'} | "
                         f"{'not measured' if sec is None else f'{sec / 60:.0f} min'} |")
         body += [f"{len(missing)} of {len(grid(pairs, norms, scopes, seeds))} runs are missing. "
-                 f"Projected at the wall time measured here (one thread per run, machine shared "
-                 f"with other jobs): **{total / 3600:.1f} h** of one core for those with a "
-                 "measured norm" + (f" (not counted: {', '.join(sorted(set(unknown)))}, "
-                                    "never timed in an AdaMatch run here)" if unknown else "")
+                 f"Projected from the runs' own CPU time per step (same norm and scope where "
+                 f"measured): **{total_cpu / 3600:.1f} h** of one free core for those with a "
+                 f"measured norm; at the wall time measured here {total / 3600:.1f} h (one thread "
+                 "per run on a machine shared with other jobs, and runs were paused while other "
+                 "benchmarks measured, which wall time counts)"
+                 + (f" (not counted: {', '.join(sorted(set(unknown)))}, never timed in an "
+                    "AdaMatch run here)" if unknown else "")
                  + ". " + _cpu_line(all_runs), ""] + rows + [""]
     else:
         body += ["None.", ""]

@@ -20,7 +20,7 @@ def _record(pair: str, norm: str, scope: str, seed: int, acc: float, steps: int 
             "batch_size": bench.BATCH, "uratio": bench.URATIO, "final_target_acc": acc,
             "final_target_acc_raw": acc + 0.01, "final_source_acc": 0.98,
             "curve": [{"step": 500, "target_acc": acc - 0.1}, {"step": steps, "target_acc": acc}],
-            "seconds_per_step": 0.5, "total_seconds": 0.6 * steps,
+            "seconds_per_step": 0.5, "total_seconds": 0.6 * steps, "cpu_seconds": 0.4 * steps,
             "hardware": {"processor": "test CPU", "cpu_count": 2, "torch": "x",
                          "torch_threads": 1}}
 
@@ -82,7 +82,9 @@ def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
     assert f"| batch | all (target) | 0, 1, 2 | 62.00 ± {100 * half:.2f} |" in text
     assert "+5.00 ± " in text  # context - batch, paired over 3 seeds
     assert "| acn | input (source) | 0 | 55.00 (n = 1) |" in text
-    assert "| usps-mnist | batch | all | 0, 1, 2 | 10 min |" in text  # missing, with its time
+    assert "| usps-mnist | batch | all | 0, 1, 2 | 7 min | 10 min |" in text  # CPU, wall
+    # 23 missing runs of 1,000 steps at 0.4 CPU-s and 0.6 wall-s per step
+    assert "**2.6 h** of one free core" in text and "measured here 3.8 h" in text
     assert "No run yet." in text and "as transcribed from the paper" in text
     assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
 
