@@ -189,12 +189,12 @@ def main() -> None:
     if args.rounds < 4:
         parser.error("--rounds: at least 4 (the steady rounds are the second to the one before "
                      "last)")
+    if args.pairs < 1:
+        parser.error("--pairs: at least 1")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     costs = record_costs(args.seed)
     server = server_reply_costs(max(args.clients), args.seed)
-    if args.pairs < 1:
-        parser.error("--pairs: at least 1")
     rows = []
     limit_runs: dict[int, list[float]] = {}  # every measurement of the limit, in order
     breakdown: list[tuple[int, tuple[float, float], float, dict[str, float]]] = []
