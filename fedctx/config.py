@@ -16,6 +16,8 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 #: :mod:`fedctx.federated.unseen`.
 UNSEEN_RULES = ("bank-mean", "batch-stats", "nearest")
 CONTEXT_SOURCES = ("domain", "kmeans")
+# built-in strategies whose aggregate is the num-examples-weighted mean (--cohort-sums)
+SUMMABLE_STRATEGIES = ("fedavg", "fedprox", "fedbn", "silobn")
 
 
 _BOUNDS = {"min": ">=", "ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -238,6 +240,10 @@ class SimConfig:
     cohort_size: int = option(0, "clients carried by one Flower message in a simulation (0: one "
                               "message per Ray worker each round; 1: one message per client)",
                               min=0)
+    cohort_sums: bool = option(False, "each cohort answers with its clients' example-weighted sums "
+                               "instead of one reply per client (strategies that average: "
+                               "fedavg, fedprox, fedbn, silobn; the model equals the per-client "
+                               "replies' to float tolerance)")
     gpus_per_client: float = option(0.0, "GPU fraction Ray reserves per client (0: CPU only)",
                                   ge=0.0, le=1.0)
     num_cpus: int = option(0, "CPUs given to the local Ray instance (0: all of this machine)",
@@ -259,6 +265,12 @@ class SimConfig:
         check_fields(self)
         if self.min_clients > self.clients:
             raise ConfigError(f"--min-clients {self.min_clients} exceeds --clients {self.clients}")
+        if self.cohort_sums and self.strategy not in SUMMABLE_STRATEGIES:
+            raise ConfigError(f"--cohort-sums needs a strategy that averages "
+                              f"({', '.join(SUMMABLE_STRATEGIES)}), not {self.strategy!r}")
+        if self.cohort_sums and self.cohort_size == 1:
+            raise ConfigError("--cohort-sums needs cohorts: --cohort-size 0 (one per Ray worker) "
+                              "or above 1")
         unlabelled = self.unlabelled_list()
         if len(set(unlabelled)) != len(unlabelled) or "" in unlabelled:
             raise ConfigError(f"--unlabelled-domains: invalid value {self.unlabelled_domains!r}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,95 @@ def test_records_encode_and_decode_exactly_as_flower_does() -> None:
         want, got = record[k].numpy(), fast[k].numpy()
         assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
         assert torch.equal(torch.from_numpy(got), torch.from_numpy(want))
+
+
+# ---------------------------------------------------------------- summed cohorts (--cohort-sums)
+def _checkpoint(tmp_path: Path, name: str) -> dict:
+    return torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+
+
+def _close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _close(a[key], b[key], atol)
+        else:
+            assert a[key].dtype == b[key].dtype, key
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("policy", ["per-context", "average", "stats-local", "local"])
+def test_summed_cohorts_average_as_the_per_client_replies(tmp_path: Path, policy: str) -> None:
+    """One round: the model and the norm state from the cohorts' sums equal those from one reply
+    per client to float tolerance (float64 sums in another order than FedAvg's float32 ones);
+    the clients' metrics are the same, bit for bit."""
+    alone, _ = _run(tmp_path, "alone", rounds=1, cohort_size=1, norm_policy=policy)
+    summed, grid = _run(tmp_path, "summed", rounds=1, cohort_size=4, norm_policy=policy,
+                        cohort_sums=True)
+    assert grid.sent.count(MessageType.TRAIN) == 2
+    assert summed[0]["train_loss"] == alone[0]["train_loss"]
+    assert summed[0]["clients_ok"] == alone[0]["clients_ok"] == 6
+    a, b = _checkpoint(tmp_path, "alone"), _checkpoint(tmp_path, "summed")
+    _close(a["arrays"], b["arrays"], atol=1e-6)
+    norm_a, norm_b = a["strategy"]["norm"], b["strategy"]["norm"]
+    _close(norm_a["global_norm"], norm_b["global_norm"], atol=1e-6)
+    _close(norm_a["bank"], norm_b["bank"], atol=1e-6)
+    if policy == "per-context":  # the bank was merged: entries differ from the initial state
+        assert len(norm_b["bank"]) > 1
+
+
+def test_a_summed_cohort_with_a_rejected_member_is_dropped_whole(tmp_path: Path) -> None:
+    """The server rejects a member by its metrics after the worker summed its tensors: the
+    member's cohort is dropped (its other members are rejected by check ``cohort``), the other
+    cohorts are aggregated."""
+    records, _ = _run(tmp_path, "bounded", rounds=1, cohort_size=2, cohort_sums=True,
+                      max_examples=700)  # the scenario's 1,000-example clients claim too many
+    report = records[0]
+    checks = [r["check"] for r in report["rejections"]]
+    assert "num-examples" in checks and "cohort" in checks
+    assert set(checks) == {"num-examples", "cohort"}
+    assert report["rejected_by_check"] == dict(Counter(checks))
+    assert report["clients_ok"] + len(checks) == 6 and report["clients_ok"] >= 2
+
+
+def test_non_finite_tensors_stay_out_of_a_cohorts_sums() -> None:
+    from fedctx.federated.cohort import CohortScope, CohortSums
+    from fedctx.federated.norm_client import fold
+
+    scope = CohortScope(sums=CohortSums())
+    msg = Message(RecordDict({"config": ConfigRecord({"norm-policy": "average"})}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)
+    metrics = {"num-examples": 3, "context": 0}
+    fold(scope, msg, {"w": torch.ones(2), "n": torch.tensor(4)}, metrics, ())
+    with pytest.raises(ValueError, match="not finite"):
+        fold(scope, msg, {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(5)},
+             metrics, ())
+    assert scope.sums is not None and scope.sums.total.weight == 3
+    assert torch.equal(scope.sums.total.sums["w"], torch.full((2,), 3.0, dtype=torch.float64))
+
+
+def test_weighted_sums_in_parts_give_the_weighted_average() -> None:
+    from fedctx.federated.params import WeightedSum, weighted_average
+
+    gen = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(3, 4, generator=gen), "count": torch.tensor(i)} for i in range(5)]
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0]
+    left, right = WeightedSum(), WeightedSum()
+    for i, (s, w) in enumerate(zip(states, weights, strict=True)):
+        (left if i < 2 else right).add(s, w)
+    left.merge(right)
+    expected = weighted_average(states, weights)
+    mean = left.mean(states[0])
+    torch.testing.assert_close(mean["w"], expected["w"], rtol=0, atol=1e-6)
+    assert mean["count"].item() == 4 and mean["count"].dtype == torch.int64
+    with pytest.raises(ValueError, match="positive"):
+        WeightedSum().add(states[0], 0.0)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"strategy": "krum"}, "--cohort-sums needs a strategy that averages"),
+    ({"cohort_size": 1}, "--cohort-sums needs cohorts"),
+])
+def test_cohort_sums_refuse_what_they_cannot_sum(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SimConfig(cohort_sums=True, **flags).validate()

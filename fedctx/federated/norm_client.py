@@ -31,8 +31,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
+from fedctx.federated.cohort import CohortScope, cohort_scope
 from fedctx.federated.params import StateSplit, split_state
-from fedctx.federated.policy import NormPolicy, client_split_reply, merge_client_norm
+from fedctx.federated.policy import NormPolicy, NormUpdate, client_split_reply, merge_client_norm
 from fedctx.federated.records import encode
 
 Tensors = dict[str, torch.Tensor]
@@ -124,7 +125,8 @@ def load(model: nn.Module, msg: Message, context: Context, store: NormStore | No
     """Load the received ``arrays`` into ``model``; the normalization tensors the policy keeps
     on the node come from ``store`` (default: ``context.state``) once it has any."""
     policy, split = policy_of(msg), model_split(model)
-    received = msg.content[arrays_key].to_torch_state_dict()
+    record, scope = msg.content[arrays_key], cohort_scope()
+    received = dict(scope.decode(record)) if scope else record.to_torch_state_dict()
     if policy.client_keeps != "none":
         store = store or ContextStore(context)
         received.update(merge_client_norm(policy, split, {k: received[k] for k in split.norm},
@@ -135,19 +137,57 @@ def load(model: nn.Module, msg: Message, context: Context, store: NormStore | No
     model.load_state_dict(received)
 
 
-def reply(model: nn.Module, msg: Message, context: Context, metrics: dict,
-          store: NormStore | None = None, arrays_key: str = "arrays") -> Message:
-    """The train reply: shared tensors plus the norm tensors the policy sends back, and
-    ``metrics`` (``num-examples`` at least; ``context`` for ``per-context``). What the policy
-    keeps goes to ``store`` (default: ``context.state``)."""
+def _trained(model: nn.Module, msg: Message, context: Context, store: NormStore | None
+             ) -> Tensors:
+    """The tensors a train reply sends (shared plus the norm tensors the policy returns);
+    what the policy keeps goes to ``store`` (default: ``context.state``)."""
     policy, split = policy_of(msg), model_split(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     sent, kept = client_split_reply(policy, split, {k: state[k] for k in split.norm})
     if kept:
         (store or ContextStore(context)).save(_round_of(msg), kept)
-    arrays = encode({**{k: state[k] for k in split.shared}, **sent})
-    return Message(RecordDict({arrays_key: arrays, "metrics": MetricRecord(metrics)}),
+    return {**{k: state[k] for k in split.shared}, **sent}
+
+
+def reply(model: nn.Module, msg: Message, context: Context, metrics: dict,
+          store: NormStore | None = None, arrays_key: str = "arrays") -> Message:
+    """The train reply: shared tensors plus the norm tensors the policy sends back, and
+    ``metrics`` (``num-examples`` at least; ``context`` for ``per-context``). What the policy
+    keeps goes to ``store`` (default: ``context.state``). In a summed cohort
+    (:func:`~fedctx.federated.cohort.cohort_scope`) the tensors are folded into the cohort's
+    sums instead (:func:`fold`) and the reply holds ``metrics`` only."""
+    tensors = _trained(model, msg, context, store)
+    metrics_record = MetricRecord(metrics)
+    scope = cohort_scope()
+    if scope is not None and scope.sums is not None:
+        fold(scope, msg, tensors, metrics, model_split(model).norm)
+        return Message(RecordDict({"metrics": metrics_record}), reply_to=msg)
+    return Message(RecordDict({arrays_key: encode(tensors), "metrics": metrics_record}),
                    reply_to=msg)
+
+
+def fold(scope: CohortScope, msg: Message, tensors: Tensors, metrics: dict,
+         norm_keys: tuple[str, ...]) -> None:
+    """Fold one member's trained ``tensors`` into its cohort's sums: all of them weighted by
+    ``num-examples``; under ``per-context`` the norm tensors per context held instead, weighted
+    by the member's count of each context (``context-counts``, else ``num-examples`` at its
+    ``context``), as the server's bank merges them. Tensors that are not finite are refused
+    (``ValueError``: the member fails, its tensors stay out of the sums)."""
+    norms = torch._foreach_norm([t for t in tensors.values() if t.is_floating_point()])
+    if norms and not bool(torch.stack(norms).isfinite().all()):
+        bad = sorted(k for k, t in tensors.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        raise ValueError(f"arrays: {bad[:3]} hold values that are not finite")
+    weight = int(metrics["num-examples"])
+    if policy_of(msg) is not NormPolicy.PER_CONTEXT:
+        scope.fold(tensors, weight, {})
+        return
+    counts = metrics.get("context-counts")
+    holds = NormUpdate(int(metrics["context"]), weight, {},
+                       None if counts is None else [int(c) for c in counts]).holds()
+    norm = {k: tensors[k] for k in norm_keys if k in tensors}
+    scope.fold({k: v for k, v in tensors.items() if k not in norm}, weight,
+               {k: (norm, n) for k, n in holds.items()})
 
 
 def describe(msg: Message, *, context: int, partition_id: int | None = None,

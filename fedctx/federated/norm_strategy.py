@@ -41,9 +41,18 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum, Result, Strategy
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    MultiKrum,
+    Result,
+    Strategy,
+)
 from torch import nn
 
+from fedctx.federated.cohort import SUMS_KEY, CohortSums
 from fedctx.federated.params import (
     Rule,
     StateSplit,
@@ -65,6 +74,10 @@ REQUIRED_METRICS = ("num-examples", "context")
 OPTIONAL_METRICS = ("train-loss", "partition-id", "ray-node", "context-counts", "confidence",
                     "unlabelled-mask-rate")
 RATE_METRICS = ("confidence", "unlabelled-mask-rate")     # floats in [0, 1]
+# checks a member of a summed cohort skips: its reply holds metrics only, and the worker refused
+# tensors that are not finite before summing (fedctx.federated.norm_client.fold)
+SUMMED_SKIPS = frozenset({"records", "arrays"})
+AVERAGING = (FedAvg, FedProx)  # strategies whose aggregate is the num-examples-weighted mean
 AVERAGED_METRICS = ("train-loss", *RATE_METRICS)           # num-examples-weighted in the record
 # registration queries in flight at once: Flower's in-memory link state scans every stored
 # message to deliver one, so sending all 10,000 queries at once cost O(n^2) (10,000 nodes:
@@ -566,10 +579,12 @@ class NormPolicyStrategy(Strategy):
                 ("train-loss", self.check_train_loss), ("rates", self.check_rates),
                 ("arrays", self.check_arrays))
 
-    def failed_check(self, reply: Message) -> tuple[str, str] | None:
-        """(check, reason) of the first screening check a train reply fails, or ``None``."""
+    def failed_check(self, reply: Message, skip: frozenset[str] = frozenset()
+                     ) -> tuple[str, str] | None:
+        """(check, reason) of the first screening check a train reply fails, or ``None``;
+        the checks named in ``skip`` are not run."""
         for check, rule in self.screening():
-            if (reason := rule(reply)) is not None:
+            if check not in skip and (reason := rule(reply)) is not None:
                 return check, reason
         return None
 
@@ -666,9 +681,11 @@ class NormPolicyStrategy(Strategy):
         return check_record(reply.content[self._arrays_key].to_torch_state_dict(),
                             self.reference, required, self.reference)
 
-    def _screen_all(self, replies: list[Message], report: RoundReport) -> list[Message]:
-        """Screen replies; count rejections (by check) and failures (errors, no reply) on
-        ``report``; learn what unregistered nodes say about themselves."""
+    def _screen_all(self, replies: list[Message], report: RoundReport,
+                    skip: frozenset[str] = frozenset()) -> list[Message]:
+        """Screen replies (without the checks in ``skip``); count rejections (by check) and
+        failures (errors, no reply) on ``report``; learn what unregistered nodes say about
+        themselves."""
         accepted = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -677,7 +694,7 @@ class NormPolicyStrategy(Strategy):
                 log.warning("round %d: client %s failed: %s", report.server_round,
                             self.client_key(node), reply.error.reason)
                 continue
-            failed = self.failed_check(reply)
+            failed = self.failed_check(reply, skip)
             if "metrics" in reply.content and isinstance(reply.content["metrics"], MetricRecord):
                 self._learn_from_train(node, reply.content["metrics"], failed is None)
             self.trained.add(self.client_key(node))  # it holds its own norm state now
@@ -763,7 +780,10 @@ class NormPolicyStrategy(Strategy):
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message],
                          report: RoundReport) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self._screen_all(self._sorted(replies), report)
+        replies = self._sorted(replies)
+        if any(SUMS_KEY in r.content for r in replies if not r.has_error()):
+            return self._aggregate_sums(replies, report)
+        accepted = self._screen_all(replies, report)
         if len(accepted) < self.min_replies:
             return self._fail(report, f"only {len(accepted)} sound replies "
                                       f"(< {self.min_replies})")
@@ -780,6 +800,81 @@ class NormPolicyStrategy(Strategy):
         full = ArrayRecord({**{k: new[k].to(self.reference[k].dtype) for k in self.split.shared},
                             **self.norm.outgoing(None)})
         return full, metrics
+
+    # ------------------------------------------------------------------ summed cohorts
+    def sums_unsupported(self) -> str | None:
+        """Why this strategy cannot aggregate summed cohorts (:class:`CohortSums`), or
+        ``None``: the inner strategy must be Flower's FedAvg or FedProx weighting by
+        ``num-examples`` (their aggregate is the weighted mean that sums give), the norm rule the
+        weighted average, and the screening fedctx's own (a worker runs only part of it)."""
+        inner = self.strategy
+        if type(inner) not in AVERAGING:
+            return (f"{type(inner).__name__} does not aggregate by the num-examples-weighted "
+                    "mean (FedAvg and FedProx do)")
+        if getattr(inner, "weighted_by_key", None) != "num-examples":
+            return f"{type(inner).__name__} weights by {inner.weighted_by_key!r}"
+        if self.norm.rule is not weighted_average:
+            return "the norm tensors are merged by a robust rule"
+        if type(self).screening is not NormPolicyStrategy.screening:
+            return f"{type(self).__name__} screens replies its own way"
+        return None
+
+    def _aggregate_sums(self, replies: list[Message], report: RoundReport
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """``aggregate_train`` over summed cohorts: screen each member's metrics; drop a cohort
+        holding a member the screening rejects (its tensors are in the cohort's sums) or whose
+        sums' weight is not its members' ``num-examples``; then shared = total sum / total
+        weight, the norm state from the sums, metrics by the inner strategy's rule."""
+        if (why := self.sums_unsupported()) is not None:
+            raise ValueError(f"summed cohorts: {why}")
+        accepted = self._screen_all(replies, report, skip=SUMMED_SKIPS)
+        cohort_of = {id(r): int(r.content[SUMS_KEY]["cohort"]) for r in replies
+                     if not r.has_error() and SUMS_KEY in r.content}
+        sums: dict[int, CohortSums] = {}
+        for r in replies:
+            if id(r) in cohort_of and "members" in r.content[SUMS_KEY]:
+                sums[cohort_of[id(r)]] = CohortSums.from_records(r.content)
+        accepted_ids = {id(r) for r in accepted}
+        void: dict[int, str] = {}
+        for r in replies:
+            if id(r) in cohort_of and id(r) not in accepted_ids:
+                void.setdefault(cohort_of[id(r)], f"summed with the rejected reply of client "
+                                                  f"{self.client_key(r.metadata.src_node_id)}")
+        for cohort, part in sums.items():
+            members = [r for r in accepted if cohort_of.get(id(r)) == cohort]
+            weight = sum(int(r.content["metrics"]["num-examples"]) for r in members)
+            if cohort not in void and weight != part.total.weight:
+                void[cohort] = (f"the cohort's sums weigh {part.total.weight:g}, its clients' "
+                                f"num-examples {weight}")
+        kept = [r for r in accepted if cohort_of.get(id(r)) in sums
+                and cohort_of[id(r)] not in void]
+        kept_ids = {id(r) for r in kept}
+        for r in accepted:
+            if id(r) not in kept_ids:
+                reason = void.get(cohort_of.get(id(r), -1), "its cohort's sums did not arrive")
+                client = self.client_key(r.metadata.src_node_id)
+                log.warning("round %d: rejected reply of client %s: %s", report.server_round,
+                            client, reason)
+                report.rejections.append({"client": client, "check": "cohort",
+                                          "reason": reason})
+        report.accepted = len(kept)
+        if len(kept) < self.min_replies:
+            return self._fail(report, f"only {len(kept)} sound replies (< {self.min_replies})")
+        self._record_metrics(kept, report)
+        total = CohortSums()
+        for cohort in sorted(sums):
+            if cohort not in void:
+                total.merge(sums[cohort])
+        common = set.intersection(*(set(r.content["metrics"]) for r in kept))
+        contents = [RecordDict({"metrics": MetricRecord({k: v for k, v in
+                                                         r.content["metrics"].items()
+                                                         if k in common})}) for r in kept]
+        metrics = self.strategy.train_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
+        self.norm.update_from_sums(total.total, total.by_context)
+        self.source_confidence = report.metrics.get("confidence")
+        report.aggregated = True
+        shared = total.total.mean({k: self.reference[k] for k in self.split.shared})
+        return ArrayRecord({**shared, **self.norm.outgoing(None)}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

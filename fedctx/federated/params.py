@@ -19,7 +19,7 @@ persistent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -129,6 +129,62 @@ def weighted_average(states: list[Tensors], weights: list[float]) -> Tensors:
         else:
             out[key] = torch.stack([s[key] for s in states]).amax(0)
     return out
+
+
+@dataclass
+class WeightedSum:
+    """A running ``sum_i w_i x_i`` (float64) and ``sum_i w_i`` over states with identical keys:
+    :func:`weighted_average` taken apart, so that parts of a set of states can be summed where
+    they are (a cohort's worker) and merged elsewhere (the server). Integer tensors keep the
+    element-wise maximum, as in :func:`weighted_average`. ``mean()`` equals
+    :func:`weighted_average` of the same states to float tolerance (the float64 sums are taken
+    in another order), not bit for bit."""
+
+    sums: Tensors = field(default_factory=dict)
+    weight: float = 0.0
+
+    def add(self, state: Tensors, weight: float) -> None:
+        """Add ``weight * state`` (one fused pass over the floating tensors)."""
+        if weight <= 0:
+            raise ValueError(f"a state's weight must be positive, got {weight}")
+        if not self.sums:
+            self._merge({k: v.detach().to(torch.float64) * weight if v.dtype.is_floating_point
+                         else v.detach().clone() for k, v in state.items()}, weight)
+            return
+        self._check_keys(state)
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        torch._foreach_add_([self.sums[k] for k in floats], [state[k].detach() for k in floats],
+                            alpha=weight)
+        for key, value in state.items():
+            if not value.dtype.is_floating_point:
+                self.sums[key] = torch.maximum(self.sums[key], value)
+        self.weight += weight
+
+    def merge(self, other: WeightedSum) -> None:
+        """Add another sum (of a disjoint set of states)."""
+        self._merge(other.sums, other.weight)
+
+    def _check_keys(self, tensors: Tensors) -> None:
+        if self.sums and tensors.keys() != self.sums.keys():
+            raise ValueError(f"keys differ: {sorted(set(tensors) ^ set(self.sums))[:5]}")
+
+    def _merge(self, sums: Tensors, weight: float) -> None:
+        self._check_keys(sums)
+        for key, value in sums.items():
+            if key not in self.sums:
+                self.sums[key] = value.clone()
+            elif value.dtype.is_floating_point:
+                self.sums[key] += value
+            else:
+                self.sums[key] = torch.maximum(self.sums[key], value)
+        self.weight += weight
+
+    def mean(self, like: Tensors) -> Tensors:
+        """``sum_i w_i x_i / sum_i w_i`` for the keys of ``like``, in ``like``'s dtypes."""
+        if self.weight <= 0:
+            raise ValueError("the mean of an empty sum")
+        return {k: (self.sums[k] / self.weight if self.sums[k].dtype.is_floating_point
+                    else self.sums[k]).to(like[k].dtype) for k in like}
 
 
 Rule = Callable[[list[Tensors], list[float]], Tensors]

@@ -35,7 +35,7 @@ from enum import StrEnum
 
 import torch
 
-from fedctx.federated.params import Rule, StateSplit, weighted_average
+from fedctx.federated.params import Rule, StateSplit, WeightedSum, weighted_average
 
 Tensors = dict[str, torch.Tensor]
 
@@ -123,6 +123,32 @@ class ServerNormState:
             return
         merged = self.rule([u.tensors for u in updates], [u.num_examples for u in updates])
         self.global_norm = {**self.global_norm, **merged}
+
+    def update_from_sums(self, total: WeightedSum, by_context: dict[int, WeightedSum]) -> None:
+        """:meth:`update` from sums instead of the clients' tensors (the example-weighted
+        average rule only): ``total`` over every client weighted by ``num-examples``, and
+        ``by_context[k]`` of the norm tensors over the holders of *k* weighted by their count
+        of *k*. The same merge as :meth:`update` to float tolerance."""
+        if self.rule is not weighted_average:
+            raise ValueError("norm state merges from sums only under the example-weighted "
+                             "average rule")
+        if self.policy is NormPolicy.LOCAL or total.weight <= 0:
+            return
+        if self.policy is not NormPolicy.PER_CONTEXT:
+            keys = self.expected_reply_keys()
+            self.global_norm = {**self.global_norm,
+                                **total.mean({k: self.initial[k] for k in keys})}
+            return
+        whole = {k: self.initial[k] for k in self.split.norm if k not in self.split.by_context}
+        rows = self._rows()
+        for k in sorted(by_context):
+            entry = by_context[k].mean(self.initial)
+            self.bank[k] = {key: entry[key] for key in whole}
+            for key, value in rows.items():
+                if k < value.shape[0]:
+                    value[k] = entry[key][k]
+        for entry in self.bank.values():
+            entry.update(rows)
 
     def _update_bank(self, updates: list[NormUpdate]) -> None:
         """Entry *k* := rule over the holders of *k*, weighted by their counts of *k*; the

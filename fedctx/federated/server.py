@@ -210,14 +210,17 @@ class Experiment:
 
     def cohort_grid(self, grid: Grid) -> Grid | CohortGrid:
         """``grid``, or a :class:`~fedctx.federated.cohort.CohortGrid` over it: ``--cohort-size
-        N`` clients per message, or (0) one message per Ray worker slot when on Ray."""
-        size = self.config.cohort_size
+        N`` clients per message, or (0) one message per Ray worker slot when on Ray; with
+        ``--cohort-sums`` train cohorts answer with their sums."""
+        size, sums = self.config.cohort_size, self.config.cohort_sums
+        if sums and (why := self.strategy.sums_unsupported()) is not None:
+            raise ValueError(f"--cohort-sums: {why}")
         if size == 1:
             return grid
         if size > 1:
-            return CohortGrid(grid, self.member, size=size)
+            return CohortGrid(grid, self.member, size=size, sums=sums)
         slots = ray_worker_slots(self.config.cpus_per_client, self.config.gpus_per_client)
-        return grid if slots is None else CohortGrid(grid, self.member, cohorts=slots)
+        return grid if slots is None else CohortGrid(grid, self.member, cohorts=slots, sums=sums)
 
     def run(self, grid: Grid) -> None:
         if not self.config.resume:
