@@ -225,6 +225,19 @@ def test_summed_cohorts_average_as_the_per_client_replies(tmp_path: Path, policy
         assert len(norm_b["bank"]) > 1
 
 
+def test_a_member_sent_alone_is_summed_on_the_server(tmp_path: Path) -> None:
+    """Five clients in three cohorts: at least one has a single member, sent as a message of
+    its own (a full reply); the server sums that reply itself, with the same result."""
+    alone, _ = _run(tmp_path, "alone", clients=5, rounds=1, cohort_size=1)
+    summed, grid = _run(tmp_path, "summed", clients=5, rounds=1, cohort_size=2,
+                        cohort_sums=True)
+    assert grid.sent.count(MessageType.TRAIN) == 3
+    assert summed[0]["clients_ok"] == 5 and summed[0]["train_loss"] == alone[0]["train_loss"]
+    a, b = _checkpoint(tmp_path, "alone"), _checkpoint(tmp_path, "summed")
+    _close(a["arrays"], b["arrays"], atol=1e-6)
+    _close(a["strategy"]["norm"]["bank"], b["strategy"]["norm"]["bank"], atol=1e-6)
+
+
 def test_a_summed_cohort_with_a_rejected_member_is_dropped_whole(tmp_path: Path) -> None:
     """The server rejects a member by its metrics after the worker summed its tensors: the
     member's cohort is dropped (its other members are rejected by check ``cohort``), the other

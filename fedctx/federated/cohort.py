@@ -75,6 +75,17 @@ class CohortSums:
     by_context: dict[int, WeightedSum] = field(default_factory=dict)
     members: list[int] = field(default_factory=list)
 
+    def add(self, tensors: Tensors, weight: float, by_context: dict[int, tuple[Tensors, int]],
+            member: int | None = None) -> None:
+        """Add one client's ``tensors`` to the total (``weight``) and, for each context *k* it
+        holds, ``by_context[k]`` (its norm tensors, weight: its count of *k*); ``member``: its
+        index in the cohort, if it is one of its members."""
+        self.total.add(tensors, weight)
+        for k, (norm, count) in by_context.items():
+            self.by_context.setdefault(k, WeightedSum()).add(norm, count)
+        if member is not None:
+            self.members.append(member)
+
     def merge(self, other: CohortSums) -> None:
         self.total.merge(other.total)
         for k, part in other.by_context.items():
@@ -119,10 +130,7 @@ class CohortScope:
         context *k* it holds, ``by_context[k]`` (its norm tensors, weight: its count of *k*)."""
         if self.sums is None:
             raise RuntimeError("fold() outside a summed cohort")
-        self.sums.total.add(tensors, weight)
-        for k, (norm, count) in by_context.items():
-            self.sums.by_context.setdefault(k, WeightedSum()).add(norm, count)
-        self.sums.members.append(self.member)
+        self.sums.add(tensors, weight, by_context, member=self.member)
 
     def decode(self, record: ArrayRecord) -> Tensors:
         """``record.to_torch_state_dict()``, once per record object in this cohort (members of

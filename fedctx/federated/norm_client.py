@@ -33,7 +33,13 @@ from torch import nn
 
 from fedctx.federated.cohort import CohortScope, cohort_scope
 from fedctx.federated.params import StateSplit, split_state
-from fedctx.federated.policy import NormPolicy, NormUpdate, client_split_reply, merge_client_norm
+from fedctx.federated.policy import (
+    NormPolicy,
+    NormUpdate,
+    client_split_reply,
+    merge_client_norm,
+    summed_parts,
+)
 from fedctx.federated.records import encode
 
 Tensors = dict[str, torch.Tensor]
@@ -178,16 +184,11 @@ def fold(scope: CohortScope, msg: Message, tensors: Tensors, metrics: dict,
         bad = sorted(k for k, t in tensors.items()
                      if t.is_floating_point() and not bool(torch.isfinite(t).all()))
         raise ValueError(f"arrays: {bad[:3]} hold values that are not finite")
-    weight = int(metrics["num-examples"])
-    if policy_of(msg) is not NormPolicy.PER_CONTEXT:
-        scope.fold(tensors, weight, {})
-        return
     counts = metrics.get("context-counts")
-    holds = NormUpdate(int(metrics["context"]), weight, {},
-                       None if counts is None else [int(c) for c in counts]).holds()
-    norm = {k: tensors[k] for k in norm_keys if k in tensors}
-    scope.fold({k: v for k, v in tensors.items() if k not in norm}, weight,
-               {k: (norm, n) for k, n in holds.items()})
+    update = NormUpdate(int(metrics["context"]), int(metrics["num-examples"]), {},
+                        None if counts is None else [int(c) for c in counts])
+    total, by_context = summed_parts(policy_of(msg), tensors, norm_keys, update)
+    scope.fold(total, update.num_examples, by_context)
 
 
 def describe(msg: Message, *, context: int, partition_id: int | None = None,

@@ -62,7 +62,7 @@ from fedctx.federated.params import (
     trimmed_mean,
     weighted_average,
 )
-from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState
+from fedctx.federated.policy import NormPolicy, NormUpdate, ServerNormState, summed_parts
 from fedctx.federated.records import sub_record
 from fedctx.federated.startup import mark
 
@@ -682,10 +682,10 @@ class NormPolicyStrategy(Strategy):
                             self.reference, required, self.reference)
 
     def _screen_all(self, replies: list[Message], report: RoundReport,
-                    skip: frozenset[str] = frozenset()) -> list[Message]:
-        """Screen replies (without the checks in ``skip``); count rejections (by check) and
-        failures (errors, no reply) on ``report``; learn what unregistered nodes say about
-        themselves."""
+                    skip: Callable[[Message], frozenset[str]] | None = None) -> list[Message]:
+        """Screen replies (without the checks ``skip(reply)`` names); count rejections (by
+        check) and failures (errors, no reply) on ``report``; learn what unregistered nodes say
+        about themselves."""
         accepted = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -694,7 +694,7 @@ class NormPolicyStrategy(Strategy):
                 log.warning("round %d: client %s failed: %s", report.server_round,
                             self.client_key(node), reply.error.reason)
                 continue
-            failed = self.failed_check(reply, skip)
+            failed = self.failed_check(reply, skip(reply) if skip else frozenset())
             if "metrics" in reply.content and isinstance(reply.content["metrics"], MetricRecord):
                 self._learn_from_train(node, reply.content["metrics"], failed is None)
             self.trained.add(self.client_key(node))  # it holds its own norm state now
@@ -823,17 +823,17 @@ class NormPolicyStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """``aggregate_train`` over summed cohorts: screen each member's metrics; drop a cohort
         holding a member the screening rejects (its tensors are in the cohort's sums) or whose
-        sums' weight is not its members' ``num-examples``; then shared = total sum / total
-        weight, the norm state from the sums, metrics by the inner strategy's rule."""
+        sums' weight is not its members' ``num-examples``; a reply of its own (a member sent
+        alone) is screened in full and summed here; then shared = total sum / total weight, the
+        norm state from the sums, metrics by the inner strategy's rule."""
         if (why := self.sums_unsupported()) is not None:
             raise ValueError(f"summed cohorts: {why}")
-        accepted = self._screen_all(replies, report, skip=SUMMED_SKIPS)
+        accepted = self._screen_all(
+            replies, report, skip=lambda r: SUMMED_SKIPS if SUMS_KEY in r.content else frozenset())
         cohort_of = {id(r): int(r.content[SUMS_KEY]["cohort"]) for r in replies
                      if not r.has_error() and SUMS_KEY in r.content}
-        sums: dict[int, CohortSums] = {}
-        for r in replies:
-            if id(r) in cohort_of and "members" in r.content[SUMS_KEY]:
-                sums[cohort_of[id(r)]] = CohortSums.from_records(r.content)
+        sums = {cohort_of[id(r)]: CohortSums.from_records(r.content) for r in replies
+                if id(r) in cohort_of and "members" in r.content[SUMS_KEY]}
         accepted_ids = {id(r) for r in accepted}
         void: dict[int, str] = {}
         for r in replies:
@@ -841,30 +841,32 @@ class NormPolicyStrategy(Strategy):
                 void.setdefault(cohort_of[id(r)], f"summed with the rejected reply of client "
                                                   f"{self.client_key(r.metadata.src_node_id)}")
         for cohort, part in sums.items():
-            members = [r for r in accepted if cohort_of.get(id(r)) == cohort]
-            weight = sum(int(r.content["metrics"]["num-examples"]) for r in members)
+            weight = sum(int(r.content["metrics"]["num-examples"]) for r in accepted
+                         if cohort_of.get(id(r)) == cohort)
             if cohort not in void and weight != part.total.weight:
                 void[cohort] = (f"the cohort's sums weigh {part.total.weight:g}, its clients' "
                                 f"num-examples {weight}")
-        kept = [r for r in accepted if cohort_of.get(id(r)) in sums
-                and cohort_of[id(r)] not in void]
-        kept_ids = {id(r) for r in kept}
+        kept = []
         for r in accepted:
-            if id(r) not in kept_ids:
-                reason = void.get(cohort_of.get(id(r), -1), "its cohort's sums did not arrive")
-                client = self.client_key(r.metadata.src_node_id)
-                log.warning("round %d: rejected reply of client %s: %s", report.server_round,
-                            client, reason)
-                report.rejections.append({"client": client, "check": "cohort",
-                                          "reason": reason})
+            cohort = cohort_of.get(id(r))
+            if cohort is None or (cohort in sums and cohort not in void):
+                kept.append(r)
+                continue
+            reason = void.get(cohort, "its cohort's sums did not arrive")
+            client = self.client_key(r.metadata.src_node_id)
+            log.warning("round %d: rejected reply of client %s: %s", report.server_round,
+                        client, reason)
+            report.rejections.append({"client": client, "check": "cohort", "reason": reason})
         report.accepted = len(kept)
         if len(kept) < self.min_replies:
             return self._fail(report, f"only {len(kept)} sound replies (< {self.min_replies})")
         self._record_metrics(kept, report)
         total = CohortSums()
-        for cohort in sorted(sums):
-            if cohort not in void:
-                total.merge(sums[cohort])
+        for r in kept:  # in partition order: a cohort at its first folded member
+            if id(r) not in cohort_of:
+                total.merge(self._reply_sums(r))
+            elif "members" in r.content[SUMS_KEY]:
+                total.merge(sums[cohort_of[id(r)]])
         common = set.intersection(*(set(r.content["metrics"]) for r in kept))
         contents = [RecordDict({"metrics": MetricRecord({k: v for k, v in
                                                          r.content["metrics"].items()
@@ -875,6 +877,18 @@ class NormPolicyStrategy(Strategy):
         report.aggregated = True
         shared = total.total.mean({k: self.reference[k] for k in self.split.shared})
         return ArrayRecord({**shared, **self.norm.outgoing(None)}), metrics
+
+    def _reply_sums(self, reply: Message) -> CohortSums:
+        """One client's own train reply as sums (as its worker would have summed it)."""
+        m = reply.content["metrics"]
+        counts = m.get("context-counts")
+        update = NormUpdate(int(m["context"]), int(m["num-examples"]), {},
+                            None if counts is None else [int(c) for c in counts])
+        tensors = reply.content[self._arrays_key].to_torch_state_dict()
+        total, by_context = summed_parts(self.policy, tensors, self.split.norm, update)
+        part = CohortSums()
+        part.add(total, update.num_examples, by_context)
+        return part
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

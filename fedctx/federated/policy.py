@@ -30,6 +30,7 @@ shared weights cannot.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -190,6 +191,19 @@ class ServerNormState:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.global_norm = dict(state["global_norm"])  # type: ignore[arg-type]
         self.bank = {int(k): dict(v) for k, v in state["bank"].items()}  # type: ignore[union-attr]
+
+
+def summed_parts(policy: NormPolicy, tensors: Tensors, norm_keys: Iterable[str],
+                 update: NormUpdate) -> tuple[Tensors, dict[int, tuple[Tensors, int]]]:
+    """How one client's reply enters a sum of replies (:class:`~fedctx.federated.params.
+    WeightedSum`): the tensors the sum over all clients takes (weight: ``update.num_examples``)
+    and, under ``per-context``, the norm tensors each context it holds takes (weight: its count
+    of that context), as :meth:`ServerNormState.update` merges them."""
+    if policy is not NormPolicy.PER_CONTEXT:
+        return tensors, {}
+    norm = {k: tensors[k] for k in norm_keys if k in tensors}
+    return ({k: v for k, v in tensors.items() if k not in norm},
+            {k: (norm, n) for k, n in update.holds().items()})
 
 
 def merge_client_norm(policy: NormPolicy, split: StateSplit, received: Tensors,
