@@ -293,3 +293,18 @@ def test_weighted_sums_in_parts_give_the_weighted_average() -> None:
 def test_cohort_sums_refuse_what_they_cannot_sum(flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SimConfig(cohort_sums=True, **flags).validate()
+
+
+def test_cohort_sums_off_keeps_older_runs_folder_names() -> None:
+    """The results folder's hash is that of the options before ``--cohort-sums`` existed, unless
+    it is set: ``--resume`` without ``--out`` still finds a run an older version started."""
+    import hashlib
+
+    from fedctx.federated.run_config import config_hash, experiment_options
+
+    config = SimConfig().validate()
+    before = {k: v for k, v in experiment_options(config).items()
+              if k not in ("rounds", "cohort_sums")}
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+    assert config_hash(config) == old
+    assert config_hash(SimConfig(cohort_sums=True).validate()) != old

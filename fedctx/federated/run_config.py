@@ -54,13 +54,20 @@ def experiment_options(config: SimConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in RUNTIME_OPTIONS}
 
 
+# Options added after results folders were first named by the hash, with their defaults: hashed
+# only when set otherwise, so that a run started before they existed keeps its folder's name
+# (and ``--resume`` without ``--out`` finds it).
+HASHED_WHEN_SET = {"cohort_sums": False}
+
+
 def config_hash(config: SimConfig) -> str:
     """8 hex digits of the options that decide the results, ``rounds`` aside (a run extended
     with ``--resume --rounds N`` stays the same experiment)."""
     import hashlib
     import json
 
-    key = {k: v for k, v in experiment_options(config).items() if k != "rounds"}
+    key = {k: v for k, v in experiment_options(config).items()
+           if k != "rounds" and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
