@@ -184,9 +184,7 @@ def fold(scope: CohortScope, msg: Message, tensors: Tensors, metrics: dict,
         bad = sorted(k for k, t in tensors.items()
                      if t.is_floating_point() and not bool(torch.isfinite(t).all()))
         raise ValueError(f"arrays: {bad[:3]} hold values that are not finite")
-    counts = metrics.get("context-counts")
-    update = NormUpdate(int(metrics["context"]), int(metrics["num-examples"]), {},
-                        None if counts is None else [int(c) for c in counts])
+    update = NormUpdate.from_metrics(metrics, {})
     total, by_context = summed_parts(policy_of(msg), tensors, norm_keys, update)
     scope.fold(total, update.num_examples, by_context)
 

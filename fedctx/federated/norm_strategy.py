@@ -729,11 +729,8 @@ class NormPolicyStrategy(Strategy):
         keys = self.norm.expected_reply_keys()
         if not keys:
             return None
-        m = reply.content["metrics"]
-        counts = m.get("context-counts")
-        norm = sub_record(record, keys).to_torch_state_dict()
-        return NormUpdate(int(m["context"]), int(m["num-examples"]), norm,
-                          None if counts is None else [int(c) for c in counts])
+        return NormUpdate.from_metrics(reply.content["metrics"],
+                                       sub_record(record, keys).to_torch_state_dict())
 
     @staticmethod
     def _common_metrics(replies: list[Message]) -> None:
@@ -867,10 +864,8 @@ class NormPolicyStrategy(Strategy):
                 total.merge(self._reply_sums(r))
             elif "members" in r.content[SUMS_KEY]:
                 total.merge(sums[cohort_of[id(r)]])
-        common = set.intersection(*(set(r.content["metrics"]) for r in kept))
-        contents = [RecordDict({"metrics": MetricRecord({k: v for k, v in
-                                                         r.content["metrics"].items()
-                                                         if k in common})}) for r in kept]
+        self._common_metrics(kept)
+        contents = [RecordDict({"metrics": r.content["metrics"]}) for r in kept]
         metrics = self.strategy.train_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
         self.norm.update_from_sums(total.total, total.by_context)
         self.source_confidence = report.metrics.get("confidence")
@@ -880,10 +875,7 @@ class NormPolicyStrategy(Strategy):
 
     def _reply_sums(self, reply: Message) -> CohortSums:
         """One client's own train reply as sums (as its worker would have summed it)."""
-        m = reply.content["metrics"]
-        counts = m.get("context-counts")
-        update = NormUpdate(int(m["context"]), int(m["num-examples"]), {},
-                            None if counts is None else [int(c) for c in counts])
+        update = NormUpdate.from_metrics(reply.content["metrics"], {})
         tensors = reply.content[self._arrays_key].to_torch_state_dict()
         total, by_context = summed_parts(self.policy, tensors, self.split.norm, update)
         part = CohortSums()

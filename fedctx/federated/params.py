@@ -147,9 +147,10 @@ class WeightedSum:
         """Add ``weight * state`` (one fused pass over the floating tensors)."""
         if weight <= 0:
             raise ValueError(f"a state's weight must be positive, got {weight}")
-        if not self.sums:
-            self._merge({k: v.detach().to(torch.float64) * weight if v.dtype.is_floating_point
-                         else v.detach().clone() for k, v in state.items()}, weight)
+        if not self.sums:  # the first state: its scaled copy is the sum
+            self.sums = {k: v.detach().to(torch.float64) * weight if v.dtype.is_floating_point
+                         else v.detach().clone() for k, v in state.items()}
+            self.weight = weight
             return
         self._check_keys(state)
         floats = [k for k, v in state.items() if v.dtype.is_floating_point]

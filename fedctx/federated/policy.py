@@ -30,9 +30,10 @@ shared weights cannot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -68,6 +69,14 @@ class NormUpdate:
     num_examples: int
     tensors: Tensors
     context_counts: list[int] | None = None
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any], tensors: Tensors) -> NormUpdate:
+        """The update a train reply's ``metrics`` describe (``context``, ``num-examples`` and,
+        if present, ``context-counts``), carrying ``tensors``."""
+        counts = metrics.get("context-counts")
+        return cls(int(metrics["context"]), int(metrics["num-examples"]), tensors,
+                   None if counts is None else [int(c) for c in counts])
 
     def holds(self) -> dict[int, int]:
         """Context -> number of this client's samples of it (contexts it holds only)."""
