@@ -85,7 +85,7 @@ def resumed_config(config: SimConfig, given: set[str]) -> SimConfig:
     """The configuration saved with the run in ``config.out``, with the options ``given`` on
     the command line or in ``--config`` that cannot change results and ``--rounds`` (to extend
     the run); :class:`ConfigError` names an option that contradicts the saved run."""
-    from fedctx.federated.run_config import RUNTIME_OPTIONS
+    from fedctx.federated.run_config import ADDED_OPTIONS, RUNTIME_OPTIONS
     from fedctx.results import CheckpointError, load_checkpoint
 
     out = Path(config.out)
@@ -97,7 +97,8 @@ def resumed_config(config: SimConfig, given: set[str]) -> SimConfig:
     except CheckpointError as err:
         raise ConfigError(f"--resume: {err}") from None
     known = SimConfig.__dataclass_fields__
-    saved = {k: v for k, v in ckpt["config"].items() if k in known}
+    # A run saved before an option existed ran with that option's old value.
+    saved = {**ADDED_OPTIONS, **{k: v for k, v in ckpt["config"].items() if k in known}}
     differ = [k for k in sorted(given) if k not in RUNTIME_OPTIONS and k != "rounds"
               and k in saved and getattr(config, k) != saved[k]]
     if differ:

@@ -148,6 +148,25 @@ def test_resume_reads_the_saved_config_and_refuses_contradictions(
     assert rc == 2 and "fewer than the 2 rounds" in one_line(err)
 
 
+def test_resume_of_a_run_saved_before_an_option_existed_reads_its_old_value(
+        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A checkpoint written before ``--cohort-sums`` existed has no such key: the run used the
+    option's old value, so ``--resume --cohort-sums`` contradicts it (not silently ignored)."""
+    out = tmp_path / "run"
+    rc, _, err = simulate(capsys, "--out", str(out), "--rounds", "1")
+    assert rc == 0, err
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    del ckpt["config"]["cohort_sums"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    rc, _, err = simulate(capsys, "--out", str(out), "--resume", "--rounds", "2",
+                          "--cohort-sums")
+    assert rc == 2 and "--cohort-sums True contradicts" in one_line(err)
+    rc, _, err = simulate(capsys, "--out", str(out), "--resume", "--rounds", "2")
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["cohort_sums"] is False
+    assert rounds_in(out) == [1, 2]
+
+
 def test_resume_without_a_checkpoint_is_one_line(capsys: pytest.CaptureFixture,
                                                  tmp_path: Path) -> None:
     rc, _, err = simulate(capsys, "--out", str(tmp_path / "nothing"), "--resume")

@@ -54,10 +54,11 @@ def experiment_options(config: SimConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in RUNTIME_OPTIONS}
 
 
-# Options added after results folders were first named by the hash, with their defaults: hashed
-# only when set otherwise, so that a run started before they existed keeps its folder's name
-# (and ``--resume`` without ``--out`` finds it).
-HASHED_WHEN_SET = {"cohort_sums": False}
+# Options added after results folders were first named by the hash, with the value every run
+# saved before they existed used: hashed only when set otherwise, so that such a run keeps its
+# folder's name (and ``--resume`` without ``--out`` finds it), and read as that value when such a
+# run is resumed (so that ``--resume --cohort-sums`` of it is refused, not ignored).
+ADDED_OPTIONS = {"cohort_sums": False}
 
 
 def config_hash(config: SimConfig) -> str:
@@ -67,7 +68,7 @@ def config_hash(config: SimConfig) -> str:
     import json
 
     key = {k: v for k, v in experiment_options(config).items()
-           if k != "rounds" and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+           if k != "rounds" and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
