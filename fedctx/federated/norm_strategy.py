@@ -781,22 +781,33 @@ class NormPolicyStrategy(Strategy):
         if any(SUMS_KEY in r.content for r in replies if not r.has_error()):
             return self._aggregate_sums(replies, report)
         accepted = self._screen_all(replies, report)
-        if len(accepted) < self.min_replies:
-            return self._fail(report, f"only {len(accepted)} sound replies "
-                                      f"(< {self.min_replies})")
-        self._record_metrics(accepted, report)
+        if not self._enough(accepted, report):
+            return None, None
         updates = [u for r in accepted if (u := self._split_reply(r)) is not None]
         self._common_metrics(accepted)
         shared, metrics = self.strategy.aggregate_train(server_round, accepted)
         if shared is None:
             return self._fail(report, f"{type(self.strategy).__name__} aggregated no model")
         self.norm.update(updates)
+        new = shared.to_torch_state_dict()
+        return self._merged(report, {k: new[k].to(self.reference[k].dtype)
+                                     for k in self.split.shared}), metrics
+
+    def _enough(self, kept: list[Message], report: RoundReport) -> bool:
+        """Whether ``kept`` holds at least ``min_replies`` replies: then their metrics are
+        recorded; else the round fails."""
+        if len(kept) < self.min_replies:
+            self._fail(report, f"only {len(kept)} sound replies (< {self.min_replies})")
+            return False
+        self._record_metrics(kept, report)
+        return True
+
+    def _merged(self, report: RoundReport, shared: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The round's model: the merged ``shared`` tensors and the norm state the policy sends
+        to every client; the round is recorded as aggregated."""
         self.source_confidence = report.metrics.get("confidence")  # round r+1's config
         report.aggregated = True
-        new = shared.to_torch_state_dict()
-        full = ArrayRecord({**{k: new[k].to(self.reference[k].dtype) for k in self.split.shared},
-                            **self.norm.outgoing(None)})
-        return full, metrics
+        return ArrayRecord({**shared, **self.norm.outgoing(None)})
 
     # ------------------------------------------------------------------ summed cohorts
     def sums_unsupported(self) -> str | None:
@@ -855,9 +866,8 @@ class NormPolicyStrategy(Strategy):
                         client, reason)
             report.rejections.append({"client": client, "check": "cohort", "reason": reason})
         report.accepted = len(kept)
-        if len(kept) < self.min_replies:
-            return self._fail(report, f"only {len(kept)} sound replies (< {self.min_replies})")
-        self._record_metrics(kept, report)
+        if not self._enough(kept, report):
+            return None, None
         total = CohortSums()
         for r in kept:  # in partition order: a cohort at its first folded member
             if id(r) not in cohort_of:
@@ -868,10 +878,8 @@ class NormPolicyStrategy(Strategy):
         contents = [RecordDict({"metrics": r.content["metrics"]}) for r in kept]
         metrics = self.strategy.train_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
         self.norm.update_from_sums(total.total, total.by_context)
-        self.source_confidence = report.metrics.get("confidence")
-        report.aggregated = True
         shared = total.total.mean({k: self.reference[k] for k in self.split.shared})
-        return ArrayRecord({**shared, **self.norm.outgoing(None)}), metrics
+        return self._merged(report, shared), metrics
 
     def _reply_sums(self, reply: Message) -> CohortSums:
         """One client's own train reply as sums (as its worker would have summed it)."""
