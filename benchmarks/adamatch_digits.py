@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,9 +385,14 @@ def _title(pair: str) -> str:
     return f"{DISPLAY[source]} → {DISPLAY[target]}"
 
 
+def _cpu_per_step(runs: Iterable[dict[str, Any]]) -> list[float]:
+    """CPU seconds per step of each of ``runs`` that recorded it (evaluations included)."""
+    return [r["cpu_seconds"] / r["steps"] for r in runs if r.get("cpu_seconds")]
+
+
 def _cpu_line(runs: list[dict[str, Any]]) -> str:
     """The CPU cost per step of the finished runs (what a free core would take)."""
-    per_step = [r["cpu_seconds"] / r["steps"] for r in runs if r.get("cpu_seconds")]
+    per_step = _cpu_per_step(runs)
     if not per_step:
         return "No finished run recorded its CPU time yet."
     cpu = statistics.median(per_step)
@@ -459,6 +464,12 @@ def plot_curves(runs: list[dict[str, Any]], pairs: Sequence[str], path: Path) ->
     plt.close(fig)
 
 
+def _cpu_text(runs: Iterable[dict[str, Any]]) -> str:
+    """Mean CPU seconds per step of ``runs``; ``—`` if none recorded it."""
+    per_step = _cpu_per_step(runs)
+    return f"{statistics.fmean(per_step):.3f}" if per_step else "—"
+
+
 def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
            scopes: Sequence[str]) -> list[str]:
     groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
@@ -468,7 +479,7 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     lines = ["| norm | scope (target eval context) | seeds | target acc. EMA (%) mean ± 95% CI "
              "| target acc. raw (%) | Δ vs batch, paired (points) ± 95% CI | source acc. EMA (%) "
              "| per-seed target EMA (%) | per-seed change over the last "
-             f"{100 * report.LAST_FRACTION:.0f}% of steps (points) | s/step |",
+             f"{100 * report.LAST_FRACTION:.0f}% of steps (points) | CPU s/step (wall) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     sentences = []
     for scope in scopes:
@@ -496,7 +507,8 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
                 f"{fmt_ci(report.mean_ci(tgt))} | {fmt_ci(report.mean_ci(raw))} | {delta} | "
                 f"{fmt_ci(report.mean_ci(src))} | {', '.join(f'{100 * a:.2f}' for a in tgt)} | "
                 f"{', '.join(_late_text(g[s]['curve']) for s in seeds)} | "
-                f"{statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f} |")
+                f"{_cpu_text(g[s] for s in seeds)} "
+                f"({statistics.fmean(g[s]['seconds_per_step'] for s in seeds):.3f}) |")
     if sentences:
         lines += ["", "What the intervals support (target accuracy, paired by seed):", "",
                   *sentences]
@@ -635,8 +647,9 @@ def write_page(runs_dir: Path, page: Path, *, steps: int | None = None,
         "- Scope `input` is the normalization papers' protocol (`--norm-scope input "
         "--target-eval-context source`): `--norm` only on the input image, BatchNorm in the "
         "CNN, target evaluated with the source context; its baseline is the same `batch` run.",
-        f"- Hardware: {_hardware_line(runs)}. The machine was shared with other jobs, so "
-        "s/step are upper bounds.",
+        f"- Hardware: {_hardware_line(runs)}. CPU s/step: the run's process CPU time (all its "
+        "threads) over its steps, evaluations included; the machine was shared with other jobs "
+        "and runs were paused while other work was measured, so wall s/step are upper bounds.",
         "",
         "Command (the whole grid; `--pairs`, `--norms`, `--scopes`, `--seeds`, "
         "`--budget-minutes` select a part):",
