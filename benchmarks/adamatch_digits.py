@@ -228,6 +228,39 @@ def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int,
     return None
 
 
+def _projection(cell: Cell, runs: list[dict[str, Any]], steps: int
+                ) -> tuple[float | None, float | None]:
+    """:func:`projected_seconds` of ``cell`` at ``steps``, wall and CPU; ``None`` for a slow norm
+    never timed here (another norm's time would mislead)."""
+    if cell.norm in SLOW and not any(r["norm"] == cell.norm for r in runs):
+        return None, None
+    return (projected_seconds(cell, runs, steps, "total_seconds"),
+            projected_seconds(cell, runs, steps, "cpu_seconds"))
+
+
+#: How much longer a budget the page projects for a pair whose runs are not flat at its own.
+LONGER_BUDGET = 1.5
+
+
+def _longer_budget_note(pair: str, runs: list[dict[str, Any]], budget: int,
+                        cells: list[Cell], all_runs: list[dict[str, Any]]) -> str | None:
+    """For a pair with runs that are not flat at ``budget``: what its whole grid (``cells``)
+    would cost at :data:`LONGER_BUDGET` times it (``None`` if every run is flat)."""
+    rising = [r for r in runs if (c := late_change(r["curve"])) is not None
+              and abs(100 * c[0]) >= report.FLAT_POINTS]
+    if not rising:
+        return None
+    steps = round(LONGER_BUDGET * budget)
+    cpu = [_projection(c, all_runs, steps)[1] for c in cells]
+    unknown = sorted({c.norm for c, x in zip(cells, cpu, strict=True) if x is None})
+    return (f"{_title(pair)}: {len(rising)} of its {len(runs)} runs are not flat at "
+            f"{budget:,} steps. Its whole grid ({len(cells)} runs) at {LONGER_BUDGET:g}× the "
+            f"budget ({steps:,} steps; whether that is flat, only its runs can tell) projects to "
+            f"**{sum(x for x in cpu if x is not None) / 3600:.1f} h** of one free core, "
+            "projected as above" + (f" (not counted: {', '.join(unknown)})" if unknown else "")
+            + ".")
+
+
 def run_benchmark(*, data_dir: str = "", pairs: Sequence[str] = tuple(PAIRS),
                   norms: Sequence[str] = NORMS, scopes: Sequence[str] = SCOPES,
                   seeds: Sequence[int] = SEEDS, steps: int | None = None,
@@ -704,10 +737,7 @@ def write_page(runs_dir: Path, page: Path, *, steps: int | None = None,
         rows = ["| pair | norm | scope | missing seeds | projected CPU time per run (a free "
                 "core) | projected wall time per run here |", "|---|---|---|---|---|---|"]
         for (pair, norm, scope), cells in groups.items():
-            sec, cpu = (projected_seconds(cells[0], all_runs, budgets_of[pair], clock)
-                        for clock in ("total_seconds", "cpu_seconds"))
-            if not any(r["norm"] == norm for r in all_runs) and norm in SLOW:
-                sec = cpu = None  # no measurement of this norm: another norm's would mislead
+            sec, cpu = _projection(cells[0], all_runs, budgets_of[pair])
             if sec is None:
                 unknown.append(norm)
             total += (sec or 0.0) * len(cells)
@@ -727,6 +757,11 @@ def write_page(runs_dir: Path, page: Path, *, steps: int | None = None,
                  + ". " + _cpu_line(all_runs), ""] + rows + [""]
     else:
         body += ["None.", ""]
+    for pair in pairs:
+        note = _longer_budget_note(pair, [r for r in runs if r["pair"] == pair],
+                                   budgets_of[pair], [c for c in grid(pairs, norms, scopes, seeds)
+                                                      if c.pair == pair], all_runs)
+        body += [note, ""] if note else []
     if NOTES.get("speed"):
         body += ["## Speed of one step (CPU)", "", NOTES["speed"], ""]
     if wrn:

@@ -186,3 +186,18 @@ def test_paper_figure_sets_the_batch_runs_beside_the_quoted_figure():
     # other norms and a single batch run give no interval to compare with
     other = [_record("mnist-usps", "context", "all", s, 0.9) for s in range(3)]
     assert "`batch` runs above" not in bench.paper_figure("mnist-usps", 3000, other + near[:1])
+
+
+def test_a_pair_not_flat_at_its_budget_gets_the_cost_of_a_longer_one():
+    rising = _record("usps-mnist", "batch", "all", 0, 0.9)  # +10 points over its last half
+    flat = dict(rising, curve=[{"step": 500, "target_acc": 0.9}, {"step": 1000,
+                                                                   "target_acc": 0.9}])
+    cells = bench.grid(["usps-mnist"], ["batch", "context"], ["all"], [0, 1])
+    assert bench._longer_budget_note("usps-mnist", [flat], 1000, cells, [flat]) is None
+    note = bench._longer_budget_note("usps-mnist", [rising, flat], 1000, cells, [rising, flat])
+    # 4 runs x 1,500 steps x 0.4 CPU-s/step (the records' own) = 2,400 s
+    assert "1 of its 2 runs are not flat at 1,000 steps" in note
+    assert "(4 runs) at 1.5× the budget (1,500 steps" in note and "**0.7 h**" in note
+    uan = bench.grid(["usps-mnist"], ["uan"], ["all"], [0])
+    assert "not counted: uan" in bench._longer_budget_note("usps-mnist", [rising], 1000, uan,
+                                                           [rising])
