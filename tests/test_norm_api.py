@@ -170,3 +170,19 @@ def test_every_norm_declares_its_training_defaults_in_the_docs() -> None:
     for name in available():
         for key, value in fn.train_defaults(name).items():
             assert f"| `{name}` |" in section and f"`{key} = {value}`" in section, (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL) - {"instance"}))  # instance: torch's own
+def test_channels_last_input_gives_channels_last_output_with_the_same_values(name: str) -> None:
+    """A model in channels-last (fedctx.adapt's default on CPU) stays in it through every norm,
+    as through torch's BatchNorm2d; the values do not depend on the layout."""
+    torch.manual_seed(0)
+    m = make_norm(name, 8, dims=2, **({"num_contexts": 2} if name in CONTEXT_AWARE else {}))
+    x = torch.randn(6, 8, 5, 5)
+    contexts = torch.tensor([0, 1, 0, 1, 0, 1])
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with use_context(m, contexts):
+            outs.append(m(x.contiguous(memory_format=layout)))
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[1], outs[0])

@@ -33,6 +33,17 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def in_layout_of(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``out`` (``input``'s shape) laid out as ``input`` is: channels-last stays channels-last,
+    as torch's own norms keep it (a model in channels-last would otherwise run its next
+    pooling and convolution on the slower NCHW path, and copy back)."""
+    for layout, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if (input.dim() == dims and not input.is_contiguous()
+                and input.is_contiguous(memory_format=layout)):
+            return out.contiguous(memory_format=layout)
+    return out
+
+
 def group_counts(ids: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torch.Tensor:
     """Samples per group id as a ``(num_groups,)`` tensor (static shape, compile friendly)."""
     ones = torch.ones(ids.shape[0], dtype=dtype, device=ids.device)

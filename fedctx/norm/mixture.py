@@ -41,6 +41,7 @@ from fedctx.norm._common import (
     BatchStatsNorm,
     check_input,
     describe,
+    in_layout_of,
     momentum_update,
     stats_dtype,
 )
@@ -142,7 +143,7 @@ def mixture_norm(
         q, r = _gmm_logits(lam, e, v)
         coef = torch.rsqrt(lam.clamp_min(_PRIOR_FLOOR))
         out = mixture_moments_norm(x, q, e, r, coef, e, v, weight, bias, eps)[0]
-    return out.to(input.dtype).reshape(input.shape)
+    return in_layout_of(out.to(input.dtype).reshape(input.shape), input)
 
 
 class MixtureNorm(BatchStatsNorm):

@@ -79,6 +79,7 @@ from torch import nn
 from fedctx.norm._common import (
     check_input,
     describe,
+    in_layout_of,
     init_affine,
     init_running_stats,
     momentum_update,
@@ -163,7 +164,7 @@ def uan_norm(
     if batch and training and running_mean is not None:
         momentum_update(running_mean, e_batch, momentum)
         momentum_update(running_var, v_batch, momentum)
-    return out.to(input.dtype).reshape(input.shape)
+    return in_layout_of(out.to(input.dtype).reshape(input.shape), input)
 
 
 def unsupervised_adaptive_norm(
