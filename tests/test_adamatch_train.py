@@ -187,3 +187,45 @@ def test_norm_options_reach_the_norm_layers_in_both_scopes() -> None:
                                         norm_options="min_batch_values=3"))
         layers = [m for m in model.modules() if isinstance(m, ContextNorm)]
         assert layers and {m.min_batch_values for m in layers} == {3}, scope
+
+
+_MALLOC_RUN = """
+import json, sys, torch
+from fedctx.adamatch import AdaptConfig, train
+from fedctx.adamatch.data import DomainSplit
+from fedctx.adamatch.train import Domains, reuse_freed_memory
+
+def split(name, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return DomainSplit(name, torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8,
+                                           generator=g), torch.randint(0, 10, (n,), generator=g))
+
+malloc, out = sys.argv[1], sys.argv[2]
+cfg = AdaptConfig(source="mnist", target="usps", norm="acn", steps=6, batch_size=64, uratio=3,
+                  width=8, eval_every=3, embed_samples=20, out=out, device="cpu", threads=1,
+                  malloc=malloc)
+train(cfg, domains=Domains(split("mnist", 300, 0), split("usps", 300, 1), split("mnist", 50, 2),
+                           split("usps", 50, 3)), log=False)
+print(json.dumps({"applied_again": reuse_freed_memory()}))
+"""
+
+
+@pytest.mark.slow  # two subprocesses importing torch: 10-40 s
+def test_malloc_reuse_changes_where_memory_comes_from_not_a_result(tmp_path):
+    """``--malloc reuse`` (the default) against the C library's settings, each in a fresh
+    process (``mallopt`` is process-wide): every step's metrics and every evaluation equal."""
+    import subprocess
+    import sys
+
+    runs = {}
+    for malloc in ("default", "reuse"):
+        out = tmp_path / malloc
+        proc = subprocess.run([sys.executable, "-c", _MALLOC_RUN, malloc, str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1]) == {"applied_again": True}  # glibc here
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[malloc] = [{k: v for k, v in x.items() if "seconds" not in k and k != "eval"}
+                        | {k: v for k, v in x.get("eval", {}).items() if k != "elapsed_s"}
+                        for x in lines]
+    assert len(runs["reuse"]) >= 6 and runs["reuse"] == runs["default"]

@@ -88,6 +88,11 @@ class AdaptConfig:
                               "(PyTorch's NHWC, 1.5x faster per step on this project's CPU), "
                               "contiguous (NCHW), or auto = channels-last on CPU, contiguous on "
                               "CUDA", choices=("auto", "channels-last", "contiguous"))
+    malloc: str = option("reuse", "reuse: glibc's malloc keeps the memory a step frees for the "
+                         "next step instead of handing each large tensor's pages back to the OS "
+                         "(faster CPU steps, results bit for bit the same, the process keeps up "
+                         "to 1 GiB it freed); default: the C library's own settings",
+                         choices=("reuse", "default"))
     progress_every: float = option(30.0, "print a progress line (step, loss, step/s, ETA) at "
                                  "most every this many seconds between evaluations (0: never)",
                                  ge=0.0)

@@ -223,6 +223,32 @@ class AdaMatchState:
         }
 
 
+#: glibc ``mallopt`` parameters (``malloc.h``) and the values ``--malloc reuse`` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+REUSE_MMAP_THRESHOLD, REUSE_TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process: blocks up to 32 MiB come
+    from the heap instead of fresh ``mmap`` pages, and up to 1 GiB freed at the heap's top is
+    kept instead of returned. With the defaults, the multi-megabyte activations and gradients
+    of every AdaMatch step are new pages each time, and zero-filling them costs as much as the
+    arithmetic on some tensors (``fill_`` of a ``(512, 16, 28, 28)`` gradient: 28 ms). Changes
+    where memory comes from, never a result. Returns whether it applied (``False`` off Linux
+    or on a C library without ``mallopt``, e.g. musl)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD))
+
+
 def _hardware(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads(),
@@ -270,6 +296,8 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.malloc == "reuse":
+        reuse_freed_memory()
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     domains = domains or load_domains(cfg)
