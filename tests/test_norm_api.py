@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -175,14 +177,22 @@ def test_every_norm_declares_its_training_defaults_in_the_docs() -> None:
 @pytest.mark.parametrize("name", sorted(set(ALL) - {"instance"}))  # instance: torch's own
 def test_channels_last_input_gives_channels_last_output_with_the_same_values(name: str) -> None:
     """A model in channels-last (fedctx.adapt's default on CPU) stays in it through every norm,
-    as through torch's BatchNorm2d; the values do not depend on the layout."""
+    as through torch's BatchNorm2d; outputs and gradients do not depend on the layout."""
     torch.manual_seed(0)
-    m = make_norm(name, 8, dims=2, **({"num_contexts": 2} if name in CONTEXT_AWARE else {}))
+    norm = make_norm(name, 8, dims=2, **({"num_contexts": 2} if name in CONTEXT_AWARE else {}))
     x = torch.randn(6, 8, 5, 5)
     contexts = torch.tensor([0, 1, 0, 1, 0, 1])
-    outs = []
+    g = torch.randn(6, 8, 5, 5)
+    outs, grads = [], []
     for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.clone(memory_format=layout).requires_grad_()
+        m = copy.deepcopy(norm)  # the same state (running statistics, history) for both
         with use_context(m, contexts):
-            outs.append(m(x.contiguous(memory_format=layout)))
+            out = m(xl)
+        out.backward(g.contiguous(memory_format=layout))
+        outs.append(out)
+        grads.append([xl.grad] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
     assert outs[1].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(outs[1], outs[0])
+    for in_layout, nchw in zip(grads[1], grads[0], strict=True):  # input and parameter grads
+        torch.testing.assert_close(in_layout, nchw)

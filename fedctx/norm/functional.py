@@ -39,6 +39,16 @@ from fedctx.norm.routing import Contexts
 # kernels: closed-form backward passes
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_s a * b`` ``(N, C)`` of two ``(N, C, S)`` tensors: a batched dot product
+    (``einsum``, nothing of their size written) when both are contiguous; else (views of
+    channels-last tensors, where ``einsum`` would first copy both to ``(N, C, S)``) the product
+    summed over ``S`` in their own layout."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.einsum("ncs,ncs->nc", a, b)
+    return (a * b).sum(-1)
+
+
 def _expand_channels(t: torch.Tensor, size: int) -> torch.Tensor:
     """``(K, R)`` per channel group -> ``(K, R * size)`` per channel."""
     return t if size == 1 else t.repeat_interleave(size, dim=1)
@@ -110,7 +120,7 @@ def _grouped_backward(
     k, r = mean.shape
     c = x.shape[1]
     size = c // r
-    row_g, row_gx = row_sums or (g.sum(-1), torch.einsum("ncs,ncs->nc", g, xs))
+    row_g, row_gx = row_sums or (g.sum(-1), _row_dot(g, xs))
     sum_g, sum_gx = _group_sum(row_g, ids, k), _group_sum(row_gx, ids, k)
     if out_scale is not None:
         sum_g, sum_gx = sum_g * out_scale, sum_gx * out_scale
@@ -225,7 +235,7 @@ class _Affine(torch.autograd.Function):
     """``x * scale + shift`` for ``x`` ``(N, C, S)``, ``scale``/``shift`` ``(N, C)`` or ``(1, C)``.
 
     Backward in closed form: ``g * scale``, and the scale/shift gradients as reductions
-    (``einsum`` and ``sum``) that write nothing of ``x``'s size. Twice differentiable.
+    (:func:`_row_dot` and ``sum``). Twice differentiable.
     """
 
     @staticmethod
@@ -248,7 +258,7 @@ class _Affine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out * scale.unsqueeze(-1)
         if ctx.needs_input_grad[1]:
-            grad_scale = torch.einsum("ncs,ncs->nc", grad_out, x)
+            grad_scale = _row_dot(grad_out, x)
             if ctx.broadcast[0]:
                 grad_scale = grad_scale.sum(0, keepdim=True)
         if ctx.needs_input_grad[2]:
@@ -572,7 +582,7 @@ class _CrossIterationBatchNorm(torch.autograd.Function):
         g = grad_out.to(sd)
         xs = x.to(sd)
         sum_g = g.sum((0, 2))  # dL/dshift
-        sum_gx = torch.einsum("ncs,ncs->nc", g, xs).sum(0)  # dL/dscale (no transposed copies)
+        sum_gx = _row_dot(g, xs).sum(0)  # dL/dscale
         w = None if weight is None else weight.to(sd)
         d_affine = sum_gx - mean * sum_g  # dL/d(inv_std * w) with shift = -mean * scale
         d_inv = d_affine if w is None else d_affine * w
@@ -748,7 +758,7 @@ class _ProxyNorm(torch.autograd.Function):
             below = grad_out * slope if slope else 0.0
             grad_u = torch.where(kept > shift.view(1, -1, 1), grad_out, below)
         row_g = grad_u.sum(-1)
-        row_gx = torch.einsum("ncs,ncs->nc", grad_u, x)
+        row_gx = _row_dot(grad_u, x)
         if slope is not None:  # sum g phi(u) = sum (g phi'(u)) (x a + b), a, b per row
             size = x.shape[1] // mean.shape[1]
             a = _expand_channels(inv_std, size) * weight
@@ -756,7 +766,7 @@ class _ProxyNorm(torch.autograd.Function):
             grad_scale = (a * row_gx + b * row_g).sum(0)
         else:
             z = ACTIVATIONS[activation](kept)
-            grad_scale = torch.einsum("ncs,ncs->nc", grad_out, z).sum(0)
+            grad_scale = _row_dot(grad_out, z).sum(0)
         grad_shift = grad_out.sum((0, 2))
         grad_x, sum_g_xhat, sum_g = _grouped_backward(
             grad_u, x, None, mean, inv_std, counts, weight, ctx.needs_input_grad[0], scale,
