@@ -195,6 +195,7 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     out = work_dir / cell.name
     args = cell.args(steps, threads, data_dir, out)
     out.mkdir(parents=True, exist_ok=True)
+    commit = _commit()  # the code the run imports: HEAD may move while it trains
     with (out / "stdout.log").open("w") as logfile:
         proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *args], cwd=REPO,
                               stdout=logfile, stderr=subprocess.STDOUT, text=True)
@@ -204,7 +205,7 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     summary = json.loads((out / "summary.json").read_text())
     shown = [a if a != str(out) else f"results/adamatch/bench/{cell.name}" for a in args]
     shown = [a if a != data_dir else "DATA" for a in shown]
-    record = run_record(cell, summary, shown, _commit())
+    record = run_record(cell, summary, shown, commit)
     runs_dir.mkdir(parents=True, exist_ok=True)
     record_path(runs_dir, cell, steps).write_text(json.dumps(record, indent=1) + "\n")
     if log:

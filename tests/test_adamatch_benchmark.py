@@ -201,3 +201,30 @@ def test_a_pair_not_flat_at_its_budget_gets_the_cost_of_a_longer_one():
     uan = bench.grid(["usps-mnist"], ["uan"], ["all"], [0])
     assert "not counted: uan" in bench._longer_budget_note("usps-mnist", [rising], 1000, uan,
                                                            [rising])
+
+
+def test_a_record_names_the_commit_its_run_started_from(tmp_path, monkeypatch):
+    """HEAD may move while a run trains (hours on this CPU): the record keeps the commit of the
+    code the run's process imported, read before it starts."""
+    head = ["c0ffee1"]
+
+    def fake_run(argv, **kw):  # noqa: ANN001, ANN202
+        if argv[0] == "git":
+            return type("P", (), {"stdout": head[0] + "\n", "returncode": 0})()
+        head[0] = "beef002"  # a commit lands while the run trains
+        out = Path(argv[argv.index("--out") + 1])
+        cfg = {"source": "usps", "target": "mnist", "target_eval_context": "target",
+               "steps": 10, "batch_size": 64, "uratio": 3}
+        acc = {k: 0.5 for k in ("final_target_acc", "final_target_acc_raw", "best_target_acc",
+                                "best_target_acc_raw", "final_source_acc",
+                                "final_source_acc_raw")}
+        (out / "summary.json").write_text(json.dumps({
+            "config": cfg, **acc, "evals": [], "seconds_per_step": 0.1, "total_seconds": 1.0,
+            "cpu_seconds": 1.0, "hardware": {}, "data": {}}))
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    cell = bench.grid(["usps-mnist"], ["batch"], ["all"], [0])[0]
+    record = bench.run_cell(cell, steps=10, threads=1, data_dir="", runs_dir=tmp_path / "runs",
+                            work_dir=tmp_path / "work", log=False)
+    assert record["commit"] == "c0ffee1"
