@@ -247,14 +247,14 @@ def _longer_budget_note(pair: str, runs: list[dict[str, Any]], budget: int,
                         cells: list[Cell], all_runs: list[dict[str, Any]]) -> str | None:
     """For a pair with runs that are not flat at ``budget``: what its whole grid (``cells``)
     would cost at :data:`LONGER_BUDGET` times it (``None`` if every run is flat)."""
-    rising = [r for r in runs if (c := late_change(r["curve"])) is not None
-              and abs(100 * c[0]) >= report.FLAT_POINTS]
-    if not rising:
+    moved = [r for r in runs if (c := late_change(r["curve"])) is not None
+             and report.not_flat(c[0])]
+    if not moved:
         return None
     steps = round(LONGER_BUDGET * budget)
     cpu = [_projection(c, all_runs, steps)[1] for c in cells]
     unknown = sorted({c.norm for c, x in zip(cells, cpu, strict=True) if x is None})
-    return (f"{_title(pair)}: {len(rising)} of its {len(runs)} runs are not flat at "
+    return (f"{_title(pair)}: {len(moved)} of its {len(runs)} runs are not flat at "
             f"{budget:,} steps. Its whole grid ({len(cells)} runs) at {LONGER_BUDGET:g}× the "
             f"budget ({steps:,} steps; whether that is flat, only its runs can tell) projects to "
             f"**{sum(x for x in cpu if x is not None) / 3600:.1f} h** of one free core, "

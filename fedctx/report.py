@@ -107,19 +107,24 @@ def late_change(curve: Sequence[dict[str, Any]], key: str, *, x: str = "step",
     return last[key] - earlier[-1][key], earlier[-1][x], last[x]
 
 
+def not_flat(change: float, flat_points: float = FLAT_POINTS) -> bool:
+    """Whether a run whose :func:`late_change` is ``change`` (accuracy in [0, 1]) is not flat."""
+    return abs(100 * change) >= flat_points
+
+
 def flatness(changes: Sequence[tuple[str, float]], span: str,
              flat_points: float = FLAT_POINTS) -> str:
     """A sentence on whether every run is flat: ``changes`` holds each run's name and its
     :func:`late_change` (accuracy in [0, 1]); ``span`` says over what, e.g. "the last 20 rounds"."""
     if not changes:
         return "Convergence: no run has points early enough to tell."
-    rising = [(name, c) for name, c in changes if abs(100 * c) >= flat_points]
-    if not rising:
+    moved = [(name, c) for name, c in changes if not_flat(c, flat_points)]
+    if not moved:
         worst = max(abs(100 * c) for _, c in changes)
         return (f"Convergence: **flat** in all {len(changes)} runs (accuracy moved at most "
                 f"{worst:.2f} points over {span}; criterion: under {flat_points:g}).")
-    listed = ", ".join(f"{name} {100 * c:+.2f}" for name, c in rising)
-    return (f"Convergence: **not flat** in {len(rising)} of {len(changes)} runs (accuracy moved "
+    listed = ", ".join(f"{name} {100 * c:+.2f}" for name, c in moved)
+    return (f"Convergence: **not flat** in {len(moved)} of {len(changes)} runs (accuracy moved "
             f"{flat_points:g} point or more over {span}: {listed}); these numbers compare the "
             "methods at this budget, not at convergence.")
 
