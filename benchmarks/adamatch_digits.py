@@ -443,7 +443,7 @@ def _calibration_reading(cal: dict[str, Any]) -> str:
         return "The calibration curve is too short to judge its flatness."
     change, first, last = target
     end = curve[-1]["target_acc"]
-    flat = abs(100 * change) < report.FLAT_POINTS
+    flat = not report.not_flat(change)
     verdict = ("**the target curve was flat**" if flat else
                f"**the target curve had not flattened at {last:,} steps**")
     return (f"Reading: {verdict} by the criterion of this page (a change under "
