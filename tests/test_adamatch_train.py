@@ -164,6 +164,46 @@ def test_short_run_input_scope_source_context_records_ema_and_raw(tmp_path, caps
     assert not [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("norm", ["context", "uan"])
+def test_evaluating_changes_no_step_of_training(tmp_path, norm):
+    """An evaluation (eval mode, both models, both test sets) leaves the training untouched:
+    the same run evaluated after every step and only after its last records the same steps,
+    ends with the same model and EMA model (parameters and buffers, running statistics
+    included) and the same final evaluation: ``--eval-every`` trades only the curve's
+    resolution."""
+    from fedctx.adamatch.train import run_steps
+    from fedctx.results import RunFiles
+
+    def split(name: str, n: int, seed: int) -> DomainSplit:
+        return DomainSplit(name, *_synthetic(n, seed))
+
+    runs = {}
+    for every in (1, 6):
+        domains = Domains(split("mnist", 48, 0), split("usps", 48, 1), split("mnist", 30, 2),
+                          split("usps", 30, 3))
+        cfg = AdaptConfig(source="mnist", target="usps", norm=norm, steps=6, batch_size=8,
+                          uratio=2, width=4, eval_every=every, device="cpu", threads=1)
+        state = AdaMatchState(cfg, torch.device("cpu"))
+        files = RunFiles(tmp_path / f"every{every}", "step")
+        files.open()
+        try:
+            progress = run_steps(state, domains, files, lambda text, **_: None)
+        finally:
+            files.close()
+        runs[every] = progress, state
+    (p1, s1), (p6, s6) = runs[1], runs[6]
+    assert len(p1.records) == 6 and json.dumps(p1.records) == json.dumps(p6.records)  # NaN
+    assert len(p1.evals) == 6 and len(p6.evals) == 1
+    drop = {"elapsed_s"}
+    assert ({k: v for k, v in p1.evals[-1].items() if k not in drop}
+            == {k: v for k, v in p6.evals[-1].items() if k not in drop})
+    for a, b in ((s1.model, s6.model), (s1.ema_model, s6.ema_model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa
+                                                            if not torch.equal(sa[k], sb[k])]
+
+
 def test_input_scope_proxy_puts_no_activation_on_the_input() -> None:
     # Proxy Norm fuses a ReLU; at the input no activation follows, so its base norm is used.
     from fedctx.adamatch.model import build_digits_model
