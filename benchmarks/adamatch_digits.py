@@ -192,9 +192,12 @@ def _commit() -> str:
 def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: Path,
              work_dir: Path, log: bool = True) -> dict[str, Any]:
     """Train one cell in a subprocess (``python -m fedctx.adapt``); write and return its record."""
+    from fedctx.results import clear_results  # imports torch: not for --page-only
+
     out = work_dir / cell.name
     args = cell.args(steps, threads, data_dir, out)
     out.mkdir(parents=True, exist_ok=True)
+    clear_results(out)  # a run of this cell cut short (it has no record): started afresh
     commit = _commit()  # the code the run imports: HEAD may move while it trains
     with (out / "stdout.log").open("w") as logfile:
         proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *args], cwd=REPO,

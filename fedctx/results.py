@@ -72,6 +72,12 @@ def results_in(out: Path) -> list[str]:
             if (out / n).exists()]
 
 
+def numbered(base: str) -> list[str]:
+    """``base``, then ``base-2``, ``base-3``, ...: the names a default results folder takes so
+    that a repeated experiment never lands in a used one."""
+    return [base] + [f"{base}-{n}" for n in range(2, 10_000)]
+
+
 def clear_results(out: Path) -> None:
     """Remove what a run wrote in ``out`` (``--overwrite``): :data:`RESULT_FILES` and the
     clients' kept state; any other file stays."""

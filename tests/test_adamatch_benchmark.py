@@ -228,3 +228,31 @@ def test_a_record_names_the_commit_its_run_started_from(tmp_path, monkeypatch):
     record = bench.run_cell(cell, steps=10, threads=1, data_dir="", runs_dir=tmp_path / "runs",
                             work_dir=tmp_path / "work", log=False)
     assert record["commit"] == "c0ffee1"
+
+
+def test_a_cell_cut_short_is_run_afresh_in_its_folder(tmp_path, monkeypatch):
+    """A cell without a record whose folder holds a run cut short: the run starts afresh there
+    (``python -m fedctx.adapt`` refuses an --out holding another run's results)."""
+    from fedctx.results import results_in
+
+    cell = bench.grid(["mnist-usps"], ["batch"], ["all"], [0])[0]
+    out = tmp_path / "work" / cell.name
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    seen = []
+    real_run = bench.subprocess.run
+
+    class Stop(Exception):
+        pass
+
+    def run(cmd, *args, **kwargs):
+        if cmd[:3] != [sys.executable, "-m", "fedctx.adapt"]:
+            return real_run(cmd, *args, **kwargs)  # git rev-parse
+        seen.append(results_in(out))
+        raise Stop  # the run itself is not the point here
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    with pytest.raises(Stop):
+        bench.run_cell(cell, steps=10, threads=1, data_dir="", runs_dir=tmp_path / "runs",
+                       work_dir=tmp_path / "work", log=False)
+    assert seen == [[]]

@@ -56,3 +56,86 @@ def test_cli_errors_are_one_line(args, rc, words, tmp_path):
     assert proc.returncode == rc
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _holding_a_run(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(f"earlier {name}\n")
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, monkeypatch):
+    from fedctx.adamatch.train import default_out, results_folder
+
+    out = tmp_path / "run"
+    before = _holding_a_run(out, "metrics.jsonl", "notes.txt")
+    with pytest.raises(AdaptConfigError, match=r"holds another run's results \(metrics.jsonl\)"
+                       r".*--overwrite"):
+        results_folder(AdaptConfig(out=str(out)))
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert results_folder(AdaptConfig(out=str(out)), overwrite=True) == out
+    with pytest.raises(AdaptConfigError, match="is a file"):
+        results_folder(AdaptConfig(out=str(out / "notes.txt")))
+    # the default folder takes a counter: a repeated command lands beside the earlier run
+    monkeypatch.chdir(tmp_path)
+    cfg = AdaptConfig(norm="acn", seed=3)
+    base = default_out(cfg)
+    assert results_folder(cfg) == base
+    _holding_a_run(base, "stdout.log")  # no run's results: still free
+    assert results_folder(cfg) == base
+    _holding_a_run(base, "summary.json")
+    assert results_folder(cfg) == base.with_name(base.name + "-2")
+
+
+@pytest.mark.slow  # a subprocess importing torch: 5-30 s
+def test_cli_refuses_an_out_holding_a_run_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    before = _holding_a_run(out, "summary.json")
+    proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --out {out} holds another run's results (summary.json); give a new --out, "
+        "or --overwrite to replace them"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+
+
+def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
+    import torch
+
+    from fedctx.adamatch.data import DomainSplit
+    from fedctx.adamatch.train import Domains
+
+    def split(name, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8, generator=g)
+        return DomainSplit(name, images, torch.randint(0, 10, (n,), generator=g))
+
+    out = tmp_path / "run"
+    _holding_a_run(out, "metrics.jsonl", "summary.json", "curves.png", "notes.txt")
+    cfg = AdaptConfig(source="mnist", target="usps", norm="batch", steps=2, batch_size=4,
+                      uratio=1, width=4, eval_every=2, embed_samples=10, out=str(out),
+                      device="cpu", threads=1)
+    train(cfg, domains=Domains(split("mnist", 16, 0), split("usps", 16, 1), split("mnist", 12, 2),
+                               split("usps", 12, 3)), log=False, overwrite=True)
+    lines = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval" not in r] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["config"]["steps"] == 2
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "notes.txt").read_text() == "earlier notes.txt\n"  # not a run's file: kept
+
+
+def test_a_sweep_refuses_a_folder_holding_a_finished_run_of_other_options(tmp_path):
+    from fedctx.adamatch.sweep import _finished
+
+    cfg = AdaptConfig(norm="batch", seed=0, steps=6, out=str(tmp_path / "batch-seed0"))
+    assert _finished(cfg) is None  # nothing there: run it
+    (tmp_path / "batch-seed0").mkdir()
+    summary = {"config": cfg.replace(steps=5).to_dict(), "final_target_acc": 0.5}
+    (tmp_path / "batch-seed0" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(AdaptConfigError, match=r"finished run with steps = 5 \(this sweep: 6\)"):
+        _finished(cfg)
+    summary["config"] = cfg.replace(threads=4).to_dict()  # threads do not change results
+    (tmp_path / "batch-seed0" / "summary.json").write_text(json.dumps(summary))
+    assert _finished(cfg) == summary

@@ -51,6 +51,10 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
         epilog=None if sweep else "Subcommand: `python -m fedctx.adapt sweep --help` for grids "
         "on Ray.")
     add_config_arguments(parser)
+    if not sweep:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace the results of an earlier run in --out (without it, "
+                            "such an --out is refused) [default: False]")
     if sweep:
         parser.add_argument("--norms", default="batch,context",
                             help="comma-separated norm names [default: 'batch,context']")
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(argv[1:])
         from fedctx.adamatch.train import train
 
-        train(resolve(build_parser(sweep=False).parse_args(argv)))
+        args = build_parser(sweep=False).parse_args(argv)
+        train(resolve(args), overwrite=args.overwrite)
         return 0
     except AdaptConfigError as err:
         print(f"error: {err}", file=sys.stderr)

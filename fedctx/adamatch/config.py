@@ -80,7 +80,7 @@ class AdaptConfig:
     download: bool = option(False, "let torchvision download missing MNIST/USPS/SVHN (needs "
                             "internet)")
     out: str = option("", "results folder (empty: results/adamatch/<source>-<target>-<norm>-"
-                    "seed<seed>)")
+                    "seed<seed>, -2, -3, ... when it holds a run)")
     device: str = option("auto", "torch device", choices=("auto", "cpu", "cuda"))
     threads: int = option(0, "torch CPU threads (0: torch's default, one per physical core)",
                         ge=0)

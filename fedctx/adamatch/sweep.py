@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedctx.adamatch.config import AdaptConfig
+from fedctx.adamatch.config import AdaptConfig, AdaptConfigError
 from fedctx.results import atomic_write_text
 
 
@@ -20,7 +20,7 @@ def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
     from fedctx.adamatch.train import train
 
     cfg = AdaptConfig(**cfg_dict).replace(threads=threads)
-    return train(cfg, log=False)
+    return train(cfg, log=False, overwrite=True)  # a run cut short there (see run_sweep)
 
 
 def summarize(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -87,13 +87,20 @@ def _plot_grad_variance_by_norm(summaries: list[dict[str, Any]], path: Path) -> 
 
 
 def _finished(cfg: AdaptConfig) -> dict[str, Any] | None:
-    """The summary of an earlier run of this configuration (up to ``threads``) in ``cfg.out``."""
+    """The summary of an earlier run of this configuration (up to ``threads``) in ``cfg.out``;
+    an earlier run of another configuration there is an :class:`AdaptConfigError` (the sweep
+    would replace it)."""
     path = Path(cfg.out) / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    same = {**summary.get("config", {}), "threads": cfg.threads} == cfg.to_dict()
-    return summary if same else None
+    saved = {**summary.get("config", {}), "threads": cfg.threads}
+    differ = [k for k, v in cfg.to_dict().items() if saved.get(k) != v]
+    if differ:
+        k = differ[0]
+        raise AdaptConfigError(f"{cfg.out} holds a finished run with {k} = {saved.get(k)!r} "
+                               f"(this sweep: {getattr(cfg, k)!r}); give the sweep a new --out")
+    return summary
 
 
 def grid(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, device: str
@@ -183,7 +190,9 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     """Train every ``(norm, seed)`` of the grid as a Ray task; write ``sweep.json`` and
     ``sweep.md`` (the comparison table), ``grad_variance.png`` (one line per norm) and each
     run's folder ``out/<norm>-seed<seed>``. A run whose folder already holds a ``summary.json``
-    of the same configuration is reused, not re-run; a run that fails is listed under
+    of the same configuration is reused, not re-run; one of other options is refused
+    (:class:`AdaptConfigError`, before any job starts); a run cut short there is run afresh;
+    a run that fails is listed under
     ``failures`` (its error in its folder's ``error.txt``) and left out of the table.
 
     Args:
@@ -198,6 +207,8 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     """
     out.mkdir(parents=True, exist_ok=True)
     configs = grid(base, norms, seeds, out, "cuda" if gpus_per_job > 0 else "cpu")
+    for cfg in configs:  # before any job starts: a finished run of other options is refused
+        _finished(cfg)
     start = time.perf_counter()
     with ray_instance(ray_address, num_cpus, log):
         summaries, failures = run_jobs(configs, cpus_per_job, gpus_per_job, log)

@@ -39,7 +39,7 @@ from torch import nn
 
 from fedctx.adamatch import algorithm as A
 from fedctx.adamatch.augment import strong_augment, weak_augment
-from fedctx.adamatch.config import AdaptConfig
+from fedctx.adamatch.config import AdaptConfig, AdaptConfigError
 from fedctx.adamatch.data import (
     BatchSampler,
     DomainSplit,
@@ -53,7 +53,7 @@ from fedctx.config import parse_norm_options
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
-from fedctx.results import RunFiles, cpu_name
+from fedctx.results import RunFiles, clear_results, cpu_name, numbered, results_in
 
 SOURCE, TARGET = 0, 1
 
@@ -259,10 +259,31 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+#: The figures :func:`train` writes; with ``overwrite`` they go with the earlier run's results.
+FIGURES = ("curves.png", "grad_variance.png", "embedding.png")
+
+
 def default_out(cfg: AdaptConfig) -> Path:
     scope = "" if cfg.norm_scope == "all" else f"-{cfg.norm_scope}"
     name = f"{cfg.source}-{cfg.target}-{cfg.norm}{scope}-seed{cfg.seed}"
     return Path("results") / "adamatch" / name
+
+
+def results_folder(cfg: AdaptConfig, overwrite: bool = False) -> Path:
+    """Where :func:`train` writes: ``cfg.out``, or the first of :func:`default_out`, then
+    ``-2``, ``-3``, ... that holds no run's results (a repeated command never replaces a run).
+    An ``out`` that is a file, or that holds another run's results (``metrics.jsonl``,
+    ``summary.json``) without ``overwrite``, is an :class:`AdaptConfigError`. Changes nothing."""
+    if not cfg.out:
+        return Path(next(n for n in numbered(str(default_out(cfg))) if not results_in(Path(n))))
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise AdaptConfigError(f"--out {out} is a file, not a folder")
+    found = results_in(out) if out.is_dir() else []
+    if found and not overwrite:
+        raise AdaptConfigError(f"--out {out} holds another run's results ({', '.join(found)}); "
+                               "give a new --out, or --overwrite to replace them")
+    return out
 
 
 @dataclass
@@ -280,11 +301,13 @@ class Progress:
         return self.total_seconds - self.eval_seconds
 
 
-def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
-          ) -> dict[str, Any]:
+def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
     """Run AdaMatch per ``cfg``; write the results folder; return the summary.
 
-    Results in ``cfg.out`` (or :func:`default_out`), through :class:`fedctx.results.RunFiles`
+    Results in :func:`results_folder` (``cfg.out``, refused when it holds another run's results
+    unless ``overwrite``: then those are removed once the data are loaded and the model built),
+    through :class:`fedctx.results.RunFiles`
     as every fedctx run: ``metrics.jsonl`` (one line per step, plus ``{"eval": ...}`` lines with
     EMA and raw accuracies), ``metrics.csv`` (a row per step, the evaluations' columns
     ``eval/...`` on their step), TensorBoard events in ``tensorboard/``, ``summary.json``
@@ -294,14 +317,18 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True
     seconds.
     """
     cfg.validate()
+    out = results_folder(cfg, overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc == "reuse":
         reuse_freed_memory()
     device = resolve_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
     domains = domains or load_domains(cfg)
     state = AdaMatchState(cfg, device)
+    if overwrite and results_in(out):
+        clear_results(out)
+        for name in FIGURES:
+            (out / name).unlink(missing_ok=True)
     say = print if log else (lambda text, **_: None)
     say(f"AdaMatch {cfg.source} -> {cfg.target}, norm={cfg.norm} (scope {cfg.norm_scope}), "
         f"{cfg.steps} steps on {device} ({torch.get_num_threads()} threads; train "

@@ -87,10 +87,10 @@ def numbered_out(config: SimConfig) -> str:
     folder) for a new run; for ``--resume``, the last one used (a new run's name if none)."""
     from pathlib import Path
 
-    base = default_out(config)
-    names = [base] + [f"{base}-{n}" for n in range(2, 10_000)]
+    from fedctx.results import numbered
+
     used = []
-    for name in names:
+    for name in numbered(default_out(config)):
         path = Path(name)
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             return used[-1] if config.resume and used else name
