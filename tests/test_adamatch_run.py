@@ -9,7 +9,7 @@ import pytest
 from fedctx.adamatch import AdaptConfig, train
 from fedctx.adamatch.config import AdaptConfigError
 
-RESULT_FILES = ("metrics.jsonl", "summary.json", "curves.png", "grad_variance.png",
+RESULT_FILES = ("metrics.jsonl", "summary.json", "model.pt", "curves.png", "grad_variance.png",
                 "embedding.png")
 
 
@@ -117,13 +117,25 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     cfg = AdaptConfig(source="mnist", target="usps", norm="batch", steps=2, batch_size=4,
                       uratio=1, width=4, eval_every=2, embed_samples=10, out=str(out),
                       device="cpu", threads=1)
-    train(cfg, domains=Domains(split("mnist", 16, 0), split("usps", 16, 1), split("mnist", 12, 2),
-                               split("usps", 12, 3)), log=False, overwrite=True)
+    domains = Domains(split("mnist", 16, 0), split("usps", 16, 1), split("mnist", 12, 2),
+                      split("usps", 12, 3))
+    train(cfg, domains=domains, log=False, overwrite=True)
     lines = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "eval" not in r] == [1, 2]
     assert json.loads((out / "summary.json").read_text())["config"]["steps"] == 2
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "notes.txt").read_text() == "earlier notes.txt\n"  # not a run's file: kept
+    # model.pt: the final EMA model, rebuilt from its config, gives the summary's accuracy
+    from fedctx.adamatch.evaluate import accuracy
+    from fedctx.adamatch.train import build_model, memory_format, target_context
+
+    saved = torch.load(out / "model.pt", weights_only=True)
+    rebuilt = AdaptConfig(**saved["config"])
+    model = build_model(rebuilt).to(memory_format=memory_format(rebuilt, torch.device("cpu")))
+    model.load_state_dict(saved["ema_model"])
+    acc = accuracy(model, domains.target_test, target_context(rebuilt), torch.device("cpu"),
+                   memory_format(rebuilt, torch.device("cpu")))
+    assert acc == json.loads((out / "summary.json").read_text())["final_target_acc"]
 
 
 def test_a_sweep_refuses_a_folder_holding_a_finished_run_of_other_options(tmp_path):

@@ -53,7 +53,14 @@ from fedctx.config import parse_norm_options
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
-from fedctx.results import RunFiles, clear_results, cpu_name, numbered, results_in
+from fedctx.results import (
+    RunFiles,
+    atomic_torch_save,
+    clear_results,
+    cpu_name,
+    numbered,
+    results_in,
+)
 
 SOURCE, TARGET = 0, 1
 
@@ -312,7 +319,8 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
     EMA and raw accuracies), ``metrics.csv`` (a row per step, the evaluations' columns
     ``eval/...`` on their step), TensorBoard events in ``tensorboard/``, ``summary.json``
     (final and best EMA and raw accuracies, the eval curve, seconds per training step without
-    evaluation), ``curves.png``, ``grad_variance.png`` and ``embedding.png``. With ``log``, one
+    evaluation), ``model.pt`` (the final model's and EMA model's ``state_dict``, the config),
+    ``curves.png``, ``grad_variance.png`` and ``embedding.png``. With ``log``, one
     line per evaluation and a progress line (step/s, ETA) at most every ``cfg.progress_every``
     seconds.
     """
@@ -338,6 +346,9 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
     files.open()
     try:
         progress = run_steps(state, domains, files, say)
+        atomic_torch_save({"model": state.model.state_dict(),
+                           "ema_model": state.ema_model.state_dict(),
+                           "config": cfg.to_dict(), "steps": cfg.steps}, out / "model.pt")
         write_figures(state, domains, progress, out)
         summary = make_summary(state, domains, progress, out)
         files.write_json("summary.json", summary)
