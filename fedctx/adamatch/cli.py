@@ -12,8 +12,8 @@ from fedctx.config import OneLineParser
 _DESCRIPTION = (
     "AdaMatch (Berthelot et al. 2021) unsupervised domain adaptation on digits, with the domain "
     "as the normalization context (source = context 0, target = context 1). Writes "
-    "metrics.jsonl, metrics.csv, tensorboard/, summary.json, curves.png, grad_variance.png and "
-    "embedding.png to --out.")
+    "metrics.jsonl, metrics.csv, tensorboard/, summary.json, model.pt, curves.png, "
+    "grad_variance.png and embedding.png to --out.")
 _SWEEP_DESCRIPTION = (
     "Run a grid of AdaMatch runs (--norms x --seeds) as concurrent Ray tasks and write a "
     "comparison table (mean ± std of target accuracy per norm) to OUT/sweep.md and sweep.json. "
