@@ -58,9 +58,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the round before: kept to fall back on
-# Everything a run writes in its folder (``--overwrite`` removes these and nothing else).
+# Everything a run writes in its folder (``--overwrite`` removes these and nothing else): a
+# simulation's and an AdaMatch run's (``curves.png``, ``grad_variance.png``, ``embedding.png``).
 RESULT_FILES = (CHECKPOINT, PREVIOUS_CHECKPOINT, "metrics.jsonl", "metrics.csv", "summary.json",
-                "model.pt", "accuracy.png", "label_counts.png", "config.json")
+                "model.pt", "accuracy.png", "label_counts.png", "config.json", "curves.png",
+                "grad_variance.png", "embedding.png")
 CLIENT_STATE = "client_state"
 TENSORBOARD = "tensorboard"  # TensorBoard's event files (``tensorboard --logdir OUT``)
 

@@ -144,15 +144,16 @@ def job_error(cfg: AdaptConfig, err: BaseException) -> dict[str, Any]:
             "error": lines[-1] if lines else type(cause).__name__}
 
 
-def run_jobs(configs: list[AdaptConfig], cpus_per_job: float, gpus_per_job: float, log: bool
+def run_jobs(configs: list[AdaptConfig], finished: list[dict[str, Any] | None],
+             cpus_per_job: float, gpus_per_job: float, log: bool
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train every configuration not already finished (:func:`_finished`) as a Ray task; the
-    summaries (grid order) and the failures."""
+    """Train every configuration whose ``finished`` summary (:func:`_finished`) is ``None`` as
+    a Ray task; the summaries (grid order) and the failures."""
     import ray
 
     task = ray.remote(_run_job).options(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
     threads = max(1, math.floor(cpus_per_job))
-    summaries = [s for s in map(_finished, configs) if s is not None]
+    summaries = [s for s in finished if s is not None]
     done_before = {(s["config"]["norm"], s["config"]["seed"]) for s in summaries}
     pending = {task.remote(cfg.to_dict(), threads): cfg for cfg in configs
                if (cfg.norm, cfg.seed) not in done_before}
@@ -207,11 +208,10 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     """
     out.mkdir(parents=True, exist_ok=True)
     configs = grid(base, norms, seeds, out, "cuda" if gpus_per_job > 0 else "cpu")
-    for cfg in configs:  # before any job starts: a finished run of other options is refused
-        _finished(cfg)
+    finished = [_finished(cfg) for cfg in configs]  # before Ray: other options are refused
     start = time.perf_counter()
     with ray_instance(ray_address, num_cpus, log):
-        summaries, failures = run_jobs(configs, cpus_per_job, gpus_per_job, log)
+        summaries, failures = run_jobs(configs, finished, cpus_per_job, gpus_per_job, log)
     title = (f"AdaMatch {base.source} → {base.target}, {base.steps} steps, seeds "
              f"{', '.join(map(str, seeds))}")
     result = {"title": title, "table": summarize(summaries), "runs": summaries,

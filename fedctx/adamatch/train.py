@@ -266,10 +266,6 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-#: The figures :func:`train` writes; with ``overwrite`` they go with the earlier run's results.
-FIGURES = ("curves.png", "grad_variance.png", "embedding.png")
-
-
 def default_out(cfg: AdaptConfig) -> Path:
     scope = "" if cfg.norm_scope == "all" else f"-{cfg.norm_scope}"
     name = f"{cfg.source}-{cfg.target}-{cfg.norm}{scope}-seed{cfg.seed}"
@@ -333,10 +329,8 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
     device = resolve_device(cfg.device)
     domains = domains or load_domains(cfg)
     state = AdaMatchState(cfg, device)
-    if overwrite and results_in(out):
+    if overwrite:
         clear_results(out)
-        for name in FIGURES:
-            (out / name).unlink(missing_ok=True)
     say = print if log else (lambda text, **_: None)
     say(f"AdaMatch {cfg.source} -> {cfg.target}, norm={cfg.norm} (scope {cfg.norm_scope}), "
         f"{cfg.steps} steps on {device} ({torch.get_num_threads()} threads; train "
