@@ -45,6 +45,17 @@ def test_grid_priority_and_input_scope_has_no_batch():
     assert args[args.index("--target-eval-context") + 1] == "source"
 
 
+def test_every_budget_is_evaluated_where_the_flatness_criterion_reads():
+    for steps in bench.PAIR_STEPS.values():
+        args = bench.Cell("mnist-mnistm", "batch", "all", 0).args(steps, 1, "", Path("o"))
+        every = int(args[args.index("--eval-every") + 1])
+        assert steps // every == bench.EVALS_PER_RUN
+        curve = [{"step": k, "target_acc": 0.5} for k in range(every, steps + 1, every)]
+        _, start, end = bench.report.late_change(curve, "target_acc")
+        assert (start, end) == (steps * 4 // 5, steps)  # the 80% point is an evaluation
+    assert bench.eval_every(8000) == 400 and bench.eval_every(5) == 1
+
+
 def test_resume_skips_finished_runs_of_the_same_budget(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.6),
