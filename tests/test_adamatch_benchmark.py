@@ -100,6 +100,38 @@ def test_page_has_ci_paired_delta_missing_cells_and_curves(tmp_path):
     assert (tmp_path / "adamatch_curves.png").stat().st_size > 0
 
 
+def test_summary_table_is_written_into_the_readme_between_its_markers(tmp_path):
+    runs = tmp_path / "runs"
+    batch = [_record("usps-mnist", "batch", "all", s, a) for s, a in ((0, 0.60), (1, 0.62),
+                                                                     (2, 0.64))]
+    batch[2]["curve"][0]["target_acc"] = 0.64  # flat: the other runs rose 10 points
+    higher = [_record("usps-mnist", "context", "all", s, a + 0.05) for s, a in
+              ((0, 0.60), (1, 0.62), (2, 0.645))]
+    _write(runs, [*batch, *higher, _record("usps-mnist", "acn", "all", 0, 0.5)])
+    start, end = bench.SUMMARY_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nBefore.\n\n{start}\nold table\n{end}\n\nAfter.\n")
+    bench.write_page(runs, tmp_path / "p.md", steps=1000, pairs=["usps-mnist", "mnist-mnistm"],
+                     norms=["batch", "context", "acn"], scopes=["all"], seeds=[0, 1, 2],
+                     readme=readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nBefore.\n\n" + start + "\n| norm (scope) |")
+    assert text.endswith(end + "\n\nAfter.\n") and "old table" not in text
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| `")}
+    assert rows["| `batch` (all)"][0].endswith(" ‡")  # two of its seeds not flat
+    assert "**Δ +5.17 ± " in rows["| `context` (all)"][0]  # separated: bold
+    assert rows["| `acn` (all)"][0] == "50.00 (n = 1) ‡"  # one seed: no difference given
+    assert rows["| `acn` (all)"][1] == "not run |"
+    assert text.count("| `") == 3  # one row per norm and scope, nothing else
+    page = (tmp_path / "p.md").read_text()
+    assert "\n".join(text.split(start + "\n")[1].split("\n" + end)[0].splitlines()) in page
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not bench.sync_readme(plain, ["| x |"]) and plain.read_text() == "no markers\n"
+
+
 def test_page_shows_other_budgets_in_their_own_section(tmp_path):
     runs = tmp_path / "runs"
     _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.60, steps=500),
