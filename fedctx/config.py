@@ -61,20 +61,38 @@ def flag_of(name: str) -> str:
 def check_fields(obj: Any, error: type[ConfigError] = ConfigError) -> None:
     """Check every field of the options dataclass ``obj`` against its choices and bounds; a
     float must be finite (``inf`` and ``nan`` pass or fail bounds by accident)."""
+    for f in fields(obj):
+        _check_value(f, getattr(obj, f.name), error, registries=True)
+
+
+def check_flags(cls: type, args: argparse.Namespace, error: type[ConfigError] = ConfigError
+                ) -> None:
+    """Check each option given as a flag in ``args`` on its own: its type, bounds and fixed
+    choices, but no choice that a registry holds (``--norm``, ``--scenario``: importing them
+    imports torch). What a flag alone can tell, in milliseconds, before anything is started;
+    :func:`resolve_options` checks everything again, with the registries."""
+    for f in fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            _check_value(f, _coerce(f.name, _TYPES[f.type], given, error), error,
+                         registries=False)
+
+
+def _check_value(f: dataclasses.Field, value: Any, error: type[ConfigError], *,
+                 registries: bool) -> None:
     import math
 
-    for f in fields(obj):
-        value, meta, flag = getattr(obj, f.name), f.metadata, flag_of(f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise error(f"{flag}: invalid value {value!r}; must be a finite number")
-        choices = meta.get("choices")
-        if callable(choices):
-            choices = tuple(choices())
-        if choices is not None and value not in choices:
-            raise error(f"{flag}: invalid value {value!r}; valid choices: {', '.join(choices)}")
-        for key, words in _BOUNDS.items():
-            if key in meta and not _BOUND_OK[key](value, meta[key]):
-                raise error(f"{flag}: invalid value {value!r}; must be {words} {meta[key]}")
+    meta, flag = f.metadata, flag_of(f.name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{flag}: invalid value {value!r}; must be a finite number")
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = tuple(choices()) if registries else None
+    if choices is not None and value not in choices:
+        raise error(f"{flag}: invalid value {value!r}; valid choices: {', '.join(choices)}")
+    for key, words in _BOUNDS.items():
+        if key in meta and not _BOUND_OK[key](value, meta[key]):
+            raise error(f"{flag}: invalid value {value!r}; must be {words} {meta[key]}")
 
 
 def _coerce(name: str, kind: type, value: Any, error: type[ConfigError] = ConfigError) -> Any:

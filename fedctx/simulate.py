@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedctx.config import ConfigError, SimConfig, build_parser, load_config_file, resolve
+from fedctx.config import (
+    ConfigError,
+    SimConfig,
+    build_parser,
+    check_flags,
+    load_config_file,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -375,6 +382,7 @@ def _main(argv: list[str] | None, holder: list[SimConfig]) -> int:
             from fedctx.seeds import run_seeds
 
             return run_seeds(args, sys.argv[1:] if argv is None else argv)
+        check_flags(SimConfig, args)  # a mistyped value is told at once, before Ray starts
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

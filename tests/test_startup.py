@@ -112,6 +112,29 @@ def test_a_run_that_cannot_start_stops_the_ray_it_started(tmp_path: Path, proble
 
 
 
+@pytest.mark.parametrize("bad", [["--clients", "zero"], ["--fraction", "1.5"], ["--lr", "inf"]])
+def test_a_bad_flag_value_is_told_before_ray_starts(tmp_path: Path, bad: list[str]) -> None:
+    """What a flag alone can tell (type, bounds, fixed choices) ends the command line before
+    Ray is started beside the options (it took 15-19 s on a loaded machine to say so, most of
+    it waiting for Ray's start to return); the message is the one the full check gives."""
+    trace = tmp_path / "trace.jsonl"
+    trace.touch()
+    status, _, err, phases = _traced_command(
+        [sys.executable, "-m", "fedctx.simulate", *bad, "--out", str(tmp_path / "run")], trace,
+        120)
+    assert status == 2 and err.strip() == f"error: {_full_check_error(bad)}", err[-2000:]
+    assert "ray-init" not in phases
+    assert not (tmp_path / "run").exists()
+
+
+def _full_check_error(argv: list[str]) -> str:
+    from fedctx.config import ConfigError
+    from fedctx.simulate import parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(argv)
+    return str(info.value)
+
 def test_client_workers_import_no_flower_superlink() -> None:
     """What a worker preloads (fedctx's ClientApp and its actor class) leaves ``flwr.simulation``
     and the SuperLink's database and web stack unimported: 0.9 CPU s per worker at start-up."""
