@@ -17,6 +17,14 @@ def test_random_shift_is_a_crop_of_the_padded_image():
     for n in range(2):
         crops = [padded[n, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
         assert any(torch.equal(out[n], c) for c in crops)
+    # exactly the window at the offsets drawn (rows, then columns): runs recorded before any
+    # change of its implementation draw and crop the same
+    x = torch.rand(64, 3, 9, 7)
+    gen = _gen(5)
+    dy, dx = (torch.randint(0, 7, (64,), generator=gen) for _ in range(2))
+    padded = torch.nn.functional.pad(x, (3, 3, 3, 3), mode="reflect")
+    want = torch.stack([padded[n, :, dy[n]:dy[n] + 9, dx[n]:dx[n] + 7] for n in range(64)])
+    assert torch.equal(G.random_shift(x, 3, _gen(5)), want)
 
 
 def test_weak_augment_flips_only_when_asked():

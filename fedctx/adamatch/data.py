@@ -71,9 +71,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``[0, 1]`` -> ``[-1, 1]``, the model's input range (``(x - 0.5) / 0.5``)."""
-    return (x - 0.5) / 0.5
+def normalize(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``[0, 1]`` -> ``[-1, 1]``, the model's input range (``(x - 0.5) / 0.5``); ``inplace``
+    overwrites ``x`` (same values, no new tensor)."""
+    return (x.sub_(0.5) if inplace else x.sub(0.5)).div_(0.5)
 
 
 class BatchSampler:

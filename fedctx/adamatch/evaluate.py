@@ -27,7 +27,7 @@ def predict(model: nn.Module, split: DomainSplit, context: int, device: torch.de
     try:
         with use_context(model, context):
             for start in range(0, len(split), batch):
-                x = normalize(to_float(split.images[start:start + batch].to(device)))
+                x = normalize(to_float(split.images[start:start + batch].to(device)), inplace=True)
                 x = x.contiguous(memory_format=memory_format)
                 logits.append(model(x).cpu())
     finally:

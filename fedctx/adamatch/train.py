@@ -161,8 +161,14 @@ class AdaMatchState:
         x = to_float(torch.cat([xs, xt]).to(self.device))
         weak = weak_augment(x, gen, pad=cfg.pad)
         strong = strong_augment(x, gen, pad=cfg.pad)
-        batch = torch.cat([weak[:n_s], strong[:n_s], weak[n_s:], strong[n_s:]])
-        return normalize(batch).contiguous(memory_format=self.memory_format)
+        # assembled in the model's layout, then normalized in place: one pass to lay it out
+        batch = torch.empty((2 * len(x), *x.shape[1:]), dtype=x.dtype, device=x.device,
+                            memory_format=self.memory_format)
+        start = 0
+        for part in (weak[:n_s], strong[:n_s], weak[n_s:], strong[n_s:]):
+            batch[start:start + len(part)].copy_(part)
+            start += len(part)
+        return normalize(batch, inplace=True)
 
     def step(self, step: int, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor,
              yt: torch.Tensor) -> dict[str, float]:
