@@ -924,12 +924,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration:
         record_calibration(args.calibration, args.runs_dir, args.calibration_command)
         return 0
-    # the README quotes the default page of the whole grid at the default budgets only
-    whole = (tuple(pairs), tuple(norms), tuple(scopes)) == (tuple(PAIRS), NORMS, SCOPES)
-    readme = README if (args.page.resolve() == PAGE and not args.steps and whole) else None
+    # the README quotes the default page of the whole grid at the default budgets only (a run of
+    # some cells writes the whole grid's page; --page-only writes the part asked for)
+    readme = README if (args.page.resolve() == PAGE and not args.steps) else None
     if args.page_only:
+        whole = (tuple(pairs), tuple(norms), tuple(scopes)) == (tuple(PAIRS), NORMS, SCOPES)
         write_page(args.runs_dir, args.page, steps=args.steps, pairs=pairs, norms=norms,
-                   scopes=scopes, seeds=seeds, readme=readme)
+                   scopes=scopes, seeds=seeds, readme=readme if whole else None)
         return 0
     run_benchmark(data_dir=args.data_dir, pairs=pairs, norms=norms, scopes=scopes, seeds=seeds,
                   steps=args.steps, budget_minutes=args.budget_minutes, jobs=args.jobs,

@@ -132,6 +132,18 @@ def test_summary_table_is_written_into_the_readme_between_its_markers(tmp_path):
     assert not bench.sync_readme(plain, ["| x |"]) and plain.read_text() == "no markers\n"
 
 
+def test_the_readme_follows_only_the_default_page_of_the_whole_grid(monkeypatch, tmp_path):
+    given: list = []
+    monkeypatch.setattr(bench, "write_page", lambda *a, **k: given.append(k["readme"]))
+    monkeypatch.setattr(bench, "run_benchmark", lambda **k: given.append(k["readme"]))
+    bench.main(["--page-only"])
+    bench.main(["--page-only", "--pairs", "usps-mnist"])  # a part of the grid
+    bench.main(["--page-only", "--steps", "500"])  # another budget
+    bench.main(["--page-only", "--page", str(tmp_path / "p.md")])  # another page
+    bench.main(["--pairs", "usps-mnist", "--seeds", "1"])  # runs some cells, writes the whole page
+    assert given == [bench.README, None, None, None, bench.README]
+
+
 def test_page_shows_other_budgets_in_their_own_section(tmp_path):
     runs = tmp_path / "runs"
     _write(runs, [_record("mnist-mnistm", "batch", "all", 0, 0.60, steps=500),
