@@ -526,9 +526,7 @@ def _cpu_text(runs: Iterable[dict[str, Any]]) -> str:
 
 def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
            scopes: Sequence[str]) -> list[str]:
-    groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault((r["norm"], r["scope"]), {})[r["seed"]] = r
+    groups = {(norm, scope): g for (_, norm, scope), g in _by_cell(runs).items()}
     baseline = {s: r["final_target_acc"] for s, r in groups.get(("batch", "all"), {}).items()}
     lines = ["| norm | scope (target eval context) | seeds | target acc. EMA (%) mean ± 95% CI "
              "| target acc. raw (%) | Δ vs batch, paired (points) ± 95% CI | source acc. EMA (%) "
@@ -569,23 +567,32 @@ def _table(runs: list[dict[str, Any]], pair: str, norms: Sequence[str],
     return lines
 
 
+def _by_cell(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, Any]]:
+    """``runs`` by ``(pair, norm, scope)``, each cell's records by seed."""
+    groups: dict[tuple[str, str, str], dict[int, Any]] = {}
+    for r in runs:
+        groups.setdefault((r["pair"], r["norm"], r["scope"]), {})[r["seed"]] = r
+    return groups
+
+
 def summary_table(runs: list[dict[str, Any]], pairs: Sequence[str], norms: Sequence[str],
                   scopes: Sequence[str], budgets_of: dict[str, int]) -> list[str]:
     """The results at a glance, one row per norm and scope, one column per pair: the final
     target accuracy (EMA, %) mean ± 95% CI over seeds, the paired difference to ``batch`` from
     :data:`fedctx.report.MIN_PAIRED_SEEDS` paired seeds (bold where its interval excludes 0),
     ``‡`` where a seed's curve is not flat. The README carries a copy (:func:`sync_readme`)."""
+    groups = _by_cell(runs)
+
     def cell(pair: str, norm: str, scope: str) -> str:
-        g = {r["seed"]: r for r in runs if (r["pair"], r["norm"], r["scope"]) == (pair, norm,
-                                                                                 scope)}
+        g = groups.get((pair, norm, scope))
         if not g:
             return "not run"
         acc = report.mean_ci([g[s]["final_target_acc"] for s in sorted(g)])
         text = fmt_ci(acc).replace(" (n = 1)", "") + ("" if acc.n == len(SEEDS)
                                                        else f" (n = {acc.n})")
         if (norm, scope) != ("batch", "all"):
-            base = {r["seed"]: r["final_target_acc"] for r in runs
-                    if (r["pair"], r["norm"], r["scope"]) == (pair, "batch", "all")}
+            base = {s: r["final_target_acc"]
+                    for s, r in groups.get((pair, "batch", "all"), {}).items()}
             diff = report.paired_difference({s: r["final_target_acc"] for s, r in g.items()},
                                             base)
             if diff.n >= report.MIN_PAIRED_SEEDS:
