@@ -1,7 +1,7 @@
 """SGD for fedctx's training loops, with weight decay on conv and linear weights only.
 
 One rule decides which tensors are decayed, for federated local training
-(:func:`fedctx.federated.training.local_train`) and AdaMatch (:mod:`fedctx.adamatch.train`)
+(:func:`fedctx.federated.training.local_train`) and AdaMatch (:mod:`fedctx.adamatch.training`)
 alike: :func:`decayed_parameters`, which selects by **module type**, never by tensor shape or
 name. A ``dim() > 1`` rule would also decay the per-context ``gamma_k``/``beta_k`` of ``context``
 norms, ACN's learned means and log-scales, UAN/SCB mixture parameters and AdaIN's affine tables,

@@ -58,6 +58,34 @@ def test_cli_errors_are_one_line(args, rc, words, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("bad", [["--steps", "zero"], ["--lr", "inf"], ["--target", "nowhere"],
+                                 ["sweep", "--uratio", "0"], ["sweep", "--seeds", "x"]])
+def test_a_bad_flag_value_is_told_before_torch_is_imported(bad):
+    """What a flag alone can tell ends the command line before torch is imported (it took 3-5 s
+    to say ``--steps zero`` was not a number); the message is the one the full check gives."""
+    code = ("import sys; from fedctx.adamatch.cli import main; status = main(sys.argv[1:]); "
+            "print(status, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *bad], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: {_full_check_error(bad)}"
+
+
+def _full_check_error(argv):
+    from fedctx.adamatch.cli import build_parser
+    from fedctx.adamatch.config import resolve
+
+    sweep = argv[:1] == ["sweep"]
+    args = build_parser(sweep=sweep).parse_args(argv[1:] if sweep else argv)
+    with pytest.raises(AdaptConfigError) as info:
+        resolve(args)
+        if sweep:
+            from fedctx.adamatch.cli import _sweep_resources
+
+            _sweep_resources(args)
+    return str(info.value)
+
+
 def _holding_a_run(folder, *names):
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -66,7 +94,7 @@ def _holding_a_run(folder, *names):
 
 
 def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, monkeypatch):
-    from fedctx.adamatch.train import default_out, results_folder
+    from fedctx.adamatch.training import default_out, results_folder
 
     out = tmp_path / "run"
     before = _holding_a_run(out, "metrics.jsonl", "notes.txt")
@@ -105,7 +133,7 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     import torch
 
     from fedctx.adamatch.data import DomainSplit
-    from fedctx.adamatch.train import Domains
+    from fedctx.adamatch.training import Domains
 
     def split(name, n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -127,7 +155,7 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     assert (out / "notes.txt").read_text() == "earlier notes.txt\n"  # not a run's file: kept
     # model.pt: the final EMA model, rebuilt from its config, gives the summary's accuracy
     from fedctx.adamatch.evaluate import accuracy
-    from fedctx.adamatch.train import build_model, memory_format, target_context
+    from fedctx.adamatch.training import build_model, memory_format, target_context
 
     saved = torch.load(out / "model.pt", weights_only=True)
     rebuilt = AdaptConfig(**saved["config"])

@@ -12,7 +12,7 @@ from fedctx.adamatch import AdaptConfig, train
 from fedctx.adamatch import algorithm as A
 from fedctx.adamatch.data import DomainSplit
 from fedctx.adamatch.model import InputNormModel
-from fedctx.adamatch.train import AdaMatchState, Domains, build_model, make_optimizer
+from fedctx.adamatch.training import AdaMatchState, Domains, build_model, make_optimizer
 from fedctx.norm import ContextAware, use_context
 
 
@@ -171,7 +171,7 @@ def test_evaluating_changes_no_step_of_training(tmp_path, norm):
     ends with the same model and EMA model (parameters and buffers, running statistics
     included) and the same final evaluation: ``--eval-every`` trades only the curve's
     resolution."""
-    from fedctx.adamatch.train import run_steps
+    from fedctx.adamatch.training import run_steps
     from fedctx.results import RunFiles
 
     def split(name: str, n: int, seed: int) -> DomainSplit:
@@ -219,7 +219,7 @@ def test_input_scope_proxy_puts_no_activation_on_the_input() -> None:
 
 def test_norm_options_reach_the_norm_layers_in_both_scopes() -> None:
     from fedctx.adamatch.config import AdaptConfig
-    from fedctx.adamatch.train import build_model
+    from fedctx.adamatch.training import build_model
     from fedctx.norm import ContextNorm
 
     for scope in ("all", "input"):
@@ -233,7 +233,7 @@ _MALLOC_RUN = """
 import json, sys, torch
 from fedctx.adamatch import AdaptConfig, train
 from fedctx.adamatch.data import DomainSplit
-from fedctx.adamatch.train import Domains, reuse_freed_memory
+from fedctx.adamatch.training import Domains, reuse_freed_memory
 
 def split(name, n, seed):
     g = torch.Generator().manual_seed(seed)

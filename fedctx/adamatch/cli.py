@@ -6,8 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedctx.adamatch.config import AdaptConfigError, add_config_arguments, resolve
-from fedctx.config import OneLineParser
+from fedctx.adamatch.config import (
+    AdaptConfig,
+    AdaptConfigError,
+    add_config_arguments,
+    resolve,
+)
+from fedctx.config import OneLineParser, check_flags
 
 _DESCRIPTION = (
     "AdaMatch (Berthelot et al. 2021) unsupervised domain adaptation on digits, with the domain "
@@ -74,24 +79,26 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def _sweep(argv: list[str]) -> int:
+def _sweep_resources(args: argparse.Namespace) -> dict:
+    """The sweep's own flags that need no registry: seeds and Ray resources."""
+    return {"seeds": _ints(args.seeds),
+            "cpus_per_job": _float("--cpus-per-job", args.cpus_per_job, 0.01, 1024),
+            "gpus_per_job": _float("--gpus-per-job", args.gpus_per_job, 0.0, 64),
+            "num_cpus": int(_float("--num-cpus", args.num_cpus, 0, 4096))}
+
+
+def _sweep(args: argparse.Namespace, resources: dict) -> int:
     from fedctx.adamatch.sweep import run_sweep
     from fedctx.norm import available
 
-    args = build_parser(sweep=True).parse_args(argv)
     base = resolve(args)
     norms = [n.strip() for n in args.norms.split(",") if n.strip()]
     bad = [n for n in norms if n not in available()]
     if bad or not norms:
         raise AdaptConfigError(f"--norms: invalid value(s) {bad or args.norms!r}; valid "
                                f"choices: {', '.join(available())}")
-    seeds = _ints(args.seeds)
-    cpus = _float("--cpus-per-job", args.cpus_per_job, 0.01, 1024)
-    gpus = _float("--gpus-per-job", args.gpus_per_job, 0.0, 64)
-    num_cpus = int(_float("--num-cpus", args.num_cpus, 0, 4096))
     out = Path(base.out or f"results/adamatch/sweep-{base.source}-{base.target}")
-    result = run_sweep(base, norms, seeds, out, cpus_per_job=cpus, gpus_per_job=gpus,
-                       num_cpus=num_cpus, ray_address=args.ray_address)
+    result = run_sweep(base, norms, out=out, ray_address=args.ray_address, **resources)
     return sweep_status(result, out)
 
 
@@ -112,22 +119,30 @@ def sweep_status(result: dict, out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (errors: one line on stderr, status 2 or 1)."""
-    from fedctx.data import CorruptDataError, MissingDataError
+    """Entry point; returns the exit status (errors: one line on stderr, status 2 or 1).
 
+    Each flag given is checked on its own (type, bounds, fixed choices) before torch is
+    imported, so a mistyped value is told in a fraction of a second; everything else (``--norm``
+    against the registry, ``--config``, the combination) is checked after."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    sweep = argv[:1] == ["sweep"]
     try:
-        if argv[:1] == ["sweep"]:
-            return _sweep(argv[1:])
-        from fedctx.adamatch.train import train
-
-        args = build_parser(sweep=False).parse_args(argv)
-        train(resolve(args), overwrite=args.overwrite)
-        return 0
+        args = build_parser(sweep=sweep).parse_args(argv[1:] if sweep else argv)
+        check_flags(AdaptConfig, args, AdaptConfigError)
+        resources = _sweep_resources(args) if sweep else {}
     except AdaptConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except CorruptDataError as err:  # a damaged file: the user's data, one line
+    from fedctx.data import CorruptDataError, MissingDataError
+
+    try:
+        if sweep:
+            return _sweep(args, resources)
+        from fedctx.adamatch.training import train
+
+        train(resolve(args), overwrite=args.overwrite)
+        return 0
+    except (AdaptConfigError, CorruptDataError) as err:  # the options, or a damaged data file
         print(f"error: {err}", file=sys.stderr)
         return 2
     except MissingDataError as err:

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fedctx.adamatch.data import DOMAINS
 from fedctx.config import (
     ConfigError,
     add_option_arguments,
@@ -22,6 +21,10 @@ from fedctx.config import (
     resolve_options,
 )
 
+#: The digit domains (``fedctx.adamatch.data.DOMAINS`` holds their readers; named here so that
+#: the options are checked without importing torch).
+DOMAIN_NAMES = ("mnist", "usps", "mnistm", "svhn", "synthdigits")
+
 
 class AdaptConfigError(ConfigError):
     """An invalid option; the message names the flag, the value and what is valid."""
@@ -31,8 +34,8 @@ class AdaptConfigError(ConfigError):
 class AdaptConfig:
     """One AdaMatch run. Every field is also a ``--flag`` (``_`` written ``-``)."""
 
-    source: str = option("mnist", "labelled source domain (context 0)", choices=tuple(DOMAINS))
-    target: str = option("mnistm", "unlabelled target domain (context 1)", choices=tuple(DOMAINS))
+    source: str = option("mnist", "labelled source domain (context 0)", choices=DOMAIN_NAMES)
+    target: str = option("mnistm", "unlabelled target domain (context 1)", choices=DOMAIN_NAMES)
     norm: str = option("context", "normalization layer: batch (the paper's), context, acn, uan, "
                      "... (any name of fedctx.norm.available())", choices=norm_names)
     norm_options: str = option("", "options of every --norm layer, KEY=VALUE[,KEY=VALUE] (e.g. "

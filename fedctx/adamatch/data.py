@@ -14,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedctx.adamatch.config import DOMAIN_NAMES
 from fedctx.data import sources
 
 Reader = Callable[..., tuple[np.ndarray, np.ndarray]]
 
-#: Domain name -> reader ``(root, train) -> (images uint8, labels int64)``.
-DOMAINS: dict[str, Reader] = {
-    "mnist": sources.read_mnist,
-    "usps": sources.read_usps,
-    "mnistm": sources.read_mnistm,
-    "svhn": sources.read_svhn,
-    "synthdigits": sources.read_synthdigits,
-}
+#: Domain name (the options' :data:`~fedctx.adamatch.config.DOMAIN_NAMES`) -> its reader in
+#: :mod:`fedctx.data.sources`, ``read_<name>(root, train) -> (images uint8, labels int64)``.
+DOMAINS: dict[str, Reader] = {name: getattr(sources, f"read_{name}") for name in DOMAIN_NAMES}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from fedctx.results import atomic_write_text
 
 def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
     """Body of one Ray task: train one configuration with ``threads`` torch threads."""
-    from fedctx.adamatch.train import train
+    from fedctx.adamatch.training import train
 
     cfg = AdaptConfig(**cfg_dict).replace(threads=threads)
     return train(cfg, log=False, overwrite=True)  # a run cut short there (see run_sweep)
