@@ -19,11 +19,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device
-             ) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen, device=device)
-
-
 def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Reflect-pad by ``pad`` pixels and crop back to ``(H, W)`` at a random offset per sample."""
     n, _, h, w = x.shape

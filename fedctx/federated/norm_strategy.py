@@ -403,7 +403,7 @@ class NormPolicyStrategy(Strategy):
         pid = self.nodes.get(node_id, NodeInfo()).partition_id
         return node_id if pid is None else pid
 
-    def _order(self, node_id: int) -> tuple[int, int]:
+    def _order(self, node_id: int) -> tuple[int, int, int]:
         pid = self.nodes.get(node_id, NodeInfo()).partition_id
         return (0, pid, node_id) if pid is not None else (1, node_id, node_id)
 
@@ -536,13 +536,6 @@ class NormPolicyStrategy(Strategy):
 
     def _shared_record(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({k: arrays[k] for k in self.split.shared if k in arrays})
-
-    def full_arrays(self, shared: ArrayRecord | Tensors, context: int | None = None
-                    ) -> ArrayRecord:
-        """The whole model: ``shared`` plus the norm tensors the policy gives ``context``."""
-        shared_t = shared.to_torch_state_dict() if isinstance(shared, ArrayRecord) else shared
-        return ArrayRecord({**{k: shared_t[k] for k in self.split.shared},
-                            **self.norm.outgoing(context)})
 
     # ------------------------------------------------------------------ Flower's interface
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -926,9 +919,6 @@ class NormPolicyStrategy(Strategy):
         """Norm tensors to evaluate on ``context`` at the server (``None`` for ``local`` and
         ``stats-local``, whose statistics only the clients hold)."""
         return self.norm.for_evaluation(context)
-
-    def partition_of(self, node_id: int) -> int | None:
-        return self.nodes.get(node_id, NodeInfo()).partition_id
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: norm state, clients that hold their own norm state
