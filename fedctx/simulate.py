@@ -131,24 +131,10 @@ def resumed_config(config: SimConfig, given: set[str]) -> SimConfig:
 def check_out(config: SimConfig) -> None:
     """One-line :class:`ConfigError` for an ``--out`` that is a file, cannot be written, or
     (without ``--resume`` or ``--overwrite``) holds files already. Changes nothing."""
-    import tempfile
-
-    from fedctx.results import results_in
+    from fedctx.results import check_results_folder, results_in
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--out {out} is not writable ({parent}: "
-                          f"{err.strerror or err})") from None
+    check_results_folder(out, ConfigError)
     if config.resume or config.overwrite or not out.is_dir():
         return
     names = sorted(p.name for p in out.iterdir())
@@ -208,29 +194,9 @@ def check_resources(config: SimConfig) -> None:
                               "CPUs of the local Ray instance (--num-cpus, else this machine's "
                               "cores): no client could start")
         return
-    address = config.ray_address.removeprefix("ray://")
-    host, _, port = address.rpartition(":")
-    if address != "auto" and (not host or not port.isdigit()):
-        raise ConfigError(f"--ray-address {config.ray_address!r}: expected HOST:PORT "
-                          "(e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
-    import socket
+    from fedctx.federated.engine import connect_ray_cluster
 
-    from fedctx.federated.engine import join_ray_cluster
-
-    try:
-        if address != "auto":
-            socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
-
-        join_ray_cluster(config.ray_address, config.verbose, RAY_JOIN_TIMEOUT_S)
-    except (OSError, RuntimeError) as err:  # ConnectionError, TimeoutError, Ray's RpcError
-        reason = " ".join(str(getattr(err, "strerror", None) or err).split())[:200]
-        raise ConfigError(f"--ray-address {config.ray_address}: no Ray cluster answers there "
-                          f"({reason}); start one with `ray start --head` or fix the address"
-                          ) from None
-
-
-RAY_CONNECT_TIMEOUT_S = 5.0  # the TCP probe
-RAY_JOIN_TIMEOUT_S = 30.0  # joining the cluster (Ray retries for about 20 s)
+    connect_ray_cluster(config.ray_address, ConfigError, config.verbose)
 
 
 def _raised_in(error: BaseException, source: str | None) -> bool:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,29 @@ def _full_check_error(argv):
 
             _sweep_resources(args)
     return str(info.value)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+@pytest.mark.parametrize("where", ["under-a-file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_told_in_one_line(tmp_path, capsys, sweep, where):
+    """A run and a sweep refuse an ``--out`` under a file or in a folder that cannot be written,
+    in one line before any data is read (they ended in a traceback from ``mkdir``)."""
+    from fedctx.adamatch.cli import main
+
+    if where == "unwritable":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc, where no folder can be made")
+        out = Path("/proc/fedctx-no-such-folder/run")
+    else:
+        (tmp_path / "file").write_text("mine\n")
+        out = tmp_path / "file" / "run"
+    argv = (["sweep", "--norms", "batch", "--seeds", "0"] if sweep else []) + [
+        "--out", str(out), "--data-dir", str(tmp_path / "no-data"), "--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out}") and len(err.splitlines()) == 1, err
+    assert ("is a file, not a folder" if where == "under-a-file" else "is not writable") in err
+    assert not (tmp_path / "no-data").exists()
 
 
 def _holding_a_run(folder, *names):

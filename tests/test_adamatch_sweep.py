@@ -69,3 +69,24 @@ def test_a_sweep_with_some_failed_jobs_says_so_and_succeeds(tmp_path, capsys):
     result = {"runs": [_summary("batch", 0, 0.5)], "failures": [{"norm": "context", "seed": 0}]}
     assert sweep_status(result, tmp_path) == 0
     assert capsys.readouterr().err.startswith("warning: 1 of 2 sweep jobs failed")
+
+
+@pytest.mark.parametrize(("address", "words"), [
+    ("nowhere", "expected HOST:PORT"),
+    ("127.0.0.1:9", "no Ray cluster answers there"),  # nothing listens: refused at once
+])
+def test_a_sweep_told_a_ray_address_where_no_cluster_answers_says_so_in_one_line(
+        tmp_path, capsys, address, words):
+    """As ``simulate --ray-address``: one line and status 2 before any job (the sweep waited
+    on Ray's retries, printing them, with no end)."""
+    import ray
+
+    from fedctx.adamatch.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--norms", "batch", "--seeds", "0", "--steps", "1", "--ray-address",
+                 address, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --ray-address ") and address in err and words in err, err
+    assert len(err.splitlines()) == 1
+    assert not ray.is_initialized()

@@ -7,12 +7,13 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedctx.adamatch.config import AdaptConfig, AdaptConfigError
-from fedctx.results import atomic_write_text
+from fedctx.results import atomic_write_text, check_results_folder
 
 
 def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -123,9 +124,13 @@ def ray_instance(ray_address: str, num_cpus: int, log: bool) -> Iterator[None]:
         yield
         return
     if ray_address:
-        ray.init(address=ray_address, log_to_driver=log)
+        from fedctx.federated.engine import connect_ray_cluster
+
+        connect_ray_cluster(ray_address, AdaptConfigError, log_to_driver=log)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log)
+        with warnings.catch_warnings():  # Ray's FutureWarning about accelerator variables
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log)
     try:
         yield
     finally:
@@ -192,7 +197,8 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     ``sweep.md`` (the comparison table), ``grad_variance.png`` (one line per norm) and each
     run's folder ``out/<norm>-seed<seed>``. A run whose folder already holds a ``summary.json``
     of the same configuration is reused, not re-run; one of other options is refused
-    (:class:`AdaptConfigError`, before any job starts); a run cut short there is run afresh;
+    (:class:`AdaptConfigError`, before any job starts, as is an ``out`` that cannot be
+    written); a run cut short there is run afresh;
     a run that fails is listed under
     ``failures`` (its error in its folder's ``error.txt``) and left out of the table.
 
@@ -206,6 +212,7 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
         ``{"table": ..., "runs": [summaries], "failures": [...], "wall_seconds": ...}`` (also
         ``sweep.json``).
     """
+    check_results_folder(out, AdaptConfigError)
     out.mkdir(parents=True, exist_ok=True)
     configs = grid(base, norms, seeds, out, "cuda" if gpus_per_job > 0 else "cpu")
     finished = [_finished(cfg) for cfg in configs]  # before Ray: other options are refused

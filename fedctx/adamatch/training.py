@@ -56,6 +56,7 @@ from fedctx.optim import SGD
 from fedctx.results import (
     RunFiles,
     atomic_torch_save,
+    check_results_folder,
     clear_results,
     cpu_name,
     numbered,
@@ -282,12 +283,14 @@ def results_folder(cfg: AdaptConfig, overwrite: bool = False) -> Path:
     """Where :func:`train` writes: ``cfg.out``, or the first of :func:`default_out`, then
     ``-2``, ``-3``, ... that holds no run's results (a repeated command never replaces a run).
     An ``out`` that is a file, or that holds another run's results (``metrics.jsonl``,
-    ``summary.json``) without ``overwrite``, is an :class:`AdaptConfigError`. Changes nothing."""
+    ``summary.json``) without ``overwrite``, or that cannot be written, is an
+    :class:`AdaptConfigError`. Changes nothing."""
     if not cfg.out:
-        return Path(next(n for n in numbered(str(default_out(cfg))) if not results_in(Path(n))))
+        out = Path(next(n for n in numbered(str(default_out(cfg))) if not results_in(Path(n))))
+        check_results_folder(out, AdaptConfigError)
+        return out
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise AdaptConfigError(f"--out {out} is a file, not a folder")
+    check_results_folder(out, AdaptConfigError)
     found = results_in(out) if out.is_dir() else []
     if found and not overwrite:
         raise AdaptConfigError(f"--out {out} holds another run's results ({', '.join(found)}); "

@@ -157,10 +157,39 @@ def init_local_ray(num_cpus: int, verbose: bool) -> None:
     mark("ray-ready")
 
 
-def join_ray_cluster(address: str, verbose: bool = False, timeout: float = 30.0) -> None:
+RAY_CONNECT_TIMEOUT_S = 5.0  # the TCP probe of a Ray address
+RAY_JOIN_TIMEOUT_S = 30.0  # joining the cluster (Ray retries for about 20 s)
+
+
+def connect_ray_cluster(address: str, error: type[Exception], verbose: bool = False,
+                        log_to_driver: bool | None = None) -> None:
+    """Join the Ray cluster at ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``), or
+    raise ``error`` with one line saying why: a malformed address, no TCP answer within
+    :data:`RAY_CONNECT_TIMEOUT_S`, or no Ray cluster joined within :data:`RAY_JOIN_TIMEOUT_S`
+    (the command lines' ``--ray-address``). ``log_to_driver``: the cluster's task output shown
+    here (default ``verbose``)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address != "auto" and (not host or not port.isdigit()):
+        raise error(f"--ray-address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379), "
+                    "ray://HOST:PORT or auto")
+    try:
+        if address != "auto":
+            socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        join_ray_cluster(address, verbose, RAY_JOIN_TIMEOUT_S, log_to_driver)
+    except (OSError, RuntimeError) as err:  # ConnectionError, TimeoutError, Ray's RpcError
+        reason = " ".join(str(getattr(err, "strerror", None) or err).split())[:200]
+        raise error(f"--ray-address {address}: no Ray cluster answers there ({reason}); start "
+                    "one with `ray start --head` or fix the address") from None
+
+
+def join_ray_cluster(address: str, verbose: bool = False, timeout: float = RAY_JOIN_TIMEOUT_S,
+                     log_to_driver: bool | None = None) -> None:
     """``ray.init(address=address)``, waiting at most ``timeout`` seconds; Ray's own retry
-    messages are kept off the terminal unless ``verbose``. Raises ``ConnectionError`` (Ray's)
-    or ``TimeoutError`` when no cluster can be joined there."""
+    messages are kept off the terminal unless ``verbose``, the cluster's task output unless
+    ``log_to_driver`` (default ``verbose``). Raises ``ConnectionError`` (Ray's) or
+    ``TimeoutError`` when no cluster can be joined there."""
     import threading
 
     import ray
@@ -168,10 +197,11 @@ def join_ray_cluster(address: str, verbose: bool = False, timeout: float = 30.0)
     if ray.is_initialized():
         return
     failure: list[BaseException] = []
+    show_tasks = verbose if log_to_driver is None else log_to_driver
 
     def connect() -> None:
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=show_tasks)
         except Exception as err:  # noqa: BLE001 - handed to the caller
             failure.append(err)
 
