@@ -265,10 +265,12 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedctx.report RUN_DIR... [--plot FILE]``: compare finished runs: final
     accuracy per context, then accuracy per round per context of each experiment."""
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(
+    from fedctx.config import OneLineParser
+    from fedctx.results import check_results_folder
+
+    parser = OneLineParser(
         prog="python -m fedctx.report",
         description="Compare finished runs side by side: runs that differ only in their seed "
                     "are pooled (mean ± 95% CI per context); --plot draws accuracy per round.")
@@ -278,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                         "round (mean and 95%% CI band per experiment)")
     args = parser.parse_args(argv)
     try:
+        if args.plot:  # before the tables: a plot that cannot be written is told at once
+            if args.plot.is_dir():
+                raise ValueError(f"--plot {args.plot} is a folder; give a file name (.png)")
+            check_results_folder(args.plot.parent, ValueError, flag=f"--plot {args.plot}: folder")
         runs = [Run.load(p) for p in run_folders(args.runs)]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -290,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(group)} runs):\n")
         print(round_table(group))
     if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_rounds(groups, args.plot)
         print(f"\nwrote {args.plot}")
     return 0

@@ -74,25 +74,25 @@ def results_in(out: Path) -> list[str]:
             if (out / n).exists()]
 
 
-def check_results_folder(out: Path, error: type[Exception]) -> None:
-    """Raise ``error`` with one line when ``out`` cannot become a results folder: it is a file,
-    it lies under a file, or its nearest existing folder cannot be written (tried with a
-    temporary file, removed at once). Creates nothing else."""
+def check_results_folder(out: Path, error: type[Exception], flag: str = "--out") -> None:
+    """Raise ``error`` with one line (naming ``flag``) when ``out`` cannot become a results
+    folder: it is a file, it lies under a file, or its nearest existing folder cannot be written
+    (tried with a temporary file, removed at once). Creates nothing else."""
     import tempfile
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise error(f"--out {out} is a file, not a folder")
+        raise error(f"{flag} {out} is a file, not a folder")
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise error(f"--out {out}: {parent} is a file, not a folder")
+        raise error(f"{flag} {out}: {parent} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise error(f"--out {out} is not writable ({parent}: {err.strerror or err})") from None
+        raise error(f"{flag} {out} is not writable ({parent}: {err.strerror or err})") from None
 
 
 def numbered(base: str) -> list[str]:

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 from fedctx import scenarios
-from fedctx.config import ConfigError, SimConfig
+from fedctx.config import ConfigError, OneLineParser, SimConfig
 from fedctx.data.sources import MissingDataError
+from fedctx.results import check_results_folder
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fedctx.scenarios",
-                                     description="Look at a scenario's data.")
+    parser = OneLineParser(prog="python -m fedctx.scenarios",
+                           description="Look at a scenario's data.")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="write sample-image and label-count PNGs of a scenario")
     show.add_argument("scenario", choices=scenarios.available())
@@ -46,8 +47,9 @@ def show(args: argparse.Namespace) -> list[Path]:
     values.update({k: v for k, v in given.items() if v is not None})
     config = SimConfig(scenario=args.scenario, download=args.download,
                        allow_missing_domains=args.allow_missing_domains, **values).validate()
-    data = scenario.build(config)
     out = args.out or Path("results") / f"data-{args.scenario}"
+    check_results_folder(out, ConfigError)
+    data = scenario.build(config)
     return [save_sample_grid(data, out / f"{args.scenario}-samples.png"),
             save_label_heatmap(data, out / f"{args.scenario}-labels.png")]
 

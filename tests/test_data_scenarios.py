@@ -101,6 +101,21 @@ def test_nothing_on_disk_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.startswith("error: MNIST not found in") and str(tmp_path / "MNIST") in err
 
 
+def test_show_tells_a_mistake_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An unknown scenario (argparse printed its usage first) and an ``--out`` under a file
+    (a traceback from ``mkdir``, after the data were built): one line, status 2."""
+    with pytest.raises(SystemExit) as info:
+        data_main(["show", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    assert "'nope'" in err and "digits" in err
+    (tmp_path / "file").write_text("mine\n")
+    assert data_main(["show", "digits", "--out", str(tmp_path / "file" / "pngs")]) == 2
+    err = capsys.readouterr().err.strip()
+    out, file = tmp_path / "file" / "pngs", tmp_path / "file"
+    assert err == f"error: --out {out}: {file} is a file, not a folder"
+
+
 def test_cifar10_dirichlet_with_written_cifar(tmp_path: Path) -> None:
     _, labels = write_cifar10(tmp_path, per_batch=40)
     data = _build("cifar10-dirichlet", clients=4, data_dir=str(tmp_path))

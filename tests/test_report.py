@@ -87,6 +87,33 @@ def test_report_rejects_a_folder_that_is_not_a_run_in_one_line(tmp_path, capsys)
     assert err.startswith("error: ") and "not a finished fedctx run" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("plot", ["under-a-file", "a-folder"])
+def test_report_refuses_a_plot_it_cannot_write_in_one_line_before_the_tables(
+        tmp_path, capsys, plot) -> None:
+    """``--plot`` under a file or naming a folder: one line, status 2, no table printed (the
+    tables were printed, then a traceback from matplotlib); a plot in a new folder is written."""
+    from fedctx.report import main
+
+    run = _fake_run(tmp_path, "a0", 0, "average", {"mnist": 0.8})
+    (tmp_path / "file").write_text("mine\n")
+    path = tmp_path / "file" / "rounds.png" if plot == "under-a-file" else tmp_path
+    assert main([run, "--plot", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: --plot {path}")
+    assert len(captured.err.strip().splitlines()) == 1
+    assert main([run, "--plot", str(tmp_path / "new" / "rounds.png")]) == 0
+    assert (tmp_path / "new" / "rounds.png").stat().st_size > 0
+
+
+def test_report_tells_a_usage_mistake_in_one_line(capsys) -> None:
+    from fedctx.report import main
+
+    with pytest.raises(SystemExit) as info:
+        main([])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err
+
+
 def test_late_change_spans_the_last_fifth_and_skips_points_without_the_key() -> None:
     # FedBN-style records: train loss every round, accuracy every 10th round
     curve = [{"round": r, "train_loss": 1.0 / r} | ({"accuracy": 0.5 + r / 1000} if r % 10 == 0
