@@ -9,11 +9,13 @@
 Every finished run writes one small JSON, ``docs/results/runs/adamatch/<pair>-<norm>-<scope>-
 seed<k>.json`` (final/best EMA and raw accuracy, the eval curve, s/step, the command, hardware),
 and a run whose JSON exists with the same budget (steps, batch, uratio) is skipped: re-running the
-command resumes the grid. Runs start in priority order (pairs, then scope ``all`` before
-``input``, then norms, then seeds, each in the order given) and only while the projected end stays
-within ``--budget-minutes`` (0: no limit). ``docs/results/adamatch.md`` is then regenerated from
-whatever runs exist: per pair and norm the mean and 95% t-interval over seeds, the paired
-difference to ``batch``, the curves PNG, the missing cells and the projected time to fill them.
+command resumes the grid; a run cut short (killed, Ctrl-C) continues from its last checkpoint
+(``python -m fedctx.adapt --resume``: bit for bit the run it would have been). Runs start in
+priority order (pairs, then scope ``all`` before ``input``, then norms, then seeds, each in the
+order given) and only while the projected end stays within ``--budget-minutes`` (0: no limit).
+``docs/results/adamatch.md`` is then regenerated from whatever runs exist: per pair and norm
+the mean and 95% t-interval over seeds, the paired difference to ``batch``, the curves PNG, the
+missing cells and the projected time to fill them.
 
 Scope ``input`` is the normalization papers' protocol (``--norm-scope input
 --target-eval-context source``: one ``--norm`` layer on the input image, BatchNorm in the CNN,
@@ -214,10 +216,15 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     out = work_dir / cell.name
     args = cell.args(steps, threads, data_dir, out)
     out.mkdir(parents=True, exist_ok=True)
-    clear_results(out)  # a run of this cell cut short (it has no record): started afresh
-    commit = _commit()  # the code the run imports: HEAD may move while it trains
-    with (out / "stdout.log").open("w") as logfile:
-        proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *args], cwd=REPO,
+    resume = resumable(out, args)  # a run of this cell cut short (it has no record)
+    if not resume:
+        clear_results(out)
+        (out / "commits.txt").unlink(missing_ok=True)
+    with (out / "commits.txt").open("a") as commits:  # the code each session imports
+        commits.write(_commit() + "\n")  # (HEAD may move while it trains)
+    with (out / "stdout.log").open("a" if resume else "w") as logfile:
+        proc = subprocess.run([sys.executable, "-m", "fedctx.adapt", *args,
+                               *(["--resume"] if resume else [])], cwd=REPO,
                               stdout=logfile, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = (out / "stdout.log").read_text().strip().splitlines()[-1:] or ["?"]
@@ -225,6 +232,7 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     summary = json.loads((out / "summary.json").read_text())
     shown = [a if a != str(out) else f"results/adamatch/bench/{cell.name}" for a in args]
     shown = [a if a != data_dir else "DATA" for a in shown]
+    commit = ",".join(dict.fromkeys((out / "commits.txt").read_text().split()))
     record = run_record(cell, summary, shown, commit)
     runs_dir.mkdir(parents=True, exist_ok=True)
     record_path(runs_dir, cell, steps).write_text(json.dumps(record, indent=1) + "\n")
@@ -233,6 +241,20 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
               f"{100 * record['final_target_acc_raw']:.2f}% (raw), "
               f"{record['seconds_per_step']:.3f} s/step", flush=True)
     return record
+
+
+def resumable(out: Path, args: list[str]) -> bool:
+    """Whether ``out`` holds a checkpoint of the run ``args`` describe (same options but those
+    a resumed run may change), so that the run continues from it."""
+    from fedctx.adamatch.cli import build_parser
+    from fedctx.adamatch.config import AdaptConfigError, resolve
+    from fedctx.adamatch.training import read_run_checkpoint, resume_changes
+
+    try:
+        saved = read_run_checkpoint(out)[0]["config"]
+    except AdaptConfigError:  # none, or unreadable: the run starts afresh
+        return False
+    return not resume_changes(saved, resolve(build_parser(sweep=False).parse_args(args)))
 
 
 def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int,

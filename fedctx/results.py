@@ -140,9 +140,17 @@ def save_checkpoint(state: dict[str, Any], out: Path, keep_previous: bool = True
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+#: What a checkpoint holds, by the unit its run counts: a federated run's rounds
+#: (``fedctx.simulate``) or an AdaMatch run's steps (``fedctx.adapt``); the unit's key counts
+#: the records of ``history``.
+CHECKPOINT_KEYS = {"round": ("round", "arrays", "strategy", "history", "config"),
+                   "step": ("step", "state", "batches", "history", "evals", "config")}
+
+
+def read_checkpoint(path: Path, unit: str = "round") -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True`` (only
-    tensors and plain types); :class:`CheckpointError` names a corrupt or truncated one."""
+    tensors and plain types); :class:`CheckpointError` names a corrupt or truncated one, or one
+    that lacks the keys of its ``unit`` (:data:`CHECKPOINT_KEYS`)."""
     import zipfile
 
     if path.exists() and not zipfile.is_zipfile(path):
@@ -155,25 +163,26 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - truncated zip, unpickling error, unsafe type
         reason = " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())
         raise CheckpointError(f"{path.name} is corrupt: {reason[:300]}") from None
-    keys = ("round", "arrays", "strategy", "history", "config")
+    keys = CHECKPOINT_KEYS[unit]
     missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
     if missing:
         raise CheckpointError(f"{path.name} is corrupt: not a fedctx checkpoint (it lacks "
                               f"{', '.join(missing)})")
-    if len(state["history"]) != state["round"]:
-        raise CheckpointError(f"{path.name} is corrupt: round {state['round']} with "
-                              f"{len(state['history'])} recorded rounds")
+    if len(state["history"]) != state[unit]:
+        raise CheckpointError(f"{path.name} is corrupt: {unit} {state[unit]} with "
+                              f"{len(state['history'])} recorded {unit}s")
     return state
 
 
-def load_checkpoint(out: Path) -> tuple[dict[str, Any], str | None]:
+def load_checkpoint(out: Path, unit: str = "round") -> tuple[dict[str, Any], str | None]:
     """The run's last good checkpoint and, when ``checkpoint.pt`` could not be used, a note that
-    says so and which round's ``checkpoint.prev.pt`` is used instead. ``FileNotFoundError`` if
-    there is none; :class:`CheckpointError` if neither can be read."""
+    says so and which ``checkpoint.prev.pt`` is used instead (``unit``: see
+    :func:`read_checkpoint`). ``FileNotFoundError`` if there is none; :class:`CheckpointError`
+    if neither can be read."""
     out = Path(out)
     path, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
     try:
-        return read_checkpoint(path), None
+        return read_checkpoint(path, unit), None
     except FileNotFoundError:
         if not previous.exists():
             raise FileNotFoundError(f"no checkpoint in {out}") from None
@@ -184,11 +193,11 @@ def load_checkpoint(out: Path) -> tuple[dict[str, Any], str | None]:
             raise CheckpointError(f"{problem} (in {out}); no earlier checkpoint to fall "
                                   "back on") from None
     try:
-        state = read_checkpoint(previous)
+        state = read_checkpoint(previous, unit)
     except (CheckpointError, FileNotFoundError) as err:
         raise CheckpointError(f"{problem} (in {out}), and {err}") from None
-    return state, (f"{problem}; resuming from the previous round's {PREVIOUS_CHECKPOINT} "
-                   f"(round {state['round']})")
+    return state, (f"{problem}; resuming from the checkpoint before it, "
+                   f"{PREVIOUS_CHECKPOINT} ({unit} {state[unit]})")
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

@@ -311,3 +311,50 @@ def test_a_cell_cut_short_is_run_afresh_in_its_folder(tmp_path, monkeypatch):
         bench.run_cell(cell, steps=10, threads=1, data_dir="", runs_dir=tmp_path / "runs",
                        work_dir=tmp_path / "work", log=False)
     assert seen == [[]]
+
+
+@pytest.mark.parametrize("checkpoint", ["same-run", "other-budget", "none"])
+def test_a_cell_cut_short_continues_from_its_checkpoint(tmp_path, monkeypatch, checkpoint):
+    """A cell whose folder holds a checkpoint of the same run goes on with ``--resume`` (its
+    log appended, every session's commit in the record); a checkpoint of other options, or
+    none, starts the run afresh."""
+    from fedctx.adamatch.cli import build_parser
+    from fedctx.adamatch.config import resolve
+    from fedctx.results import save_checkpoint
+
+    cell = bench.Cell("usps-mnist", "batch", "all", 0)
+    work = tmp_path / "bench"
+    out = work / cell.name
+    out.mkdir(parents=True)
+    (out / "stdout.log").write_text("first session\n")
+    (out / "commits.txt").write_text("abc1234\n")
+    if checkpoint != "none":
+        steps = 3000 if checkpoint == "same-run" else 2000
+        config = resolve(build_parser(sweep=False).parse_args(
+            cell.args(steps, 1, "", out))).to_dict()
+        save_checkpoint({"step": 1, "state": {}, "batches": {}, "history": [{}], "evals": [],
+                         "config": config}, out)
+    called = []
+
+    def fake_run(argv, **kwargs):
+        called.append(argv)
+        kwargs["stdout"].write("a session\n")
+        summary = {"config": resolve(build_parser(sweep=False).parse_args(
+            [a for a in argv[3:] if a != "--resume"])).to_dict(),
+            "final_target_acc": 0.9, "final_target_acc_raw": 0.9, "best_target_acc": 0.9,
+            "best_target_acc_raw": 0.9, "final_source_acc": 0.99, "final_source_acc_raw": 0.99,
+            "evals": [], "seconds_per_step": 0.3, "total_seconds": 900.0, "cpu_seconds": 800.0,
+            "hardware": {}, "data": {}}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "_commit", lambda: "def5678")
+    record = bench.run_cell(cell, steps=3000, threads=1, data_dir="", runs_dir=tmp_path / "runs",
+                            work_dir=work, log=False)
+    resumed = checkpoint == "same-run"
+    assert ("--resume" in called[0]) == resumed
+    log = (out / "stdout.log").read_text()
+    assert log == ("first session\na session\n" if resumed else "a session\n")
+    assert record["commit"] == ("abc1234,def5678" if resumed else "def5678")
+    assert (out / "checkpoint.pt").exists() == resumed  # afresh: the old results are cleared

@@ -171,7 +171,7 @@ def test_evaluating_changes_no_step_of_training(tmp_path, norm):
     ends with the same model and EMA model (parameters and buffers, running statistics
     included) and the same final evaluation: ``--eval-every`` trades only the curve's
     resolution."""
-    from fedctx.adamatch.training import run_steps
+    from fedctx.adamatch.training import Batches, Progress, run_steps
     from fedctx.results import RunFiles
 
     def split(name: str, n: int, seed: int) -> DomainSplit:
@@ -187,7 +187,8 @@ def test_evaluating_changes_no_step_of_training(tmp_path, norm):
         files = RunFiles(tmp_path / f"every{every}", "step")
         files.open()
         try:
-            progress = run_steps(state, domains, files, lambda text, **_: None)
+            progress = run_steps(state, domains, files, lambda text, **_: None,
+                                 Batches(cfg, domains), Progress([], []))
         finally:
             files.close()
         runs[every] = progress, state
@@ -269,3 +270,103 @@ def test_malloc_reuse_changes_where_memory_comes_from_not_a_result(tmp_path):
                         | {k: v for k, v in x.get("eval", {}).items() if k != "elapsed_s"}
                         for x in lines]
     assert len(runs["reuse"]) >= 6 and runs["reuse"] == runs["default"]
+
+
+def _synthetic_domains():
+    def split(name, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8, generator=g)
+        return DomainSplit(name, images, torch.randint(0, 10, (n,), generator=g))
+
+    return Domains(split("mnist", 200, 0), split("usps", 200, 1), split("mnist", 40, 2),
+                   split("usps", 40, 3))
+
+
+def _lines(out):
+    """metrics.jsonl without its clocks."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k != "eval"}
+            | {k: v for k, v in x.get("eval", {}).items() if k != "elapsed_s"} for x in lines]
+
+
+@pytest.mark.parametrize("norm", ["context", "acn"])
+def test_a_run_interrupted_and_resumed_is_bit_for_bit_the_run_not_interrupted(
+        tmp_path, monkeypatch, norm):
+    """Ctrl-C after step 5 of 8 (checkpoints at steps 3 and 6: steps 4-5 are lost and taken
+    again), then ``resume``: every step's metrics, every evaluation, both final models and the
+    summary's accuracies equal those of the run that was never interrupted; the interruption
+    names the step saved."""
+    from fedctx.adamatch import training
+
+    domains = _synthetic_domains()
+    cfg = AdaptConfig(source="mnist", target="usps", norm=norm, steps=8, batch_size=16,
+                      uratio=2, width=8, eval_every=3, embed_samples=20, device="cpu",
+                      threads=1)
+    whole = train(cfg.replace(out=str(tmp_path / "whole")), domains=domains, log=False)
+
+    step = training.AdaMatchState.step
+
+    def interrupted(self, k, *args):
+        if k == 5:
+            raise KeyboardInterrupt
+        return step(self, k, *args)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(training.AdaMatchState, "step", interrupted)
+    with pytest.raises(training.RunInterrupted) as info:
+        train(cfg.replace(out=str(out)), domains=domains, log=False)
+    assert info.value.saved_step == 3 and info.value.out == out
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(training.AdaMatchState, "step", step)
+    resumed = train(cfg.replace(out=str(out)), domains=domains, log=False, resume=True)
+
+    assert _lines(out) == _lines(tmp_path / "whole") and len(_lines(out)) == 8 + 3
+    for key in ("final_target_acc", "final_target_acc_raw", "final_source_acc", "evals"):
+        if key == "evals":
+            assert [{k: v for k, v in e.items() if k != "elapsed_s"} for e in resumed[key]] == [
+                {k: v for k, v in e.items() if k != "elapsed_s"} for e in whole[key]]
+        else:
+            assert resumed[key] == whole[key]
+    a = torch.load(out / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    for part in ("model", "ema_model"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+
+
+def test_resume_keeps_the_runs_options_and_says_what_it_cannot_do(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Through the command line: ``--resume`` without ``--out`` or without a checkpoint, or with
+    an option that changes the computation, is one line (status 2); a finished run has nothing
+    to resume (status 0); Ctrl-C says what is saved and how to go on (status 130)."""
+    from fedctx.adamatch import cli, training
+
+    domains = _synthetic_domains()
+    out = tmp_path / "run"
+    cfg = AdaptConfig(source="mnist", target="usps", norm="batch", steps=4, batch_size=16,
+                      uratio=2, width=8, eval_every=2, embed_samples=20, device="cpu",
+                      threads=1, out=str(out))
+    train(cfg, domains=domains, log=False)
+
+    def status(*argv):
+        code = cli.main(list(argv))
+        return code, capsys.readouterr()
+
+    code, told = status("--resume")
+    assert code == 2 and told.err == "error: --resume continues the run in --out: give --out\n"
+    code, told = status("--resume", "--out", str(tmp_path / "empty"))
+    assert code == 2 and "no checkpoint in" in told.err and len(told.err.splitlines()) == 1
+    code, told = status("--resume", "--out", str(out), "--lr", "0.1")
+    assert code == 2 and "--lr 0.1 (the run's: 0.03)" in told.err
+    code, told = status("--resume", "--out", str(out), "--threads", "2")
+    assert code == 0 and "finished all its 4 steps; nothing to resume" in told.out
+
+    def stopped(config, **_):
+        raise training.RunInterrupted(out, 2)
+
+    monkeypatch.setattr(training, "train", stopped)
+    code, told = status("--out", str(tmp_path / "other"))
+    assert code == 130 and told.err.strip() == (
+        f"interrupted; steps 1-2 are saved in {out}; continue with python -m fedctx.adapt "
+        f"--resume --out {out}")

@@ -60,6 +60,11 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
         parser.add_argument("--overwrite", action="store_true",
                             help="replace the results of an earlier run in --out (without it, "
                             "such an --out is refused) [default: False]")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --out from its last checkpoint (saved at "
+                            "every evaluation) with its saved options, bit for bit the run it "
+                            "would have been; only --threads, --progress-every, --malloc, "
+                            "--data-dir and --download may be given anew [default: False]")
     if sweep:
         parser.add_argument("--norms", default="batch,context",
                             help="comma-separated norm names [default: 'batch,context']")
@@ -138,9 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sweep:
             return _sweep(args, resources)
-        from fedctx.adamatch.training import train
+        from fedctx.adamatch.training import read_run_checkpoint, train
 
-        train(resolve(args), overwrite=args.overwrite)
+        if args.resume:  # the saved options, then the flags given now
+            if not args.out:
+                raise AdaptConfigError("--resume continues the run in --out: give --out")
+            saved = read_run_checkpoint(Path(args.out))[0]["config"]
+            config = resolve(args, base={**saved, "out": args.out})
+        else:
+            config = resolve(args)
+        train(config, overwrite=args.overwrite, resume=args.resume)
         return 0
     except (AdaptConfigError, CorruptDataError) as err:  # the options, or a damaged data file
         print(f"error: {err}", file=sys.stderr)
@@ -148,3 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except MissingDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: what is saved, and how to go on
+        out, step = getattr(err, "out", None), getattr(err, "saved_step", 0)
+        print("\ninterrupted; " + (f"steps 1-{step} are saved in {out}; continue with "
+                                   f"python -m fedctx.adapt --resume --out {out}" if step else
+                                   "no evaluation had been reached, nothing to resume"),
+              file=sys.stderr)
+        return 130

@@ -130,6 +130,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_arguments(parser, AdaptConfig)
 
 
-def resolve(args: argparse.Namespace) -> AdaptConfig:
-    """Merge defaults < ``--config`` file < flags, then validate."""
-    return resolve_options(AdaptConfig, args, error=AdaptConfigError)
+def resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> AdaptConfig:
+    """Merge defaults < ``base`` (a resumed run's saved options) < ``--config`` file < flags,
+    then validate."""
+    return resolve_options(AdaptConfig, args, base=base, error=AdaptConfigError)

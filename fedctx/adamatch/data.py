@@ -88,3 +88,11 @@ class BatchSampler:
             self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.gen)])
         idx, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
         return idx
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Where the sampler is: the indices left of this epoch's order (the generator, which
+        may be shared, is saved by its owner)."""
+        return {"order": self._order.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._order = state["order"].clone()

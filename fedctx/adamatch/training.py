@@ -26,6 +26,7 @@ digits CNN on 28x28 inputs instead of WRN-28-2 on 32x32.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import time
@@ -54,13 +55,16 @@ from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
 from fedctx.results import (
+    CheckpointError,
     RunFiles,
     atomic_torch_save,
     check_results_folder,
     clear_results,
     cpu_name,
+    load_checkpoint,
     numbered,
     results_in,
+    save_checkpoint,
 )
 
 SOURCE, TARGET = 0, 1
@@ -226,6 +230,26 @@ class AdaMatchState:
             "grad_var": grad_var, "ema_decay": ema,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this state: both models, the optimizer's momentum
+        buffers, the EMA's update count, the augmentation generator and the label-distribution
+        estimates (tensors and plain types: ``torch.load(weights_only=True)`` reads them)."""
+        return {"model": self.model.state_dict(), "ema_model": self.ema_model.state_dict(),
+                "momentum_buffers": list(self.optimizer.momentum_buffers),
+                "ema_updates": self.ema_updates, "gen": self.gen.get_state(),
+                "p_source": self.p_source, "p_target_history": self.p_target_history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next step is the one the saved run took next."""
+        self.model.load_state_dict(state["model"])
+        self.ema_model.load_state_dict(state["ema_model"])
+        self.optimizer.momentum_buffers = [None if b is None else b.to(self.device)
+                                           for b in state["momentum_buffers"]]
+        self.ema_updates = int(state["ema_updates"])
+        self.gen.set_state(state["gen"])
+        self.p_source = state["p_source"].to(self.device)
+        self.p_target_history = state["p_target_history"].to(self.device)
+
     def evaluate(self, domains: Domains, target_context: int) -> dict[str, float]:
         """Test accuracy of the EMA and the raw model on both domains (eval mode)."""
         fmt, dev = self.memory_format, self.device
@@ -300,22 +324,95 @@ def results_folder(cfg: AdaptConfig, overwrite: bool = False) -> Path:
 
 @dataclass
 class Progress:
-    """What the training loop measured: every step's metrics and every evaluation."""
+    """What the training loop measured: every step's metrics and every evaluation; the times
+    add up over the sessions of a resumed run."""
 
     records: list[dict[str, float]]
     evals: list[dict[str, float]]
     total_seconds: float = 0.0
     eval_seconds: float = 0.0
     cpu_seconds: float = 0.0  # all threads of this process, evaluation included
+    saved_step: int = 0  # the step the last checkpoint holds
 
     @property
     def train_seconds(self) -> float:
         return self.total_seconds - self.eval_seconds
 
+    def seconds(self) -> dict[str, float]:
+        return {"total_seconds": self.total_seconds, "eval_seconds": self.eval_seconds,
+                "cpu_seconds": self.cpu_seconds}
+
+    def lines(self) -> list[tuple[int, dict[str, Any]]]:
+        """``metrics.jsonl``'s records in their order: each step, then its evaluation."""
+        evals = {e["step"]: e for e in self.evals}
+        out: list[tuple[int, dict[str, Any]]] = []
+        for rec in self.records:
+            out.append((rec["step"], rec))
+            if rec["step"] in evals:
+                out.append((rec["step"], {"eval": evals[rec["step"]]}))
+        return out
+
+
+class Batches:
+    """The run's source and target batch samplers and the generator they share."""
+
+    def __init__(self, cfg: AdaptConfig, domains: Domains) -> None:
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.source = BatchSampler(len(domains.source_train), cfg.batch_size, self.gen)
+        self.target = BatchSampler(len(domains.target_train), cfg.batch_size * cfg.uratio,
+                                   self.gen)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "source": self.source.state_dict(),
+                "target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.source.load_state_dict(state["source"])
+        self.target.load_state_dict(state["target"])
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: the run's folder and the last step its checkpoint holds
+    (0: none yet)."""
+
+    def __init__(self, out: Path, saved_step: int) -> None:
+        super().__init__(f"interrupted; step {saved_step} saved in {out}")
+        self.out, self.saved_step = out, saved_step
+
+
+#: Options a resumed run may take anew: they change where and how fast it runs, not what it
+#: computes (another ``threads`` may change float rounding: bit for bit only with the same).
+RESUME_MAY_CHANGE = ("threads", "progress_every", "malloc", "data_dir", "download", "out")
+
+
+def read_run_checkpoint(out: Path) -> tuple[dict[str, Any], str | None]:
+    """The last good checkpoint of the AdaMatch run in ``out`` (and a note when it is
+    ``checkpoint.prev.pt``), or an :class:`AdaptConfigError` saying why there is none."""
+    try:
+        return load_checkpoint(out, "step")
+    except FileNotFoundError:
+        raise AdaptConfigError(f"--resume: no checkpoint in {out}; a run saves one at every "
+                               "evaluation (--eval-every)") from None
+    except CheckpointError as err:
+        raise AdaptConfigError(f"--resume: {err}") from None
+
+
+def resume_changes(saved: dict[str, Any], cfg: AdaptConfig) -> list[str]:
+    """The options of ``cfg`` that differ from the saved run's and may not change on resume."""
+    return [f"--{k.replace('_', '-')} {v!r} (the run's: {saved.get(k)!r})"
+            for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+
 
 def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run AdaMatch per ``cfg``; write the results folder; return the summary.
+
+    A checkpoint (``checkpoint.pt``: models, optimizer, generators, samplers, the records so
+    far) is saved at every evaluation; ``resume`` continues the run in ``cfg.out`` from it with
+    the saved options (:data:`RESUME_MAY_CHANGE` aside; others that differ are an
+    :class:`AdaptConfigError`), bit for bit the run it would have been. Ctrl-C raises
+    :class:`RunInterrupted`, naming the last step saved.
 
     Results in :func:`results_folder` (``cfg.out``, refused when it holds another run's results
     unless ``overwrite``: then those are removed once the data are loaded and the model built),
@@ -330,31 +427,58 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
     seconds.
     """
     cfg.validate()
-    out = results_folder(cfg, overwrite)
+    checkpoint: dict[str, Any] | None = None
+    say = print if log else (lambda text, **_: None)
+    if resume:
+        if overwrite or not cfg.out:
+            raise AdaptConfigError("--resume continues the run in --out: give --out, without "
+                                   "--overwrite")
+        out = Path(cfg.out)
+        checkpoint, note = read_run_checkpoint(out)
+        if changed := resume_changes(checkpoint["config"], cfg):
+            raise AdaptConfigError(f"--resume keeps the run's options; these differ: "
+                                   f"{'; '.join(changed)} (only --threads, --progress-every, "
+                                   "--malloc, --data-dir, --download may)")
+        if checkpoint["step"] == cfg.steps and (out / "summary.json").exists():
+            say(f"the run in {out} has finished all its {cfg.steps} steps; nothing to resume",
+                flush=True)
+            return json.loads((out / "summary.json").read_text())
+        if note:
+            say(f"note: {note}", flush=True)
+    else:
+        out = results_folder(cfg, overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc == "reuse":
         reuse_freed_memory()
     device = resolve_device(cfg.device)
     domains = domains or load_domains(cfg)
-    state = AdaMatchState(cfg, device)
+    state, batches, progress = AdaMatchState(cfg, device), Batches(cfg, domains), Progress([], [])
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint["state"])
+        batches.load_state_dict(checkpoint["batches"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        progress = Progress(list(checkpoint["history"]), list(checkpoint["evals"]),
+                            **checkpoint["seconds"], saved_step=checkpoint["step"])
     if overwrite:
         clear_results(out)
-    say = print if log else (lambda text, **_: None)
     say(f"AdaMatch {cfg.source} -> {cfg.target}, norm={cfg.norm} (scope {cfg.norm_scope}), "
         f"{cfg.steps} steps on {device} ({torch.get_num_threads()} threads; train "
         f"{len(domains.source_train)}/{len(domains.target_train)}, test "
-        f"{len(domains.source_test)}/{len(domains.target_test)}) -> {out}", flush=True)
+        f"{len(domains.source_test)}/{len(domains.target_test)}) -> {out}"
+        + (f"; resumed after step {progress.saved_step}" if checkpoint else ""), flush=True)
     files = RunFiles(out, "step")
-    files.open()
+    files.open(progress.lines())
     try:
-        progress = run_steps(state, domains, files, say)
+        progress = run_steps(state, domains, files, say, batches, progress)
         atomic_torch_save({"model": state.model.state_dict(),
                            "ema_model": state.ema_model.state_dict(),
                            "config": cfg.to_dict(), "steps": cfg.steps}, out / "model.pt")
         write_figures(state, domains, progress, out)
         summary = make_summary(state, domains, progress, out)
         files.write_json("summary.json", summary)
+    except KeyboardInterrupt:
+        raise RunInterrupted(out, progress.saved_step) from None
     finally:
         files.close()
     say(f"done: target acc {summary['final_target_acc']:.4f} (EMA) "
@@ -369,19 +493,23 @@ def target_context(cfg: AdaptConfig) -> int:
     return TARGET if cfg.target_eval_context == "target" else SOURCE
 
 
-def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any) -> Progress:
-    """The training loop: ``cfg.steps`` AdaMatch steps, each recorded in ``files``; an
-    evaluation every ``cfg.eval_every`` steps and after the last (recorded durably, printed);
-    a progress line at most every ``cfg.progress_every`` seconds in between."""
+def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any,
+              batches: Batches, progress: Progress) -> Progress:
+    """The training loop from the step after ``progress.records`` to ``cfg.steps``, each step
+    recorded in ``files``; an evaluation every ``cfg.eval_every`` steps and after the last
+    (recorded durably, printed, then a checkpoint of the run in ``files.out``); a progress line
+    at most every ``cfg.progress_every`` seconds in between."""
     cfg = state.cfg
-    gen = torch.Generator().manual_seed(cfg.seed)
-    src_batches = BatchSampler(len(domains.source_train), cfg.batch_size, gen)
-    tgt_batches = BatchSampler(len(domains.target_train), cfg.batch_size * cfg.uratio, gen)
-    progress = Progress([], [])
+    first, before = len(progress.records), progress.seconds()
     start = last_progress = time.perf_counter()
     cpu_start = time.process_time()
-    for step in range(cfg.steps):
-        si, ti = src_batches.next(), tgt_batches.next()
+
+    def add_times() -> None:  # this session's times on top of the earlier sessions'
+        progress.total_seconds = before["total_seconds"] + time.perf_counter() - start
+        progress.cpu_seconds = before["cpu_seconds"] + time.process_time() - cpu_start
+
+    for step in range(first, cfg.steps):
+        si, ti = batches.source.next(), batches.target.next()
         rec = state.step(step, domains.source_train.images[si], domains.source_train.labels[si],
                          domains.target_train.images[ti], domains.target_train.labels[ti])
         progress.records.append(rec)
@@ -390,9 +518,15 @@ def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any)
         if rec["step"] % cfg.eval_every == 0 or rec["step"] == cfg.steps:
             ev = {"step": rec["step"], **state.evaluate(domains, target_context(cfg))}
             progress.eval_seconds += time.perf_counter() - now
-            ev["elapsed_s"] = time.perf_counter() - start
+            add_times()
+            ev["elapsed_s"] = progress.total_seconds
             progress.evals.append(ev)
             files.append(rec["step"], {"eval": ev})
+            save_checkpoint({"step": rec["step"], "config": cfg.to_dict(),
+                             "state": state.state_dict(), "batches": batches.state_dict(),
+                             "torch_rng": torch.get_rng_state(), "history": progress.records,
+                             "evals": progress.evals, "seconds": progress.seconds()}, files.out)
+            progress.saved_step = rec["step"]
             last_progress = time.perf_counter()
             say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
                 f"{rec['mask_rate']:.2f}  target acc {ev['target_acc']:.4f} (EMA) "
@@ -400,12 +534,12 @@ def run_steps(state: AdaMatchState, domains: Domains, files: RunFiles, say: Any)
                 f"{ev['source_acc_raw']:.4f} (raw)  {ev['elapsed_s']:.0f}s", flush=True)
         elif cfg.progress_every and now - last_progress >= cfg.progress_every:
             last_progress = now
-            rate = rec["step"] / max(now - start - progress.eval_seconds, 1e-9)
+            training = now - start - (progress.eval_seconds - before["eval_seconds"])
+            rate = (rec["step"] - first) / max(training, 1e-9)
             eta = (cfg.steps - rec["step"]) / rate
             say(f"step {rec['step']:>6}/{cfg.steps}  loss {rec['loss']:.3f}  mask "
                 f"{rec['mask_rate']:.2f}  {rate:.2f} step/s  ETA {_duration(eta)}", flush=True)
-    progress.total_seconds = time.perf_counter() - start
-    progress.cpu_seconds = time.process_time() - cpu_start
+    add_times()
     return progress
 
 
