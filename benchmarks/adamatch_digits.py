@@ -216,7 +216,7 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     out = work_dir / cell.name
     args = cell.args(steps, threads, data_dir, out)
     out.mkdir(parents=True, exist_ok=True)
-    resume = resumable(out, args)  # a run of this cell cut short (it has no record)
+    resume = resumable(args)  # a run of this cell cut short (it has no record)
     if not resume:
         clear_results(out)
         (out / "commits.txt").unlink(missing_ok=True)
@@ -243,18 +243,13 @@ def run_cell(cell: Cell, *, steps: int, threads: int, data_dir: str, runs_dir: P
     return record
 
 
-def resumable(out: Path, args: list[str]) -> bool:
-    """Whether ``out`` holds a checkpoint of the run ``args`` describe (same options but those
-    a resumed run may change), so that the run continues from it."""
+def resumable(args: list[str]) -> bool:
+    """Whether the ``--out`` of the run ``args`` describe holds a checkpoint of that run."""
     from fedctx.adamatch.cli import build_parser
-    from fedctx.adamatch.config import AdaptConfigError, resolve
-    from fedctx.adamatch.training import read_run_checkpoint, resume_changes
+    from fedctx.adamatch.config import resolve
+    from fedctx.adamatch.training import can_resume
 
-    try:
-        saved = read_run_checkpoint(out)[0]["config"]
-    except AdaptConfigError:  # none, or unreadable: the run starts afresh
-        return False
-    return not resume_changes(saved, resolve(build_parser(sweep=False).parse_args(args)))
+    return can_resume(resolve(build_parser(sweep=False).parse_args(args)))
 
 
 def projected_seconds(cell: Cell, runs: list[dict[str, Any]], steps: int,

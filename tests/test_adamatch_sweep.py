@@ -90,3 +90,25 @@ def test_a_sweep_told_a_ray_address_where_no_cluster_answers_says_so_in_one_line
     assert err.startswith("error: --ray-address ") and address in err and words in err, err
     assert len(err.splitlines()) == 1
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("checkpoint", ["same-run", "other-options", "none"])
+def test_a_sweep_job_cut_short_goes_on_from_its_checkpoint(tmp_path, monkeypatch, checkpoint):
+    """A job whose folder holds a checkpoint of its own run resumes it; a checkpoint of other
+    options, or none, and the job starts afresh (replacing what a run left there)."""
+    from fedctx.adamatch import sweep, training
+    from fedctx.results import save_checkpoint
+
+    cfg = AdaptConfig(norm="batch", steps=40, out=str(tmp_path / "batch-seed0"))
+    if checkpoint != "none":
+        saved = cfg.replace(lr=0.1) if checkpoint == "other-options" else cfg.replace(threads=3)
+        (tmp_path / "batch-seed0").mkdir()
+        save_checkpoint({"step": 1, "state": {}, "batches": {}, "history": [{}], "evals": [],
+                         "config": saved.to_dict()}, tmp_path / "batch-seed0")
+    calls = []
+    monkeypatch.setattr(training, "train", lambda config, **kw: calls.append((config, kw)))
+    sweep._run_job(cfg.to_dict(), threads=1)
+    (config, kwargs), = calls
+    assert config.threads == 1
+    assert kwargs == ({"log": False, "resume": True} if checkpoint == "same-run"
+                      else {"log": False, "overwrite": True})

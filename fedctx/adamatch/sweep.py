@@ -17,11 +17,14 @@ from fedctx.results import atomic_write_text, check_results_folder
 
 
 def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Body of one Ray task: train one configuration with ``threads`` torch threads."""
-    from fedctx.adamatch.training import train
+    """Body of one Ray task: train one configuration with ``threads`` torch threads; a run of
+    it cut short in its folder goes on from its checkpoint, anything else there is replaced."""
+    from fedctx.adamatch.training import can_resume, train
 
     cfg = AdaptConfig(**cfg_dict).replace(threads=threads)
-    return train(cfg, log=False, overwrite=True)  # a run cut short there (see run_sweep)
+    if can_resume(cfg):
+        return train(cfg, log=False, resume=True)
+    return train(cfg, log=False, overwrite=True)
 
 
 def summarize(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -198,7 +201,7 @@ def run_sweep(base: AdaptConfig, norms: list[str], seeds: list[int], out: Path, 
     run's folder ``out/<norm>-seed<seed>``. A run whose folder already holds a ``summary.json``
     of the same configuration is reused, not re-run; one of other options is refused
     (:class:`AdaptConfigError`, before any job starts, as is an ``out`` that cannot be
-    written); a run cut short there is run afresh;
+    written); a run cut short there goes on from its checkpoint;
     a run that fails is listed under
     ``failures`` (its error in its folder's ``error.txt``) and left out of the table.
 

@@ -398,6 +398,18 @@ def read_run_checkpoint(out: Path) -> tuple[dict[str, Any], str | None]:
         raise AdaptConfigError(f"--resume: {err}") from None
 
 
+def can_resume(cfg: AdaptConfig) -> bool:
+    """Whether ``cfg.out`` holds a readable checkpoint of this run (its options, but for those a
+    resumed run may change), so that :func:`train` can continue it (``resume=True``)."""
+    if not cfg.out:
+        return False
+    try:
+        saved = read_run_checkpoint(Path(cfg.out))[0]["config"]
+    except AdaptConfigError:  # none, or unreadable
+        return False
+    return not resume_changes(saved, cfg)
+
+
 def resume_changes(saved: dict[str, Any], cfg: AdaptConfig) -> list[str]:
     """The options of ``cfg`` that differ from the saved run's and may not change on resume."""
     return [f"--{k.replace('_', '-')} {v!r} (the run's: {saved.get(k)!r})"
