@@ -144,7 +144,8 @@ def save_checkpoint(state: dict[str, Any], out: Path, keep_previous: bool = True
 #: (``fedctx.simulate``) or an AdaMatch run's steps (``fedctx.adapt``); the unit's key counts
 #: the records of ``history``.
 CHECKPOINT_KEYS = {"round": ("round", "arrays", "strategy", "history", "config"),
-                   "step": ("step", "state", "batches", "history", "evals", "config")}
+                   "step": ("step", "state", "batches", "torch_rng", "history", "evals",
+                            "seconds", "config")}
 
 
 def read_checkpoint(path: Path, unit: str = "round") -> dict[str, Any]:

@@ -332,7 +332,8 @@ def test_a_cell_cut_short_continues_from_its_checkpoint(tmp_path, monkeypatch, c
         steps = 3000 if checkpoint == "same-run" else 2000
         config = resolve(build_parser(sweep=False).parse_args(
             cell.args(steps, 1, "", out))).to_dict()
-        save_checkpoint({"step": 1, "state": {}, "batches": {}, "history": [{}], "evals": [],
+        save_checkpoint({"step": 1, "state": {}, "batches": {}, "torch_rng": None,
+                         "history": [{}], "evals": [], "seconds": {},
                          "config": config}, out)
     called = []
 

@@ -103,7 +103,8 @@ def test_a_sweep_job_cut_short_goes_on_from_its_checkpoint(tmp_path, monkeypatch
     if checkpoint != "none":
         saved = cfg.replace(lr=0.1) if checkpoint == "other-options" else cfg.replace(threads=3)
         (tmp_path / "batch-seed0").mkdir()
-        save_checkpoint({"step": 1, "state": {}, "batches": {}, "history": [{}], "evals": [],
+        save_checkpoint({"step": 1, "state": {}, "batches": {}, "torch_rng": None,
+                         "history": [{}], "evals": [], "seconds": {},
                          "config": saved.to_dict()}, tmp_path / "batch-seed0")
     calls = []
     monkeypatch.setattr(training, "train", lambda config, **kw: calls.append((config, kw)))

@@ -50,7 +50,7 @@ from fedctx.adamatch.data import (
 )
 from fedctx.adamatch.evaluate import accuracy
 from fedctx.adamatch.model import build_digits_model
-from fedctx.config import parse_norm_options
+from fedctx.config import flag_of, parse_norm_options
 from fedctx.data.sources import default_data_dir
 from fedctx.norm import use_context
 from fedctx.optim import SGD
@@ -309,13 +309,10 @@ def results_folder(cfg: AdaptConfig, overwrite: bool = False) -> Path:
     An ``out`` that is a file, or that holds another run's results (``metrics.jsonl``,
     ``summary.json``) without ``overwrite``, or that cannot be written, is an
     :class:`AdaptConfigError`. Changes nothing."""
-    if not cfg.out:
-        out = Path(next(n for n in numbered(str(default_out(cfg))) if not results_in(Path(n))))
-        check_results_folder(out, AdaptConfigError)
-        return out
-    out = Path(cfg.out)
+    out = Path(cfg.out or next(n for n in numbered(str(default_out(cfg)))
+                               if not results_in(Path(n))))
     check_results_folder(out, AdaptConfigError)
-    found = results_in(out) if out.is_dir() else []
+    found = results_in(out) if out.is_dir() else []  # none in a default folder
     if found and not overwrite:
         raise AdaptConfigError(f"--out {out} holds another run's results ({', '.join(found)}); "
                                "give a new --out, or --overwrite to replace them")
@@ -412,7 +409,7 @@ def can_resume(cfg: AdaptConfig) -> bool:
 
 def resume_changes(saved: dict[str, Any], cfg: AdaptConfig) -> list[str]:
     """The options of ``cfg`` that differ from the saved run's and may not change on resume."""
-    return [f"--{k.replace('_', '-')} {v!r} (the run's: {saved.get(k)!r})"
+    return [f"{flag_of(k)} {v!r} (the run's: {saved.get(k)!r})"
             for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
 
 
@@ -448,9 +445,9 @@ def train(cfg: AdaptConfig, *, domains: Domains | None = None, log: bool = True,
         out = Path(cfg.out)
         checkpoint, note = read_run_checkpoint(out)
         if changed := resume_changes(checkpoint["config"], cfg):
+            may = ", ".join(flag_of(k) for k in RESUME_MAY_CHANGE if k != "out")
             raise AdaptConfigError(f"--resume keeps the run's options; these differ: "
-                                   f"{'; '.join(changed)} (only --threads, --progress-every, "
-                                   "--malloc, --data-dir, --download may)")
+                                   f"{'; '.join(changed)} (only {may} may)")
         if checkpoint["step"] == cfg.steps and (out / "summary.json").exists():
             say(f"the run in {out} has finished all its {cfg.steps} steps; nothing to resume",
                 flush=True)
