@@ -72,6 +72,24 @@ def test_a_bad_flag_value_is_told_before_torch_is_imported(bad):
     assert proc.stderr.strip() == f"error: {_full_check_error(bad)}"
 
 
+@pytest.mark.parametrize(("argv", "told"), [
+    (["--data-dir", "d", "sweep", "--norms", "batch"],
+     "error: 'sweep' must come first: python -m fedctx.adapt sweep [options]"),
+    (["--bogus", "1"], "error: unrecognized arguments: --bogus 1"),
+    (["sweep", "--bogus"], "error: unrecognized arguments: --bogus"),
+])
+def test_a_misplaced_subcommand_or_unknown_flag_is_told_in_one_line(argv, told, capsys):
+    """``sweep`` after an option was reported as an unrecognized argument, which did not say
+    what to do; an unknown flag is reported as argparse does."""
+    from fedctx.adamatch.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(told), err
+
+
 def _full_check_error(argv):
     from fedctx.adamatch.cli import build_parser
     from fedctx.adamatch.config import resolve

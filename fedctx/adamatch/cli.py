@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep = argv[:1] == ["sweep"]
     try:
-        args = build_parser(sweep=sweep).parse_args(argv[1:] if sweep else argv)
+        parser = build_parser(sweep=sweep)
+        args, extra = parser.parse_known_args(argv[1:] if sweep else argv)
+        if "sweep" in extra:
+            parser.error("'sweep' must come first: python -m fedctx.adapt sweep [options]")
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         check_flags(AdaptConfig, args, AdaptConfigError)
         resources = _sweep_resources(args) if sweep else {}
     except AdaptConfigError as err:
