@@ -228,7 +228,8 @@ class SimConfig:
     # round * 10_007 + client < 2**64) and Flower's signed 64-bit run config in range.
     seed: int = option(0, "random seed (0 to 4294967295): same seed, same sampling and metrics",
                        min=0, lt=2**32)
-    out: str = option("", "results folder (empty: results/<scenario>-<norm>-<policy>-seed<seed>)")
+    out: str = option("", "results folder (empty: results/<scenario>-<norm>-<policy>-<strategy>-"
+                                "seed<seed>-<hash>)")
     data_dir: str = option("", "folder holding real data sets (torchvision layout); empty: the "
                          "scenario's default / embedded data")
     download: bool = option(False, "allow torchvision to download missing data sets")
