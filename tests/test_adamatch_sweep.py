@@ -15,14 +15,29 @@ def _summary(norm: str, seed: int, acc: float) -> dict:
             "final_source_acc": 1.0, "train_seconds": 10.0}
 
 
-def test_summarize_mean_and_sample_std():
-    table = summarize([_summary("batch", 0, 0.5), _summary("batch", 1, 0.7),
-                       _summary("context", 0, 0.9)])
-    assert table["batch"]["target_acc_mean"] == pytest.approx(0.6)
-    assert table["batch"]["target_acc_std"] == pytest.approx(0.1414213, rel=1e-5)
-    assert table["context"]["target_acc_std"] == 0.0
+def test_summarize_gives_intervals_and_the_paired_difference_to_batch():
+    """The table follows the project's rule for comparisons (it gave mean ± sample std and no
+    difference): mean ± 95% t-interval, the difference paired by seed, a sentence from it."""
+    accs = {"context": [0.90, 0.93, 0.92], "batch": [0.80, 0.84, 0.81], "uan": [0.81, 0.80]}
+    table = summarize([_summary(norm, seed, acc) for norm, values in accs.items()
+                       for seed, acc in enumerate(values)])
+    assert list(table) == ["context", "batch", "uan"] and "vs" not in table["batch"]
+    t = 4.302653  # t(0.975, 2 dof)
+    assert table["batch"]["target_acc"] == pytest.approx(0.8166667, rel=1e-6)
+    assert table["batch"]["target_acc_ci95"] == pytest.approx(t * 0.0208167 / 3 ** 0.5, rel=1e-5)
+    # context - batch, seed by seed: 0.10, 0.09, 0.11
+    assert table["context"]["vs"] == "batch" and table["context"]["delta_n"] == 3
+    assert table["context"]["delta"] == pytest.approx(0.10)
+    assert table["context"]["delta_ci95"] == pytest.approx(t * 0.01 / 3 ** 0.5, rel=1e-5)
+    assert table["context"]["verdict"].startswith("`context` is higher than `batch` by 10.0")
+    assert table["uan"]["delta_n"] == 2 and "too few to compare" in table["uan"]["verdict"]
     md = markdown_table(table, "t")
-    assert "| batch | 2 | 60.00 ± 14.14 |" in md
+    assert "| batch | 3 | 81.67 ± 5.17 | — |" in md
+    assert "| context | 3 | 91.67 ± 3.79 | +10.00 ± 2.48 (n = 3) |" in md
+    assert "- `context` is higher than `batch` by 10.0 points" in md
+    one = summarize([_summary("batch", 0, 0.5), _summary("acn", 0, 0.6)])
+    assert one["batch"]["target_acc_ci95"] is None  # undefined with one seed, never ± 0
+    assert "| acn | 1 | 60.00 ± n/a | +10.00 ± n/a (n = 1) |" in markdown_table(one, "t")
 
 
 def test_two_job_sweep_on_local_ray_and_one_whose_jobs_all_fail(real_data, tmp_path, capsys):
@@ -47,6 +62,7 @@ def test_two_job_sweep_on_local_ray_and_one_whose_jobs_all_fail(real_data, tmp_p
     saved = json.loads((good / "sweep.json").read_text())
     assert [r["config"]["norm"] for r in saved["runs"]] == ["batch", "context"]
     assert "| context | 1 |" in (good / "sweep.md").read_text()
+    assert json.loads((good / "sweep.json").read_text())["table"]["context"]["vs"] == "batch"
     assert (good / "grad_variance.png").stat().st_size > 0
     for norm in ("batch", "context"):
         assert (good / f"{norm}-seed0" / "summary.json").exists()

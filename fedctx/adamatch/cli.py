@@ -21,7 +21,8 @@ _DESCRIPTION = (
     "grad_variance.png and embedding.png to --out.")
 _SWEEP_DESCRIPTION = (
     "Run a grid of AdaMatch runs (--norms x --seeds) as concurrent Ray tasks and write a "
-    "comparison table (mean ± std of target accuracy per norm) to OUT/sweep.md and sweep.json. "
+    "comparison table (target accuracy per norm, mean ± 95%% CI over seeds, and the paired "
+    "difference to batch) to OUT/sweep.md and sweep.json. "
     "Every run option of `python -m fedctx.adapt` is accepted and shared by all runs.")
 
 

@@ -28,49 +28,75 @@ def _run_job(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def summarize(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Mean and sample standard deviation per norm of the final target accuracy (EMA model),
-    and of source accuracy and training time.
+    """Per norm, the final target accuracy of the EMA model (and the source accuracy) as mean
+    ± half-width of the 95% t-interval over seeds, and the paired difference to the baseline
+    norm (``batch`` when the sweep has it, else the first norm): the mean of the per-seed
+    differences with its interval, over the seeds both norms finished (:mod:`fedctx.report`).
 
     Args:
         summaries: ``summary.json`` dicts of finished runs (``config.norm``, ``config.seed``).
     Returns:
-        ``{norm: {"n", "seeds", "target_acc_mean", "target_acc_std", "source_acc_mean",
-        "source_acc_std", "train_seconds_mean", "target_accs"}}`` in first-seen norm order.
+        ``{norm: {"n", "seeds", "target_accs", "target_acc", "target_acc_ci95", "source_acc",
+        "source_acc_ci95", "train_seconds_mean"}}`` in first-seen norm order; every norm but the
+        baseline also has ``"vs"`` (the baseline), ``"delta"``, ``"delta_ci95"``, ``"delta_n"``
+        (paired seeds) and ``"verdict"`` (a sentence claiming only what the interval supports).
+        A half-width is ``None`` where it is undefined (one value).
     """
+    from fedctx.report import mean_ci, paired_difference, verdict
+
     by_norm: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         by_norm.setdefault(s["config"]["norm"], []).append(s)
+    baseline = "batch" if "batch" in by_norm else next(iter(by_norm), None)
 
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    def half_width(est: Any) -> float | None:
+        return None if math.isnan(est.half_width) else est.half_width
 
-    table = {}
+    def per_seed(norm: str) -> dict[int, float]:
+        return {r["config"]["seed"]: r["final_target_acc"] for r in by_norm[norm]}
+
+    table: dict[str, dict[str, Any]] = {}
     for norm, runs in by_norm.items():
-        tgt = [r["final_target_acc"] for r in runs]
-        src = [r["final_source_acc"] for r in runs]
-        (tm, ts), (sm, ss) = mean_std(tgt), mean_std(src)
-        table[norm] = {
-            "n": len(runs), "seeds": [r["config"]["seed"] for r in runs],
-            "target_acc_mean": tm, "target_acc_std": ts, "source_acc_mean": sm,
-            "source_acc_std": ss, "target_accs": tgt,
-            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
-        }
+        target = mean_ci([r["final_target_acc"] for r in runs])
+        source = mean_ci([r["final_source_acc"] for r in runs])
+        row = {"n": len(runs), "seeds": [r["config"]["seed"] for r in runs],
+               "target_accs": [r["final_target_acc"] for r in runs],
+               "target_acc": target.mean, "target_acc_ci95": half_width(target),
+               "source_acc": source.mean, "source_acc_ci95": half_width(source),
+               "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs)}
+        if norm != baseline:
+            diff = paired_difference(per_seed(norm), per_seed(baseline))
+            row |= {"vs": baseline, "delta": diff.mean, "delta_ci95": half_width(diff),
+                    "delta_n": diff.n, "verdict": verdict(diff, f"`{norm}`", f"`{baseline}`")}
+        table[norm] = row
     return table
 
 
 def markdown_table(table: dict[str, dict[str, Any]], title: str) -> str:
-    """The comparison as a Markdown table (accuracies in %)."""
+    """The comparison as a Markdown table (accuracies in %, differences in points), then one
+    sentence per norm compared with the baseline."""
+    def cell(mean: float, ci95: float | None, n: int, sign: str = "") -> str:
+        if n == 0:
+            return "–"
+        return f"{100 * mean:{sign}.2f} ± {'n/a' if ci95 is None else f'{100 * ci95:.2f}'}"
+
+    baseline = next((row["vs"] for row in table.values() if "vs" in row), None)
     lines = [f"### {title}", "",
-             "| norm | runs | target acc (%) mean ± std | source acc (%) mean ± std | "
-             "per-seed target acc (%) | train s/run |",
-             "|---|---|---|---|---|---|"]
+             "| norm | runs | target acc (%) mean ± 95% CI | Δ vs "
+             f"{baseline or 'baseline'} (points, paired) ± 95% CI | source acc (%) mean ± 95% CI "
+             "| per-seed target acc (%) | train s/run |",
+             "|---|---|---|---|---|---|---|"]
     for norm, row in table.items():
         per_seed = ", ".join(f"{100 * a:.2f}" for a in row["target_accs"])
+        delta = ("—" if "vs" not in row else
+                 f"{cell(row['delta'], row['delta_ci95'], row['delta_n'], '+')} "
+                 f"(n = {row['delta_n']})")
         lines.append(
-            f"| {norm} | {row['n']} | {100 * row['target_acc_mean']:.2f} ± "
-            f"{100 * row['target_acc_std']:.2f} | {100 * row['source_acc_mean']:.2f} ± "
-            f"{100 * row['source_acc_std']:.2f} | {per_seed} | {row['train_seconds_mean']:.0f} |")
-    return "\n".join(lines) + "\n"
+            f"| {norm} | {row['n']} | {cell(row['target_acc'], row['target_acc_ci95'], row['n'])} "
+            f"| {delta} | {cell(row['source_acc'], row['source_acc_ci95'], row['n'])} "
+            f"| {per_seed} | {row['train_seconds_mean']:.0f} |")
+    verdicts = [f"- {row['verdict']}" for row in table.values() if "verdict" in row]
+    return "\n".join(lines + ([""] + verdicts if verdicts else [])) + "\n"
 
 
 def _plot_grad_variance_by_norm(summaries: list[dict[str, Any]], path: Path) -> None:
