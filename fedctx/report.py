@@ -1,7 +1,7 @@
 """Comparing runs as researchers compare them: mean ± 95% confidence interval over seeds, the
 paired difference of two methods run with the same seeds, and ``python -m fedctx.report
-RUN_DIR...``, which pools finished runs that differ only in their seed and prints (and plots)
-them side by side.
+RUN_DIR...``, which pools finished runs (of ``fedctx.simulate`` or of ``fedctx.adapt``) that
+differ only in their seed and prints (and plots) them side by side.
 
 Intervals use Student's t distribution with ``n - 1`` degrees of freedom (seeds are few); with
 one value the interval is undefined (``nan``) and printed as such, never as ``± 0``.
@@ -135,51 +135,99 @@ def flatness(changes: Sequence[tuple[str, float]], span: str,
 NOT_RESULTS = frozenset({"seed", "out", "resume", "verbose", "backend", "ray_address",
                          "num_cpus", "cpus_per_client", "gpus_per_client", "data_dir",
                          "download", "eval_every"})
+#: The same for ``python -m fedctx.adapt`` (evaluating changes no step of training; ``device``
+#: and the layout change float order only).
+ADAPT_NOT_RESULTS = frozenset({"seed", "out", "threads", "progress_every", "malloc", "data_dir",
+                               "download", "eval_every", "embed_samples", "device"})
 
 
 @dataclass
 class Run:
-    """A finished run folder of ``python -m fedctx.simulate``."""
+    """A finished run folder of ``python -m fedctx.simulate`` (``kind`` ``"simulate"``: test
+    accuracy per context and overall, per round) or of ``python -m fedctx.adapt`` (``"adapt"``:
+    target and source accuracy of the EMA model, target accuracy of the raw model, per step)."""
 
     path: Path
     config: dict[str, Any]
     summary: dict[str, Any]
     history: list[dict[str, Any]]
+    kind: str = "simulate"
 
     @classmethod
     def load(cls, path: Path) -> Run:
-        """Read ``config.json``, ``summary.json`` and ``metrics.jsonl``; ``ValueError`` (one
-        line) if ``path`` is not a finished run."""
-        files = {name: path / name for name in ("config.json", "summary.json", "metrics.jsonl")}
-        missing = [n for n, f in files.items() if not f.is_file()]
+        """Read ``config.json``, ``summary.json`` and ``metrics.jsonl`` (an AdaMatch run: its
+        ``summary.json``, which holds its options and evaluations); ``ValueError`` (one line)
+        if ``path`` is not a finished run."""
+        adapt = (path / "summary.json").is_file() and not (path / "config.json").exists()
+        names = ("summary.json",) if adapt else ("config.json", "summary.json", "metrics.jsonl")
+        missing = [n for n in names if not (path / n).is_file()]
         if missing:
             what = "not a folder" if not path.is_dir() else f"lacks {', '.join(missing)}"
             raise ValueError(f"{path}: {what} (not a finished fedctx run)")
         try:
-            return cls(path, json.loads(files["config.json"].read_text()),
-                       json.loads(files["summary.json"].read_text()),
+            summary = json.loads((path / "summary.json").read_text())
+            if adapt:
+                if not {"config", "evals", "final_target_acc"} <= set(summary):
+                    raise ValueError(f"{path}: lacks config.json, and its summary.json is not an "
+                                     "AdaMatch run's (not a finished fedctx run)")
+                return cls(path, summary["config"], summary, summary["evals"], kind="adapt")
+            return cls(path, json.loads((path / "config.json").read_text()), summary,
                        [json.loads(line) for line in
-                        files["metrics.jsonl"].read_text().splitlines() if line.strip()])
+                        (path / "metrics.jsonl").read_text().splitlines() if line.strip()])
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: unreadable results ({err})") from None
 
     @property
     def experiment(self) -> tuple[tuple[str, Any], ...]:
         """The options that determine results, seed excluded."""
-        return tuple(sorted((k, v) for k, v in self.config.items() if k not in NOT_RESULTS))
+        ignored = ADAPT_NOT_RESULTS if self.kind == "adapt" else NOT_RESULTS
+        return tuple(sorted((k, v) for k, v in self.config.items() if k not in ignored))
+
+    @property
+    def x(self) -> str:
+        """What the curve is indexed by: ``"round"`` or ``"step"``."""
+        return "step" if self.kind == "adapt" else "round"
+
+    @property
+    def headline(self) -> str:
+        """The column a plot draws: ``"overall"`` or ``"target (EMA)"``."""
+        return "target (EMA)" if self.kind == "adapt" else "overall"
+
+    def final(self) -> dict[str, float]:
+        """The final accuracies, by column name."""
+        s = self.summary
+        if self.kind == "adapt":
+            return {"target (EMA)": s["final_target_acc"],
+                    "target (raw)": s["final_target_acc_raw"],
+                    "source (EMA)": s["final_source_acc"]}
+        return {**s["accuracy_per_context"], "overall": s["accuracy"]}
+
+    def curve(self) -> list[tuple[int, dict[str, float]]]:
+        """``(round or step, accuracies by column name)`` at each evaluation."""
+        if self.kind == "adapt":
+            return [(e["step"], {"target (EMA)": e["target_acc"],
+                                 "target (raw)": e["target_acc_raw"],
+                                 "source (EMA)": e["source_acc"]}) for e in self.history]
+        return [(r["round"], {**r["accuracy_per_context"], "overall": r["accuracy"]})
+                for r in self.history if "accuracy" in r]
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
     """The run folders ``paths`` name: the output folder of ``python -m fedctx.simulate --seeds``
-    stands for its ``seed-<s>`` runs (in seed order); any other path for itself."""
+    stands for its ``seed-<s>`` runs (in seed order), that of ``python -m fedctx.adapt sweep``
+    for its finished ``<norm>-seed<s>`` runs; any other path for itself."""
     def seed_of(folder: Path) -> int:
         return int(folder.name.removeprefix("seed-"))
 
     folders: list[Path] = []
     for path in paths:
-        seeds = ([] if (path / "summary.json").exists() else
-                 [f for f in path.glob("seed-*") if f.is_dir() and f.name[5:].isdigit()])
-        folders.extend(sorted(seeds, key=seed_of) or [path])
+        if (path / "summary.json").exists():
+            folders.append(path)
+        elif (path / "sweep.json").exists():
+            folders.extend(sorted(f.parent for f in path.glob("*/summary.json")))
+        else:
+            seeds = [f for f in path.glob("seed-*") if f.is_dir() and f.name[5:].isdigit()]
+            folders.extend(sorted(seeds, key=seed_of) or [path])
     return folders
 
 
@@ -194,46 +242,43 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
             for d, group in zip(keys, groups.values(), strict=True)}
 
 
+def _cells(records: list[dict[str, float]], columns: list[str]) -> list[str]:
+    """Per column, mean ± 95% CI (%) over the records that have it."""
+    return [mean_ci([r[c] for r in records if c in r]).format(100, 1) for c in columns]
+
+
+def _columns(records: list[dict[str, float]]) -> list[str]:
+    return list(dict.fromkeys(c for r in records for c in r))
+
+
 def comparison_table(groups: dict[str, list[Run]]) -> str:
-    """Markdown table: final test accuracy (%) per context and overall, mean ± 95% CI."""
+    """Markdown table: final accuracy (%) per column (each context and overall; an AdaMatch
+    run's target and source accuracy) per experiment, mean ± 95% CI over its seeds."""
     from fedctx.results import format_table
 
-    contexts = list(dict.fromkeys(c for runs in groups.values() for r in runs
-                                  for c in r.summary["accuracy_per_context"]))
-    rows = []
-    for label, runs in groups.items():
-        cells = [mean_ci([r.summary["accuracy_per_context"][c] for r in runs
-                          if c in r.summary["accuracy_per_context"]]).format(100, 1)
-                 for c in contexts]
-        seeds = ",".join(str(r.config.get("seed")) for r in runs)
-        rows.append((label, seeds, *cells, mean_ci([r.summary["accuracy"] for r in runs])
-                     .format(100, 1)))
-    return format_table(rows, ("experiment", "seeds", *contexts, "overall"))
+    columns = _columns([r.final() for runs in groups.values() for r in runs])
+    rows = [(label, ",".join(str(r.config.get("seed")) for r in runs),
+             *_cells([r.final() for r in runs], columns)) for label, runs in groups.items()]
+    return format_table(rows, ("experiment", "seeds", *columns))
 
 
 def round_table(runs: list[Run]) -> str:
-    """Markdown table: test accuracy (%) per evaluated round (rows) per context and overall
-    (columns), mean ± 95% CI over ``runs`` (the seeds of one experiment)."""
+    """Markdown table: accuracy (%) per evaluated round or step (rows) per column, mean ± 95% CI
+    over ``runs`` (the seeds of one experiment)."""
     from fedctx.results import format_table
 
-    by_round: dict[int, list[dict[str, Any]]] = {}
+    by_x: dict[int, list[dict[str, float]]] = {}
     for run in runs:
-        for rec in run.history:
-            if "accuracy" in rec:
-                by_round.setdefault(rec["round"], []).append(rec)
-    contexts = list(dict.fromkeys(c for recs in by_round.values() for r in recs
-                                  for c in r["accuracy_per_context"]))
-    rows = []
-    for rnd in sorted(by_round):
-        recs = by_round[rnd]
-        cells = [mean_ci([r["accuracy_per_context"][c] for r in recs
-                          if c in r["accuracy_per_context"]]).format(100, 1) for c in contexts]
-        rows.append((str(rnd), *cells, mean_ci([r["accuracy"] for r in recs]).format(100, 1)))
-    return format_table(rows, ("round", *contexts, "overall"))
+        for x, values in run.curve():
+            by_x.setdefault(x, []).append(values)
+    columns = _columns([v for values in by_x.values() for v in values])
+    rows = [(str(x), *_cells(by_x[x], columns)) for x in sorted(by_x)]
+    return format_table(rows, (runs[0].x, *columns))
 
 
 def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
-    """Overall accuracy per round, mean over each group's seeds with its 95% CI band (PNG)."""
+    """The headline accuracy (overall; an AdaMatch run's target accuracy of the EMA model) per
+    round or step, mean over each group's seeds with its 95% CI band (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,21 +286,21 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
 
     from fedctx.results import save_figure
 
+    first = next(iter(groups.values()))[0]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, runs in groups.items():
-        per_round: dict[int, list[float]] = {}
+        per_x: dict[int, list[float]] = {}
         for run in runs:
-            for rec in run.history:
-                if "accuracy" in rec:
-                    per_round.setdefault(rec["round"], []).append(rec["accuracy"])
-        rounds = sorted(per_round)
-        est = [mean_ci(per_round[r]) for r in rounds]
-        line, = ax.plot(rounds, [e.mean for e in est], marker="o", label=label)
+            for x, values in run.curve():
+                per_x.setdefault(x, []).append(values[run.headline])
+        xs = sorted(per_x)
+        est = [mean_ci(per_x[x]) for x in xs]
+        line, = ax.plot(xs, [e.mean for e in est], marker="o", label=label)
         if all(e.n > 1 for e in est):
-            ax.fill_between(rounds, [e.low for e in est], [e.high for e in est],
+            ax.fill_between(xs, [e.low for e in est], [e.high for e in est],
                             color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("round")
-    ax.set_ylabel("overall test accuracy")
+    ax.set_xlabel(first.x)
+    ax.set_ylabel(f"{first.headline} test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -264,7 +309,8 @@ def plot_rounds(groups: dict[str, list[Run]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedctx.report RUN_DIR... [--plot FILE]``: compare finished runs: final
-    accuracy per context, then accuracy per round per context of each experiment."""
+    accuracy per context (an AdaMatch run: target and source), then accuracy per round (step)
+    of each experiment."""
     import sys
 
     from fedctx.config import OneLineParser
@@ -273,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(
         prog="python -m fedctx.report",
         description="Compare finished runs side by side: runs that differ only in their seed "
-                    "are pooled (mean ± 95% CI per context); --plot draws accuracy per round.")
+                    "are pooled (mean ± 95% CI per context, or of an AdaMatch run's target and "
+                    "source accuracy); --plot draws accuracy per round or step.")
     parser.add_argument("runs", nargs="+", type=Path, help="results folders of fedctx.simulate "
-                        "(a --seeds output folder stands for its seed-<s> runs)")
+                        "or of fedctx.adapt (a --seeds output folder stands for its seed-<s> "
+                        "runs, a sweep's for its runs)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy per "
-                        "round (mean and 95%% CI band per experiment)")
+                        "round or step (mean and 95%% CI band per experiment)")
     args = parser.parse_args(argv)
     try:
         if args.plot:  # before the tables: a plot that cannot be written is told at once
@@ -285,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--plot {args.plot} is a folder; give a file name (.png)")
             check_results_folder(args.plot.parent, ValueError, flag=f"--plot {args.plot}: folder")
         runs = [Run.load(p) for p in run_folders(args.runs)]
+        if len({r.kind for r in runs}) > 1:
+            raise ValueError("runs of fedctx.simulate and of fedctx.adapt measure different "
+                             "things; compare each kind on its own")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -292,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Final test accuracy (%), mean ± 95% CI over seeds ({len(runs)} runs):\n")
     print(comparison_table(groups))
     for label, group in groups.items():
-        print(f"\nTest accuracy (%) per round, {label} (mean ± 95% CI over "
+        print(f"\nTest accuracy (%) per {group[0].x}, {label} (mean ± 95% CI over "
               f"{len(group)} runs):\n")
         print(round_table(group))
     if args.plot:

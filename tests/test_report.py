@@ -130,3 +130,42 @@ def test_flatness_names_the_runs_that_still_rise() -> None:
     assert "**not flat** in 2 of 3 runs" in text and "b +1.20" in text and "c -3.00" in text
     assert "a +0.40" not in text
     assert "no run" in flatness([], "the last 20 rounds")
+
+
+def test_report_pools_adamatch_runs_and_a_sweep_folder_stands_for_its_runs(tmp_path, capsys):
+    """``fedctx.report`` on AdaMatch runs (it refused them: "lacks config.json (not a finished
+    fedctx run)"): real tiny runs, pooled by the options that change results (not ``threads``),
+    final target and source accuracy as mean ± 95% CI over seeds, then per evaluation step; a
+    sweep's folder stands for its runs; runs of the two commands are not mixed."""
+    from test_adamatch_train import _synthetic_domains
+
+    from fedctx.adamatch import AdaptConfig, train
+    from fedctx.report import main
+
+    domains = _synthetic_domains()
+    base = AdaptConfig(source="mnist", target="usps", steps=4, batch_size=8, uratio=1, width=4,
+                       eval_every=2, embed_samples=10, device="cpu")
+    sweep = tmp_path / "sweep"
+    summaries = {}
+    for norm, seed in (("batch", 0), ("batch", 1), ("context", 0)):
+        cfg = base.replace(norm=norm, seed=seed, threads=1 + seed,
+                           out=str(sweep / f"{norm}-seed{seed}"))
+        summaries[norm, seed] = train(cfg, domains=domains, log=False)
+    (sweep / "sweep.json").write_text("{}\n")
+
+    assert main([str(sweep / "batch-seed0"), str(sweep / "batch-seed1"), "--plot",
+                 str(tmp_path / "steps.png")]) == 0
+    out = capsys.readouterr().out
+    want = mean_ci([summaries["batch", s]["final_target_acc"] for s in (0, 1)]).format(100, 1)
+    assert f"| all runs   | 0,1   | {want} " in out  # threads differ: still one experiment
+    assert "| step | target (EMA) | target (raw) | source (EMA) |" in out
+    assert (tmp_path / "steps.png").stat().st_size > 0
+
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "(3 runs)" in out and "| norm=batch   | 0,1 " in out and "| norm=context | 0 " in out
+
+    simulate_run = _fake_run(tmp_path, "fed", 0, "average", {"mnist": 0.8})
+    assert main([str(sweep / "batch-seed0"), simulate_run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: runs of fedctx.simulate and of fedctx.adapt") and "\n" not in err
