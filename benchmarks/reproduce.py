@@ -6,8 +6,16 @@ Runs, in this order, each benchmark with what is left of the budget (0: no limit
 
 1. ``norm_policies.py``: the four norm policies on the default scenario (README table);
 2. ``norm_accuracy.py``: every norm of ``fedctx.norm.available()`` on the default scenario;
-3. ``fedbn_digits.py``: FedBN's digits protocol on the domains on disk;
-4. ``adamatch_digits.py``: AdaMatch to convergence on MNIST→MNIST-M, MNIST→USPS, USPS→MNIST.
+3. ``domain_mix.py``: clients holding several domains, per ``--domain-alpha``;
+4. ``robustness.py``: one attacking client against each robust strategy;
+5. ``fed_adamatch.py``: federated domain adaptation with unlabelled target clients;
+6. ``fedbn_digits.py``: FedBN's digits protocol on the domains on disk;
+7. ``adamatch_digits.py``: AdaMatch on MNIST→MNIST-M, MNIST→USPS, USPS→MNIST at each pair's
+   budget.
+
+The short benchmarks come first, the two long grids last: FedBN's protocol is 24 runs of about
+24 minutes each here, the AdaMatch grid 63 runs of 3,000-8,000 steps; each page projects the
+time of the runs it still misses.
 
 Every run keeps its record under ``docs/results/runs/``; a rerun skips what exists and each
 page is rewritten from all records, so interrupting this command (or reaching the budget) loses
@@ -27,6 +35,9 @@ HERE = Path(__file__).resolve().parent
 STEPS = (  # script, whether it reads --data-dir
     ("norm_policies.py", False),
     ("norm_accuracy.py", False),
+    ("domain_mix.py", False),
+    ("robustness.py", True),
+    ("fed_adamatch.py", True),
     ("fedbn_digits.py", True),
     ("adamatch_digits.py", True),
 )

@@ -40,3 +40,13 @@ def test_the_page_keeps_recorded_seeds_and_runs_start_for_the_chosen_ones(tmp_pa
     _, page_only = common.seeds_and_budget(
         parser, parser.parse_args(["--seeds", "1", "--page-only"]), runs)
     assert page_only is None
+
+
+def test_reproduce_runs_every_benchmark_that_compares_accuracy_over_seeds() -> None:
+    """``benchmarks/reproduce.py`` regenerates every accuracy table: every script that takes
+    ``--seeds`` (the accuracy benchmarks; three written after it were missing from it)."""
+    import reproduce
+
+    with_seeds = {p.name for p in _BENCH.glob("*.py") if p.name != "common.py" and (
+        "benchmark_parser(" in (text := p.read_text()) or '"--seeds"' in text)}
+    assert {script for script, _ in reproduce.STEPS} == with_seeds
