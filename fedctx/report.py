@@ -262,6 +262,40 @@ def comparison_table(groups: dict[str, list[Run]]) -> str:
     return format_table(rows, ("experiment", "seeds", *columns))
 
 
+def find_baseline(groups: dict[str, list[Run]], spec: str) -> str:
+    """The label of the one experiment whose options include every ``key=value`` of ``spec``
+    (e.g. ``norm=batch``); ``ValueError`` (one line) when none or several do."""
+    wanted = [(k.replace("-", "_"), v) for k, _, v in (w.partition("=") for w in spec.split())]
+    found = [label for label, runs in groups.items()
+             if all(k in runs[0].config and str(runs[0].config[k]) == v for k, v in wanted)]
+    if len(found) != 1:
+        raise ValueError(f"--baseline {spec!r} matches {len(found) or 'no'} of the experiments "
+                         f"({'; '.join(groups)}); give options that name one")
+    return found[0]
+
+
+def difference_table(groups: dict[str, list[Run]], baseline: str) -> tuple[str, list[str]]:
+    """Markdown table of each experiment's paired difference to ``baseline`` in the headline
+    accuracy (points; the per-seed differences' mean ± 95% CI, over the seeds both ran), and
+    one sentence per experiment claiming only what its interval supports."""
+    from fedctx.results import format_table
+
+    def by_seed(runs: list[Run]) -> dict[int, float]:
+        return {r.config.get("seed"): r.final()[r.headline] for r in runs}
+
+    base = by_seed(groups[baseline])
+    rows, sentences = [], []
+    for label, runs in groups.items():
+        if label == baseline:
+            continue
+        diff = paired_difference(by_seed(runs), base)
+        rows.append((label, str(diff.n), "–" if diff.n == 0 else
+                     f"{diff.mean * 100:+.1f} ± "
+                     f"{'n/a' if math.isnan(diff.half_width) else f'{diff.half_width * 100:.1f}'}"))
+        sentences.append(verdict(diff, label, baseline))
+    return format_table(rows, ("experiment", "paired seeds", "Δ (points) ± 95% CI")), sentences
+
+
 def round_table(runs: list[Run]) -> str:
     """Markdown table: accuracy (%) per evaluated round or step (rows) per column, mean ± 95% CI
     over ``runs`` (the seeds of one experiment)."""
@@ -326,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                         "runs, a sweep's for its runs)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy per "
                         "round or step (mean and 95%% CI band per experiment)")
+    parser.add_argument("--baseline", default="", metavar="OPTIONS",
+                        help="the experiment the others are compared with, seed by seed, e.g. "
+                             "'norm=batch' (options as the tables label experiments): the paired "
+                             "difference in overall (AdaMatch: target) accuracy with its 95%% CI")
     args = parser.parse_args(argv)
     try:
         if args.plot:  # before the tables: a plot that cannot be written is told at once
@@ -340,8 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     groups = group_runs(runs)
+    try:
+        baseline = find_baseline(groups, args.baseline) if args.baseline else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"Final test accuracy (%), mean ± 95% CI over seeds ({len(runs)} runs):\n")
     print(comparison_table(groups))
+    if baseline is not None:
+        table, sentences = difference_table(groups, baseline)
+        print(f"\nPaired difference to {baseline} in final {runs[0].headline} accuracy, seed "
+              f"by seed:\n\n{table}\n")
+        print("\n".join(f"- {s}" for s in sentences))
     for label, group in groups.items():
         print(f"\nTest accuracy (%) per {group[0].x}, {label} (mean ± 95% CI over "
               f"{len(group)} runs):\n")

@@ -169,3 +169,27 @@ def test_report_pools_adamatch_runs_and_a_sweep_folder_stands_for_its_runs(tmp_p
     assert main([str(sweep / "batch-seed0"), simulate_run]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: runs of fedctx.simulate and of fedctx.adapt") and "\n" not in err
+
+
+def test_report_gives_the_paired_difference_to_a_baseline(tmp_path, capsys) -> None:
+    """``--baseline norm-policy=average``: each other experiment's difference in overall
+    accuracy, seed by seed, with its interval and a sentence that claims only what it supports;
+    a baseline that names no experiment, or several, is one line."""
+    from fedctx.report import main
+
+    runs = [_fake_run(tmp_path, f"a{s}", s, "average", {"mnist": 0.80 + s / 100})
+            for s in range(3)]
+    runs += [_fake_run(tmp_path, f"b{s}", s, "per-context", {"mnist": 0.90 + s / 50})
+             for s in range(3)]
+    runs += [_fake_run(tmp_path, f"c{s}", s, "local", {"mnist": 0.81}) for s in range(2)]
+    assert main([*runs, "--baseline", "norm-policy=average"]) == 0
+    out = capsys.readouterr().out
+    diff = paired_difference({s: 0.90 + s / 50 for s in range(3)},
+                             {s: 0.80 + s / 100 for s in range(3)})
+    assert f"| norm_policy=per-context | 3            | +{diff.format(100, 1)} " in out
+    assert "- norm_policy=per-context is higher than norm_policy=average by 11.0 points" in out
+    assert "norm_policy=local vs norm_policy=average: 2 paired seeds, too few" in out
+    for spec in ("norm=context", "norm=batch"):
+        assert main([*runs, "--baseline", spec]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --baseline '{spec}' matches") and "\n" not in err
