@@ -39,12 +39,13 @@ class Estimate:
         """Whether the interval lies entirely above or below zero (for a difference)."""
         return self.n > 1 and (self.low > 0 or self.high < 0)
 
-    def format(self, scale: float = 1.0, digits: int = 3) -> str:
-        """``"0.837 ± 0.012"`` (values multiplied by ``scale``, e.g. 100 for percent)."""
+    def format(self, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
+        """``"0.837 ± 0.012"`` (values multiplied by ``scale``, e.g. 100 for percent; ``signed``:
+        ``"+1.2 ± 0.4"``, for a difference)."""
         if self.n == 0:
             return "–"
         hw = "n/a" if math.isnan(self.half_width) else f"{self.half_width * scale:.{digits}f}"
-        return f"{self.mean * scale:.{digits}f} ± {hw}"
+        return f"{self.mean * scale:{'+' if signed else ''}.{digits}f} ± {hw}"
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
@@ -289,9 +290,7 @@ def difference_table(groups: dict[str, list[Run]], baseline: str) -> tuple[str, 
         if label == baseline:
             continue
         diff = paired_difference(by_seed(runs), base)
-        rows.append((label, str(diff.n), "–" if diff.n == 0 else
-                     f"{diff.mean * 100:+.1f} ± "
-                     f"{'n/a' if math.isnan(diff.half_width) else f'{diff.half_width * 100:.1f}'}"))
+        rows.append((label, str(diff.n), diff.format(100, 1, signed=True)))
         sentences.append(verdict(diff, label, baseline))
     return format_table(rows, ("experiment", "paired seeds", "Δ (points) ± 95% CI")), sentences
 

@@ -75,10 +75,10 @@ def summarize(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def markdown_table(table: dict[str, dict[str, Any]], title: str) -> str:
     """The comparison as a Markdown table (accuracies in %, differences in points), then one
     sentence per norm compared with the baseline."""
-    def cell(mean: float, ci95: float | None, n: int, sign: str = "") -> str:
-        if n == 0:
-            return "–"
-        return f"{100 * mean:{sign}.2f} ± {'n/a' if ci95 is None else f'{100 * ci95:.2f}'}"
+    from fedctx.report import Estimate
+
+    def cell(mean: float, ci95: float | None, n: int, signed: bool = False) -> str:
+        return Estimate(mean, math.nan if ci95 is None else ci95, n).format(100, 2, signed)
 
     baseline = next((row["vs"] for row in table.values() if "vs" in row), None)
     lines = [f"### {title}", "",
@@ -89,7 +89,7 @@ def markdown_table(table: dict[str, dict[str, Any]], title: str) -> str:
     for norm, row in table.items():
         per_seed = ", ".join(f"{100 * a:.2f}" for a in row["target_accs"])
         delta = ("—" if "vs" not in row else
-                 f"{cell(row['delta'], row['delta_ci95'], row['delta_n'], '+')} "
+                 f"{cell(row['delta'], row['delta_ci95'], row['delta_n'], signed=True)} "
                  f"(n = {row['delta_n']})")
         lines.append(
             f"| {norm} | {row['n']} | {cell(row['target_acc'], row['target_acc_ci95'], row['n'])} "
