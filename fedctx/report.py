@@ -136,8 +136,11 @@ def flatness(changes: Sequence[tuple[str, float]], span: str,
 NOT_RESULTS = frozenset({"seed", "out", "resume", "verbose", "backend", "ray_address",
                          "num_cpus", "cpus_per_client", "gpus_per_client", "data_dir",
                          "download", "eval_every"})
-#: The same for ``python -m fedctx.adapt`` (evaluating changes no step of training; ``device``
-#: and the layout change float order only).
+#: What an AdaMatch run's ``summary.json`` must hold for :meth:`Run.final` and :meth:`Run.curve`.
+ADAPT_SUMMARY_KEYS = frozenset({"config", "evals", "final_target_acc", "final_target_acc_raw",
+                                "final_source_acc"})
+#: The options that change no result for ``python -m fedctx.adapt`` (evaluating changes no
+#: step of training; ``device`` and the layout change float order only).
 ADAPT_NOT_RESULTS = frozenset({"seed", "out", "threads", "progress_every", "malloc", "data_dir",
                                "download", "eval_every", "embed_samples", "device"})
 
@@ -168,7 +171,7 @@ class Run:
         try:
             summary = json.loads((path / "summary.json").read_text())
             if adapt:
-                if not {"config", "evals", "final_target_acc"} <= set(summary):
+                if not ADAPT_SUMMARY_KEYS <= set(summary):
                     raise ValueError(f"{path}: lacks config.json, and its summary.json is not an "
                                      "AdaMatch run's (not a finished fedctx run)")
                 return cls(path, summary["config"], summary, summary["evals"], kind="adapt")
@@ -373,11 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if len({r.kind for r in runs}) > 1:
             raise ValueError("runs of fedctx.simulate and of fedctx.adapt measure different "
                              "things; compare each kind on its own")
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    groups = group_runs(runs)
-    try:
+        groups = group_runs(runs)
         baseline = find_baseline(groups, args.baseline) if args.baseline else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
